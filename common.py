@@ -53,17 +53,23 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        start = end = None
+        content, start = msg["content"], -1
         before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i > 0 else ""
         upto = _render(tokenizer, messages[: i + 1])
         if i > 0 and text.startswith(upto) and upto.startswith(before) and len(before) >= cursor:
-            start, end = len(before), len(upto.rstrip())
-        elif msg["content"] and msg["content"] in text[cursor:]:
-            start = text.index(msg["content"], cursor)
-            end = start + len(msg["content"])
+            end = len(upto.rstrip())
+            start = text.find(content, len(before), end) if content else -1
+            start = len(before) if start < 0 else start  # the header belongs to the prompt, even if
+            # the template ignores add_generation_prompt
+        elif content and content in text[cursor:]:
+            start = text.index(content, cursor)
+            end = start + len(content)
             end += len(_special_prefix(tokenizer, text[end:]))
-        if start is None or start >= end or not text[start:end].strip():
-            raise ValueError(f"assistant turn {i} not found in the chat template's rendering")
+        if start < 0 or start >= end or not text[start:end].strip():
+            raise ValueError(
+                f"assistant turn {i} cannot be located in the chat template's rendering of the conversation "
+                "(the template rewrites it); split the conversation so each sample ends at that turn"
+            )
         spans.append((start, end))
         cursor = end
     return text, spans
@@ -280,23 +286,23 @@ def rule_reward(completion: str, answer) -> float:
 # ───────────────────────────── packing ─────────────────────────────
 
 
-def fit_length(samples: list[dict], max_tokens: int, policy: str = "drop") -> tuple[list[dict], int]:
-    """Apply the over-long policy ("drop" or "truncate") to samples longer than `max_tokens`;
-    samples left with no trainable token are dropped too. Returns (kept, number changed or dropped)."""
-    kept, touched = [], 0
+def fit_length(samples: list[dict], max_tokens: int, policy: str = "drop") -> tuple[list[dict], int, int]:
+    """Apply the over-long policy ("drop" or "truncate") to samples longer than `max_tokens`, then drop
+    samples with no trainable token. Returns (kept, number over-long, number untrainable)."""
+    if policy not in ("drop", "truncate"):
+        raise ValueError(f"unknown over-long policy {policy!r}")
+    kept, overlong, untrainable = [], 0, 0
     for s in samples:
         if len(s["input_ids"]) > max_tokens:
-            touched += 1
+            overlong += 1
             if policy == "drop":
                 continue
-            if policy != "truncate":
-                raise ValueError(f"unknown over-long policy {policy!r}")
             s = {k: v[:max_tokens] if isinstance(v, list) else v for k, v in s.items()}
         if all(t == IGNORE for t in s["labels"]):
-            touched += 1
+            untrainable += 1
             continue
         kept.append(s)
-    return kept, touched
+    return kept, overlong, untrainable
 
 
 def pack_bins(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -864,7 +870,12 @@ class MetricsLog:
             return
         from tqdm import tqdm
 
-        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        path = os.path.join(out_dir, "metrics.jsonl")
+        if os.path.exists(path):  # a resumed run drops what was logged after its checkpoint
+            keep = [line for line in open(path) if json.loads(line)["step"] <= start_step]
+            with open(path, "w") as f:
+                f.writelines(keep)
+        self.file = open(path, "a")
         self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
         if importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter

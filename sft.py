@@ -101,7 +101,7 @@ def sft_loss(logp: Tensor, mask: Tensor, normalize: str = "token", doc: Tensor =
 
 
 def load_samples(path: str, tokenizer, max_tokens: int, overlong: str, split: str, n: int, seed: int):
-    """Tokenised, masked samples plus a count of the ones dropped or truncated."""
+    """Tokenised, masked samples, the number over max_tokens and the number without a trainable token."""
     convs = common.builtin_sft(split, n, seed) if path == "builtin" else common.read_sft(path)
     samples = [common.tokenize_conversation(tokenizer, c) for c in convs]
     return common.fit_length(samples, max_tokens, overlong)
@@ -136,6 +136,8 @@ def to(batch: dict, device) -> dict:
 @torch.no_grad()
 def evaluate(model, tokenizer, eval_samples, problems, args, rank, world, device) -> dict:
     """Held-out token-level NLL (every rank scores its share) and greedy accuracy on the task."""
+    if not eval_samples and not problems:
+        return {}
     model.eval()
     mine = eval_samples[rank::world]
     nll, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
@@ -170,12 +172,12 @@ def main(args: Args) -> str:
     model = common.shard_model(model, args.fsdp)
     model.train()
 
-    train, skipped = load_samples(args.data, tokenizer, args.max_tokens, args.overlong, "train", args.num_train, args.seed)
+    train, overlong, untrainable = load_samples(args.data, tokenizer, args.max_tokens, args.overlong, "train", args.num_train, args.seed)
     eval_path = args.eval_data or ("builtin" if args.data == "builtin" else "")
     eval_samples = load_samples(eval_path, tokenizer, args.max_tokens, "drop", "test", args.num_eval, args.seed)[0] if eval_path else []
     problems = common.builtin_task("test", args.num_eval, args.seed) if args.data == "builtin" else []
     if rank == 0:
-        print(f"{len(train)} training samples; {skipped} over {args.max_tokens} tokens ({args.overlong}) or without a trainable token")
+        print(f"{len(train)} training samples; {overlong} over {args.max_tokens} tokens ({'dropped' if args.overlong == 'drop' else 'truncated'}), {untrainable} without a trainable token (skipped)")
     if not train:
         raise ValueError(f"{args.data}: no trainable samples left")
 
@@ -187,7 +189,7 @@ def main(args: Args) -> str:
     start = common.load_checkpoint(out_dir, model, optimizer, scheduler)[0] if args.resume else 0
 
     log = common.MetricsLog(out_dir, args.max_steps, start, rank, keys=("loss", "tokens_per_s"))
-    if start == 0:
+    if start == 0 and (eval_samples or problems):
         log.log(0, evaluate(model, tokenizer, eval_samples, problems, args, rank, world, device))
     for step in range(start, args.max_steps):
         t0 = time.time()
@@ -206,6 +208,8 @@ def main(args: Args) -> str:
             loss.backward()
             loss_sum += loss.detach().cpu()
             tokens += batch["input_ids"].numel()
+        if not torch.isfinite(loss_sum):
+            raise FloatingPointError(f"step {step}: loss is {loss_sum.item()}; stopping before the update")
         # 3. sum gradients over ranks, clip, step
         if not args.fsdp:
             common.sync_grads(model)  # FSDP reduce-scatters gradients itself
@@ -227,7 +231,8 @@ def main(args: Args) -> str:
         if args.save_every and (step + 1) % args.save_every == 0 and rank == 0:
             common.save_checkpoint(out_dir, step, model, optimizer, scheduler)
 
-    log.log(args.max_steps, evaluate(model, tokenizer, eval_samples, problems, args, rank, world, device))
+    if eval_samples or problems:
+        log.log(args.max_steps, evaluate(model, tokenizer, eval_samples, problems, args, rank, world, device))
     log.close()
     if rank == 0:
         common.save_model(model, tokenizer, out_dir)

@@ -1,0 +1,327 @@
+"""common.py: chat masks on three templates, packing, packed attention, log-probs, KL estimators,
+masked statistics, data readers and errors, the built-in task, atomic checkpoints.
+
+    python -m pytest tests/test_common.py
+"""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import common
+
+CONV = [
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "2 + 3 = 5. The answer is 5."},
+    {"role": "user", "content": "And 5 - 1?"},
+    {"role": "assistant", "content": "5 - 1 = 4. The answer is 4."},
+    {"role": "user", "content": "Thanks!"},
+    {"role": "assistant", "content": "You are welcome."},
+]
+
+
+def labelled_runs(tok, sample):
+    """Decoded text of each maximal run of consecutive labelled tokens."""
+    runs, cur = [], []
+    for t, l in zip(sample["input_ids"], sample["labels"]):
+        if l != common.IGNORE:
+            assert l == t
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    runs += [cur] if cur else []
+    return [tok.decode(r) for r in runs]
+
+
+# ───────────── masking ─────────────
+
+
+@pytest.mark.parametrize("name,eot", [("chatml", "<|im_end|>"), ("chatml_system", "<|im_end|>"), ("llama3", "<|eot_id|>")])
+def test_three_turn_conversation_labels_exactly_the_assistant_turns_with_end_of_turn(name, eot, request):
+    tok = request.getfixturevalue(name)
+    sample = common.tokenize_conversation(tok, CONV)
+    assert labelled_runs(tok, sample) == [m["content"] + eot for m in CONV if m["role"] == "assistant"]
+    # the unlabelled tokens rebuild exactly the template's rendering minus those spans
+    text = tok.apply_chat_template(CONV, tokenize=False)
+    assert tok.decode(sample["input_ids"]) == text
+
+
+def test_pad_equal_to_eos_keeps_the_eos_label(chatml):
+    assert chatml.pad_token_id == chatml.eos_token_id
+    sample = common.tokenize_conversation(chatml, CONV[:2])
+    last = max(i for i, l in enumerate(sample["labels"]) if l != common.IGNORE)
+    assert sample["labels"][last] == chatml.eos_token_id
+
+
+def test_rendering_then_tokenizing_adds_no_second_bos(llama3):
+    assert llama3("x")["input_ids"][0] == llama3.bos_token_id  # this tokenizer would add one on its own
+    ids = common.tokenize_conversation(llama3, CONV)["input_ids"]
+    assert ids.count(llama3.bos_token_id) == 1 and ids[0] == llama3.bos_token_id
+
+
+def test_template_that_renders_turns_differently_by_position_still_masks_each_span(chatml):
+    # marks the last assistant turn, and ignores add_generation_prompt: no prefix property
+    chatml.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+        "{% if m['role'] == 'assistant' and loop.last %}{{ '[final] ' }}{% endif %}"
+        "{{ m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    )
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}]  # fmt: skip
+    sample = common.tokenize_conversation(chatml, conv)
+    assert labelled_runs(chatml, sample) == ["hello<|im_end|>", "see you<|im_end|>"]
+
+
+def test_template_that_rewrites_an_assistant_turn_is_a_clear_error(chatml):
+    chatml.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+        "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'] | upper }}{% else %}{{ m['content'] }}{% endif %}"
+        "{{ '<|im_end|>\\n' }}{% endfor %}"
+    )
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}]  # fmt: skip
+    with pytest.raises(ValueError, match="assistant turn 1 cannot be located"):
+        common.tokenize_conversation(chatml, conv)
+
+
+def test_prompt_completion_form_trains_only_the_completion(chatml):
+    sample = common.tokenize_conversation(chatml, common.as_messages("2+2?", "4"))
+    assert labelled_runs(chatml, sample) == ["4<|im_end|>"]
+
+
+# ───────────── packing ─────────────
+
+
+def test_best_fit_decreasing_respects_the_budget_and_places_every_sample():
+    lengths = [7, 5, 5, 4, 3, 3, 2, 1, 10]
+    bins = common.pack_bins(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    assert len(bins) == math.ceil(sum(lengths) / 10)  # 40 tokens, 4 full bins: BFD is optimal here
+
+
+def test_best_fit_puts_a_sample_into_the_fullest_bin_with_room():
+    # decreasing order: 6 -> bin0, 5 -> bin1, 4 -> bin0 (room 4, fullest that fits), 3 -> bin1
+    assert common.pack_bins([6, 5, 4, 3], 10) == [[0, 2], [1, 3]]
+
+
+def test_collate_packed_positions_restart_and_cu_seqlens_mark_boundaries():
+    samples = [{"input_ids": [1] * n, "labels": [common.IGNORE] * n} for n in (5, 3, 7)]
+    b = common.collate_packed(samples)
+    assert b["cu_seqlens"].tolist() == [0, 5, 8, 15] and b["cu_seqlens"].dtype == torch.int32
+    assert b["position_ids"][0].tolist() == list(range(5)) + list(range(3)) + list(range(7))
+    assert b["max_seqlen"] == 7
+
+
+def test_overlong_samples_are_dropped_or_truncated_and_counted():
+    s = [{"input_ids": [1] * n, "labels": [common.IGNORE] + [1] * (n - 1)} for n in (4, 12)]
+    kept, over, untrainable = common.fit_length(s, 8, "drop")
+    assert [len(k["input_ids"]) for k in kept] == [4] and (over, untrainable) == (1, 0)
+    kept, over, untrainable = common.fit_length(s, 8, "truncate")
+    assert [len(k["input_ids"]) for k in kept] == [4, 8] and (over, untrainable) == (1, 0)
+    long_prompt = [{"input_ids": [1] * 12, "labels": [common.IGNORE] * 10 + [1, 1]}]
+    assert common.fit_length(long_prompt, 8, "truncate") == ([], 1, 1)  # truncation removed every label
+
+
+# ───────────── packed attention and log-probs ─────────────
+
+
+def _samples(tok):
+    convs = common.builtin_sft("train", 3)
+    out = [common.tokenize_conversation(tok, c) for c in convs]
+    return out + [{"input_ids": [7], "labels": [common.IGNORE]}]  # a document of length 1
+
+
+def test_packed_logps_equal_each_document_run_alone(tiny, chatml):
+    samples = _samples(chatml)
+    with torch.no_grad():
+        packed, _ = common.token_logps(tiny, common.collate_packed(samples))
+        alone = torch.cat([common.token_logps(tiny, common.collate_packed([s]))[0] for s in samples], 1)
+        single, _ = common.token_logps(tiny, common.collate_packed(samples[:1]))  # a row with one document
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+    ids = torch.tensor([samples[0]["input_ids"]])
+    with torch.no_grad():
+        ref = torch.log_softmax(tiny(ids).logits[0, :-1].double(), -1).gather(1, ids[0, 1:, None]).squeeze(1)
+    torch.testing.assert_close(single[0, 1:].double(), ref, atol=1e-5, rtol=0)
+
+
+def test_packing_without_the_block_mask_would_differ(tiny, chatml):
+    # guards the test above: a plain causal mask over the packed row leaks across documents
+    samples = _samples(chatml)[:2]
+    b = common.collate_packed(samples)
+    with torch.no_grad():
+        right, _ = common.token_logps(tiny, b)
+        out = tiny(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=torch.ones_like(b["input_ids"]))
+    leak = torch.log_softmax(out.logits[0, :-1], -1).gather(1, b["input_ids"][0, 1:, None]).squeeze(1)
+    n0 = len(samples[0]["input_ids"])
+    assert (leak[n0:] - right[0, n0 + 1 :]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batches_give_the_packed_logps(tiny, chatml, side):
+    samples = _samples(chatml)
+    packed = common.collate_packed(samples)
+    padded = common.collate_padded(samples, chatml.pad_token_id, side)
+    with torch.no_grad():
+        a, _ = common.token_logps(tiny, packed)
+        b, _ = common.token_logps(tiny, padded)
+    torch.testing.assert_close(b[padded["labels"] != -100], a[packed["labels"] != -100], atol=1e-5, rtol=0)
+
+
+def test_token_logps_gradient_matches_plain_log_softmax(tiny, chatml):
+    # the chunked, recomputed output layer must give the same gradient as the textbook version
+    sample = _samples(chatml)[0]
+    ids = torch.tensor([sample["input_ids"]])
+    logp, _ = common.token_logps(tiny, common.collate_packed([sample]), chunk=16)
+    logp[0, 1:].sum().backward()
+    g = {n: p.grad.clone() for n, p in tiny.named_parameters()}
+    tiny.zero_grad()
+    torch.log_softmax(tiny(ids).logits[0, :-1], -1).gather(1, ids[0, 1:, None]).sum().backward()
+    for n, p in tiny.named_parameters():
+        torch.testing.assert_close(g[n], p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_entropy_matches_the_full_distribution(tiny, chatml):
+    sample = _samples(chatml)[0]
+    with torch.no_grad():
+        _, ent = common.token_logps(tiny, common.collate_packed([sample]))
+        p = torch.softmax(tiny(torch.tensor([sample["input_ids"]])).logits[0, :-1].double(), -1)
+    torch.testing.assert_close(ent[0, 1:].double(), -(p * p.log()).sum(-1), atol=1e-5, rtol=0)
+
+
+def test_selective_log_softmax_equals_log_softmax_gather_in_chunks():
+    logits = torch.randn(3, 37, 50) * 10
+    index = torch.randint(0, 50, (3, 37))
+    ref = torch.log_softmax(logits.double(), -1).gather(-1, index[..., None]).squeeze(-1)
+    torch.testing.assert_close(common.selective_log_softmax(logits, index, chunk=8).double(), ref, atol=1e-5, rtol=0)
+    half = common.selective_log_softmax(logits.bfloat16(), index)
+    assert half.dtype == torch.float32
+
+
+# ───────────── KL estimators, masked statistics ─────────────
+
+
+def test_kl_estimators_on_a_categorical_distribution():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    q = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    exact = (p * (p / q).log()).sum()
+    x = torch.multinomial(p, 400_000, replacement=True, generator=g)
+    logp, ref = p.log()[x], q.log()[x]
+    k1, k2, k3 = common.kl_k1(logp, ref), common.kl_k2(logp, ref), common.kl_k3(logp, ref)
+    se = lambda k: (k.std() / math.sqrt(len(k))).item()  # noqa: E731
+    assert abs(k1.mean() - exact) < 4 * se(k1)  # unbiased
+    assert abs(k3.mean() - exact) < 4 * se(k3)  # unbiased
+    assert abs(k2.mean() - exact) > 4 * se(k2)  # biased
+    assert (k3 >= 0).all()
+    assert k3.var() < k1.var()  # q close to p (r near 1): k3 has the lower variance
+
+
+def test_kl_estimators_match_their_formulas_at_extreme_ratios():
+    logp = torch.tensor([-0.1, -30.0, -1e-6], dtype=torch.float64)
+    ref = torch.tensor([-40.0, -0.5, -1e-6], dtype=torch.float64)
+    log_r = ref - logp
+    torch.testing.assert_close(common.kl_k1(logp, ref), -log_r)
+    torch.testing.assert_close(common.kl_k2(logp, ref), 0.5 * log_r**2)
+    torch.testing.assert_close(common.kl_k3(logp, ref), log_r.exp() - 1 - log_r)
+    assert torch.isfinite(common.kl_k3(logp.float(), ref.float())).all()
+
+
+def test_masked_mean_and_whiten():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -7.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    assert common.masked_mean(x, mask).item() == pytest.approx(2.5)
+    assert common.masked_mean(x, mask, dim=1).tolist() == [1.5, 3.5]
+    assert common.masked_mean(x, torch.zeros_like(mask)).item() == 0.0  # fully masked: 0, not NaN
+    w = common.masked_whiten(x, mask)
+    vals = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    torch.testing.assert_close(w[mask], (vals - vals.mean()) / vals.std(), atol=1e-4, rtol=0)
+    assert (w[~mask] == 0).all()
+
+
+# ───────────── data readers ─────────────
+
+
+def write(tmp_path, text, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{"messages": [oops\n', ":2: not valid JSON"),
+        ('{"text": "hello"}\n', ":1: missing field 'messages'"),
+        ('{"messages": [{"role": "user", "content": "only a question"}]}\n', ":1: field 'messages' has no assistant turn"),
+        ("", "no samples (empty file)"),
+        ('{"messages": [{"role": "user"}]}\n', ":1: field 'messages' needs objects"),
+        ("[1, 2]\n", ":1: expected a JSON object"),
+    ],
+)
+def test_bad_sft_data_names_file_line_and_field(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(common.DataError) as e:
+        common.read_sft(path)
+    assert path in str(e.value) and message in str(e.value)
+
+
+def test_preference_reader_requires_each_field(tmp_path):
+    path = write(tmp_path, '{"prompt": "p", "chosen": "a"}\n')
+    with pytest.raises(common.DataError, match=r"d.jsonl:1: missing field 'rejected'"):
+        common.read_preferences(path)
+    path = write(tmp_path, '{"prompt": "p", "completions": ["a", "b"], "labels": [true]}\n')
+    with pytest.raises(common.DataError, match="differ in length"):
+        common.read_prm(path)
+
+
+# ───────────── the built-in task ─────────────
+
+
+def test_builtin_task_is_seeded_and_its_splits_are_disjoint():
+    a, b = common.builtin_task("train", 300), common.builtin_task("train", 300)
+    assert a == b
+    test = common.builtin_task("test", 100)
+    assert not {p["abc"] for p in a} & {p["abc"] for p in test}
+    assert common.builtin_task("train", 5, seed=1) != common.builtin_task("train", 5, seed=0)
+
+
+def test_builtin_views_are_consistent_with_the_rule_reward():
+    for p in common.builtin_preferences("train", 50):
+        assert common.rule_reward(p["chosen"], p["answer"]) == 1.0
+        assert common.rule_reward(p["rejected"], p["answer"]) == 0.0
+    for r in common.builtin_prm("train", 20):
+        assert len(r["completions"]) == len(r["labels"]) == 3
+        assert r["labels"] == sorted(r["labels"], reverse=True)  # once wrong, every later step is wrong
+    assert common.rule_reward("so The answer is -3.", -3) == 1.0
+    assert common.rule_reward("no answer here", 4) == 0.0
+
+
+# ───────────── checkpoints ─────────────
+
+
+def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, tiny, monkeypatch):
+    opt = torch.optim.AdamW(tiny.parameters(), lr=1e-3)
+    sched = common.cosine_schedule(opt, 1, 10)
+    common.save_checkpoint(str(tmp_path), 3, tiny, opt, sched)
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    with torch.no_grad():
+        for p in tiny.parameters():
+            p.add_(1.0)
+
+    def die(*a, **k):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", die)  # dies after the weights, before the optimizer state
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(str(tmp_path), 5, tiny, opt, sched)
+    monkeypatch.undo()
+    assert open(tmp_path / "latest").read() == "checkpoint-3"
+    step, _ = common.load_checkpoint(str(tmp_path), tiny, opt, sched)
+    assert step == 4
+    for k, v in tiny.state_dict().items():
+        torch.testing.assert_close(v, before[k])
