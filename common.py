@@ -75,13 +75,16 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return text, spans
 
 
-def tokenize_conversation(tokenizer, messages: list[dict]) -> dict:
-    """Conversation -> {"input_ids", "labels"} (lists), labels = IGNORE on every non-assistant token.
+def tokenize_conversation(tokenizer, messages: list[dict], train_from: int = 0) -> dict:
+    """Conversation -> {"input_ids", "labels"} (lists), labels = IGNORE on every non-assistant token
+    and on assistant turns before message index `train_from` (a preference pair's prompt may hold some).
 
     The rendered text already holds the template's BOS, so tokenizing adds no special tokens
     (no second BOS). A token is trained when it starts inside an assistant span.
     """
     text, spans = assistant_spans(tokenizer, messages)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    spans = [span for i, span in zip(turns, spans) if i >= train_from]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, labels = enc["input_ids"], []
     for tok, (a, b) in zip(ids, enc["offset_mapping"]):
@@ -509,6 +512,21 @@ def sequence_logps(logp: Tensor, batch: dict) -> Tensor:
     return out.index_add(0, ids[mask], logp[mask])
 
 
+def last_token_hidden(model, batch: dict) -> Tensor:
+    """Final hidden state at the last token of every document -> (num_docs, H)."""
+    hidden = forward_hidden(model, batch)
+    if "cu_seqlens" in batch:
+        return hidden[0, batch["cu_seqlens"][1:].long() - 1]
+    last = batch["attention_mask"].shape[1] - 1 - batch["attention_mask"].flip(1).argmax(1)  # right or left padding
+    return hidden[torch.arange(hidden.shape[0]), last]
+
+
+def next_token_logprobs(model, batch: dict) -> Tensor:
+    """log π(· | document) for the token after each document -> (num_docs, V), float32."""
+    logits = last_token_hidden(model, batch) @ model.get_output_embeddings().weight.T
+    return torch.log_softmax(logits.float(), -1)
+
+
 # ───────────────────────────── KL estimators and masked statistics ─────────────────────────────
 
 
@@ -707,6 +725,15 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     if dist.is_initialized():
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def all_gather_objects(items: list) -> list:
+    """Concatenate every rank's list, in rank order (identity on one process)."""
+    if not dist.is_initialized():
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
 
 
 def sync_grads(model) -> None:

@@ -178,8 +178,11 @@ def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path):
     assert r2.returncode == 0, r2.stderr[-2000:]
     w1, w2 = weights(one), weights(two)
     assert set(w1) == set(w2)
-    for k in w1:  # same global batch; only the order of float additions differs
-        torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=0)
+    for k in w1:
+        # Same global batch; only the order of float additions differs. Adam divides by √v, so rounding
+        # in near-zero gradients can move a weight by a few % of one step (lr = 3e-3): allow 5% of a step.
+        torch.testing.assert_close(w2[k], w1[k], atol=0.05 * 3e-3, rtol=0)
+        assert (w2[k] - w1[k]).abs().mean() < 1e-7
     init = common.tiny_model(common.tiny_tokenizer()).state_dict()
     assert not torch.allclose(w1["model.norm.weight"], init["model.norm.weight"])
 

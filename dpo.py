@@ -1,0 +1,414 @@
+"""Direct Preference Optimization (DPO), Rafailov et al. 2023, arXiv:2305.18290.
+
+Trains on (prompt x, chosen y_w, rejected y_l) pairs against a frozen reference π_ref; no reward
+model, no sampling (seed §6):
+    lr_w = log π(y_w|x) − log π_ref(y_w|x)          (summed over completion tokens; lr_l likewise)
+    L    = −log σ(β · (lr_w − lr_l))
+β·lr_w and β·lr_l are the implicit rewards. DPO can lower log π(y_w|x) as long as the margin grows
+(likelihood displacement, seed §6.8); --dpop-lambda adds the DPO-Positive anchor (Pal et al. 2024,
+arXiv:2402.13228) that penalises the chosen log-prob for falling below the reference's:
+    L    = −log σ(β · (lr_w − lr_l) − λ · max(0, log π_ref(y_w|x) − log π(y_w|x)))
+--online turns it into online / iterative DPO (seed §7.5): every --online-every steps the current
+policy samples --num-samples answers per prompt, a rule, a reward model or an LLM judge ranks them
+(RLAIF with a written --principle), and the (best, worst) pairs become the next training pairs.
+
+    torchrun --nproc_per_node 2 dpo.py --beta 0.1
+"""
+
+import copy
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import tyro
+from torch import Tensor
+
+import common
+
+
+@dataclass
+class Args:
+    """Preference tuning with DPO (offline, or online with a rule, a reward model or an LLM judge)."""
+
+    # model and data
+    model: str = common.DEFAULT_MODEL
+    """policy to train, and the reference unless --ref-model is set; "tiny" for tests"""
+    ref_model: str = ""
+    """reference π_ref if it is not the starting policy (e.g. the SFT model the policy came from)"""
+    data: str = "builtin"
+    """JSONL with prompt/chosen/rejected, or "builtin" for the arithmetic task"""
+    eval_data: str = ""
+    """held-out preference JSONL (the built-in task brings its own test split)"""
+    num_train: int = 1000
+    """built-in training pairs (offline) or prompts (online)"""
+    num_eval: int = 64
+    """built-in held-out pairs and problems"""
+    max_tokens: int = 2048
+    """tokens per packed micro-batch (chosen and rejected of a pair always share one)"""
+    # algorithm
+    beta: float = 0.1
+    """β: strength of the pull towards the reference (the implicit KL coefficient)"""
+    dpop_lambda: float = 0.0
+    """λ of DPO-Positive, applied outside β (paper's λ times β); 0 is plain DPO, e.g. 5"""
+    label_smoothing: float = 0.0
+    """ε of conservative DPO: the assumed probability that a label is flipped"""
+    precompute_ref: bool = True
+    """reference log-probs in one pass before training (no reference in memory while training)"""
+    # online / iterative DPO
+    online: bool = False
+    """sample pairs from the current policy every --online-every steps instead of using fixed data"""
+    online_every: int = 5
+    """steps trained on each round of freshly sampled pairs (k)"""
+    num_samples: int = 4
+    """answers sampled per prompt (≥ 2); the best and worst form a pair"""
+    temperature: float = 1.0
+    """sampling temperature of the online rounds"""
+    reward_model: str = ""
+    """score answers with this rm.py output (a sequence-classification model) instead of the rule"""
+    judge: str = ""
+    """score answers with this causal LM as a pairwise judge (RLAIF) instead of the rule"""
+    principle: str = "The better response is helpful, correct and harmless."
+    """the written principle the judge compares the two responses by"""
+    # optimisation
+    lr: float = 5e-6
+    """peak AdamW learning rate"""
+    batch_size: int = 8
+    """pairs per optimizer step, summed over ranks and micro-batches"""
+    max_steps: int = 30
+    """optimizer steps"""
+    warmup_steps: int = 3
+    """linear warm-up steps before the cosine decay"""
+    max_grad_norm: float = 10.0
+    """gradient clipping threshold (global L2 norm)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward: less memory, ~30% more compute"""
+    # run
+    eval_every: int = 0
+    """steps between evaluations; 0: evaluate only before and after training"""
+    save_every: int = 10
+    """steps between resumable checkpoints; 0: none"""
+    max_new_tokens: int = 64
+    """generation budget for sampling and greedy-accuracy evaluation"""
+    output_dir: str = ""
+    """where the model, args.json, metrics.jsonl and the reference cache go; default runs/dpo-<timestamp>"""
+    seed: int = 0
+    """seed for data order, sampling and initialisation"""
+    resume: bool = False
+    """continue from the last checkpoint in --output-dir"""
+    fsdp: bool = False
+    """shard parameters, gradients and optimizer state across ranks (FSDP2) instead of replicating"""
+
+
+def dpo_loss(
+    pi_chosen: Tensor, pi_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+    beta: float, dpop_lambda: float = 0.0, label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Per-pair DPO loss from summed sequence log-probs, all (B,). Returns (loss, r_w, r_l), each (B,).
+
+    h    = β (lr_w − lr_l) − λ max(0, ref_w − pi_w)      lr = pi − ref; eq. 7 of arXiv:2305.18290
+    loss = −(1 − ε) log σ(h) − ε log σ(−h)              ε: conservative DPO (Mitchell 2023)
+    r    = β lr (detached)                               the implicit rewards
+
+    DPOP (arXiv:2402.13228, eq. 3) writes the penalty inside β as β·λ_paper·max(0, ·); here λ stands
+    outside, so λ = β·λ_paper (the paper's λ = 50 at β = 0.1 is λ = 5). The penalty is zero while
+    the policy's chosen log-prob stays above the reference's.
+    """
+    lr_w, lr_l = pi_chosen - ref_chosen, pi_rejected - ref_rejected
+    h = beta * (lr_w - lr_l) - dpop_lambda * (ref_chosen - pi_chosen).clamp(min=0)
+    loss = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)  # stable for any |h|
+    return loss, beta * lr_w.detach(), beta * lr_l.detach()
+
+
+# ───────────── data: pairs as two documents of one packed row ─────────────
+
+
+def tokenize_pairs(rows: list[dict], tokenizer, max_tokens: int) -> tuple[list[dict], dict]:
+    """Preference rows -> pairs {"chosen", "rejected"} of tokenized samples whose labels cover only the
+    completion. Skips (and counts) identical answers, empty answers and pairs over max_tokens."""
+    pairs, skipped = [], {"identical": 0, "empty": 0, "too_long": 0}
+    for row in rows:
+        prompt = common.as_messages(row["prompt"])
+        answers = [common.as_messages(row["prompt"], row[k])[len(prompt) :] for k in ("chosen", "rejected")]
+        if answers[0] == answers[1]:
+            skipped["identical"] += 1
+            continue
+        if any(not "".join(m["content"] for m in a).strip() for a in answers):
+            skipped["empty"] += 1
+            continue
+        chosen, rejected = (common.tokenize_conversation(tokenizer, prompt + a, train_from=len(prompt)) for a in answers)
+        if len(chosen["input_ids"]) + len(rejected["input_ids"]) > max_tokens:
+            skipped["too_long"] += 1
+            continue
+        pairs.append({"chosen": chosen, "rejected": rejected, "prompt": row["prompt"], "answer": row.get("answer")})
+    return pairs, skipped
+
+
+def pair_batches(pairs: list[dict], max_tokens: int) -> list[tuple[list[int], dict]]:
+    """Pack pairs into micro-batches: each is (pair indices, packed row chosen_0, rejected_0, chosen_1, ...)."""
+    lengths = [len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in pairs]
+    out = []
+    for b in common.pack_bins(lengths, max_tokens):
+        docs = [p[k] for i in b for p in [pairs[i]] for k in ("chosen", "rejected")]
+        out.append((b, common.collate_packed(docs)))
+    return out
+
+
+def pair_logps(model, batch: dict) -> tuple[Tensor, Tensor]:
+    """Summed completion log-probs of the chosen and rejected answers of a packed row: (n,), (n,)."""
+    logp, _ = common.token_logps(model, batch)
+    seq = common.sequence_logps(logp, batch).view(-1, 2)  # (2n,) -> (n, 2): chosen, rejected
+    return seq[:, 0], seq[:, 1]
+
+
+@torch.no_grad()
+def all_pair_logps(model, pairs, max_tokens, rank, world, device) -> Tensor:
+    """(N, 2) chosen/rejected log-probs of every pair under `model`: one eval-mode pass split across ranks."""
+    was_training = model.training
+    model.eval()  # no dropout, exactly like the policy's evaluation
+    out = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    mine = list(range(rank, len(pairs), world))
+    for idx, batch in pair_batches([pairs[i] for i in mine], max_tokens) if mine else []:
+        with common.autocast(device):
+            c, r = pair_logps(model, to(batch, device))
+        out[[mine[i] for i in idx]] = torch.stack([c, r], 1).double().cpu()
+    model.train(was_training)
+    return common.all_reduce_sum(out).float()
+
+
+def cached_reference_logps(model, pairs, args, ref_name, out_dir, rank, world, device) -> Tensor:
+    """all_pair_logps of the reference, cached in out_dir under a key of the reference model and the token ids."""
+    h = hashlib.sha256(ref_name.encode())
+    for p in pairs:
+        h.update(str((p["chosen"]["input_ids"], p["rejected"]["input_ids"])).encode())
+    path = os.path.join(out_dir, f"ref_logps-{h.hexdigest()[:16]}.pt")
+    if os.path.exists(path):
+        return torch.load(path)
+    ref = all_pair_logps(model, pairs, args.max_tokens, rank, world, device)
+    if rank == 0:
+        torch.save(ref, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return ref
+
+
+def to(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+# ───────────── online: sample, rank, pair ─────────────
+
+
+@torch.no_grad()
+def judge_preference(judge, tokenizer, principle: str, prompt, a: str, b: str, device) -> float:
+    """P(a better than b) from an LLM judge: σ(log p("A") − log p("B")) at the judge's answer,
+    averaged over both orders of presentation to cancel position bias."""
+    ids = [tokenizer.encode(x, add_special_tokens=False)[0] for x in ("A", "B")]
+    question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    docs = []
+    for first, second in ((a, b), (b, a)):
+        ask = (f"{principle}\n\nQuestion: {question}\n\nResponse A: {first}\n\nResponse B: {second}\n\n"
+               "Which response is better by that principle? Answer with one letter, A or B.")  # fmt: skip
+        text = tokenizer.apply_chat_template([{"role": "user", "content": ask}], tokenize=False, add_generation_prompt=True)
+        ids_ = tokenizer(text, add_special_tokens=False)["input_ids"]
+        docs.append({"input_ids": ids_, "labels": [common.IGNORE] * len(ids_)})
+    with common.autocast(device):
+        lp = common.next_token_logprobs(judge, to(common.collate_packed(docs), device))  # (2, V)
+    first_wins = torch.sigmoid(lp[:, ids[0]] - lp[:, ids[1]])  # P("A") against P("B"), each order
+    return float(0.5 * (first_wins[0] + 1 - first_wins[1]))
+
+
+@torch.no_grad()
+def score_answers(texts: list[str], row: dict, args, scorer, device) -> list[float]:
+    """One score per answer: the rule reward, the reward model's last-token score, or the judge's
+    mean win probability against the other answers (a round robin). scorer: (model, tokenizer)."""
+    if scorer is None:
+        return [common.rule_reward(t, row["answer"]) for t in texts]
+    scorer, tokenizer = scorer
+    if args.judge:
+        n = len(texts)
+        wins = [0.0] * n
+        for i in range(n):
+            for j in range(i + 1, n):
+                p = judge_preference(scorer, tokenizer, args.principle, row["prompt"], texts[i], texts[j], device)
+                wins[i] += p / (n - 1)
+                wins[j] += (1 - p) / (n - 1)
+        return wins
+    docs = [common.tokenize_conversation(tokenizer, common.as_messages(row["prompt"], t)) for t in texts]
+    with common.autocast(device):
+        h = common.last_token_hidden(scorer, to(common.collate_packed(docs), device))
+    return scorer.score(h.to(scorer.score.weight.dtype)).squeeze(-1).float().tolist()
+
+
+def online_pairs(policy, tokenizer, prompts: list[dict], args, scorer, device) -> tuple[list[dict], dict]:
+    """Sample num_samples answers per prompt from the policy, score them, keep (best, worst); ties skipped.
+    Each rank samples its share of the prompts; the caller gathers the pairs."""
+    gens = common.generate(policy, tokenizer, [p["prompt"] for p in prompts for _ in range(args.num_samples)],
+                           args.max_new_tokens, temperature=args.temperature)  # fmt: skip
+    rows, scores = [], []
+    for k, p in enumerate(prompts):
+        texts = [g["text"] for g in gens[k * args.num_samples : (k + 1) * args.num_samples]]
+        s = score_answers(texts, p, args, scorer, device)
+        scores += s
+        best, worst = max(range(len(s)), key=s.__getitem__), min(range(len(s)), key=s.__getitem__)
+        if s[best] > s[worst] and texts[best] != texts[worst]:
+            rows.append({"prompt": p["prompt"], "chosen": texts[best], "rejected": texts[worst], "answer": p.get("answer")})
+    pairs, skipped = tokenize_pairs(rows, tokenizer, args.max_tokens)
+    stats = {"online/pairs": len(pairs), "online/ties": len(prompts) - len(rows), "online/score": sum(scores) / len(scores)}
+    return pairs, {**stats, **{f"online/skipped_{k}": v for k, v in skipped.items()}}
+
+
+# ───────────── evaluation ─────────────
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device) -> dict:
+    """Held-out preference accuracy (implicit reward of chosen > rejected) and greedy task accuracy."""
+    model.eval()
+    out = {}
+    if eval_pairs:
+        pi = all_pair_logps(model, eval_pairs, args.max_tokens, rank, world, device)
+        _, r_w, r_l = dpo_loss(pi[:, 0], pi[:, 1], eval_ref[:, 0], eval_ref[:, 1], args.beta)
+        out["eval/rewards/accuracies"] = float((r_w > r_l).float().mean())
+        out["eval/rewards/margins"] = float((r_w - r_l).mean())
+        out["eval/logps/chosen_drift"] = float((pi[:, 0] - eval_ref[:, 0]).mean())
+    if problems:
+        mine = problems[rank::world]
+        hits = common.greedy_accuracy(model, tokenizer, mine, args.max_new_tokens) * len(mine)
+        out["eval/accuracy"] = float(common.all_reduce_sum(torch.tensor(hits, dtype=torch.float64))) / len(problems)
+    model.train()
+    return out
+
+
+def main(args: Args) -> str:
+    rank, world, device = common.init_distributed()
+    common.seed_everything(args.seed)
+    out_dir = args.output_dir or os.path.join("runs", f"dpo-{time.strftime('%Y%m%d-%H%M%S')}")
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        common.write_args(out_dir, args)
+    if args.online and args.precompute_ref:
+        args.precompute_ref = False  # fresh pairs every round: the reference must stay live
+        if rank == 0:
+            print("--online: keeping a live reference model (--no-precompute-ref)")
+
+    tokenizer = common.load_tokenizer(args.model)
+    policy = common.load_model(args.model, tokenizer, seed=args.seed).to(device)
+    if args.ref_model:
+        ref = common.load_model(args.ref_model, tokenizer).to(device).requires_grad_(False)
+    elif args.precompute_ref:
+        ref = policy  # π_ref is the starting policy: score the data with it before the first update
+    else:
+        ref = copy.deepcopy(policy).requires_grad_(False)
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # data: fixed pairs (offline) or prompts to sample from (online)
+    builtin = args.data == "builtin"
+    if args.online:
+        prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data)
+        pairs, ref_logps = [], None
+    else:
+        rows = common.builtin_preferences("train", args.num_train, args.seed) if builtin else common.read_preferences(args.data)
+        pairs, skipped = tokenize_pairs(rows, tokenizer, args.max_tokens)
+        if rank == 0:
+            print(f"{len(pairs)} training pairs; skipped: {skipped}")
+        if not pairs:
+            raise ValueError(f"{args.data}: no usable preference pairs ({skipped})")
+    eval_rows = common.builtin_preferences("test", args.num_eval, args.seed) if builtin else (
+        common.read_preferences(args.eval_data) if args.eval_data else [])  # fmt: skip
+    eval_pairs = tokenize_pairs(eval_rows, tokenizer, args.max_tokens)[0]
+    problems = common.builtin_task("test", args.num_eval, args.seed) if builtin else []
+    ref_name = args.ref_model or args.model
+    eval_ref = cached_reference_logps(ref, eval_pairs, args, ref_name, out_dir, rank, world, device) if eval_pairs else None
+    if args.precompute_ref:
+        ref_logps = cached_reference_logps(ref, pairs, args, ref_name, out_dir, rank, world, device)
+        del ref  # the reference is not needed again: training holds one model
+    scorer = None  # (model, its tokenizer) for online scoring; None: the rule reward
+    if args.online and args.judge:
+        judge_tok = common.load_tokenizer(args.judge)
+        scorer = (common.load_model(args.judge, judge_tok).to(device).eval(), judge_tok)
+    elif args.online and args.reward_model:
+        from transformers import AutoModelForSequenceClassification
+
+        common.register_attention()
+        rm = AutoModelForSequenceClassification.from_pretrained(args.reward_model).to(device).eval()
+        rm.set_attn_implementation(common.ATTN_IMPL)
+        scorer = (rm, common.load_tokenizer(args.reward_model))
+
+    policy = common.shard_model(policy, args.fsdp)
+    policy.train()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    scheduler = common.cosine_schedule(optimizer, args.warmup_steps, args.max_steps)
+    start, extra = common.load_checkpoint(out_dir, policy, optimizer, scheduler) if args.resume else (0, {})
+    if args.online and extra.get("pairs"):
+        pairs = extra["pairs"]  # the round in progress when the checkpoint was written
+
+    log = common.MetricsLog(out_dir, args.max_steps, start, rank, keys=("loss", "rewards/accuracies"))
+    if start == 0:
+        log.log(0, evaluate(policy, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device))
+    for step in range(start, args.max_steps):
+        t0 = time.time()
+        # 0. online: a new round of pairs sampled from the current policy and ranked
+        if args.online and (step % args.online_every == 0 or not pairs):
+            round_prompts = [prompts[i] for i in common.step_indices(len(prompts), args.batch_size, step, args.seed)]
+            pairs, stats = online_pairs(policy, tokenizer, round_prompts[rank::world], args, scorer, device)
+            pairs = common.all_gather_objects(pairs)  # every rank holds the round's pairs, in rank order
+            log.log(step, common.reduce_metrics(stats, world))
+        if not pairs:
+            continue  # every answer tied this round: nothing to prefer
+        # 1. this rank's pairs of the step; chosen and rejected of a pair share one packed row
+        idx = common.step_indices(len(pairs), args.batch_size, step, args.seed)[rank::world]
+        num_pairs = common.all_reduce_sum(torch.tensor(float(len(idx))))
+        sums = torch.zeros(8, dtype=torch.float64)  # loss, r_w, r_l, acc, pi_w, pi_l, drift_w, drift_l
+        tokens = 0
+        for local, batch in pair_batches([pairs[i] for i in idx], args.max_tokens):
+            batch = to(batch, device)
+            with common.autocast(device):
+                pi_w, pi_l = pair_logps(policy, batch)  # (n,), (n,)
+                if args.precompute_ref:
+                    ref_w, ref_l = ref_logps[[idx[i] for i in local]].to(device).unbind(1)
+                else:
+                    with torch.no_grad():
+                        ref_w, ref_l = pair_logps(ref, batch)
+            # 2. loss and implicit rewards; divided by the step's pair count over all micro-batches and ranks
+            loss, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w, ref_l, args.beta, args.dpop_lambda, args.label_smoothing)
+            (loss.sum() / num_pairs.to(device)).backward()
+            pi_w, pi_l = pi_w.detach(), pi_l.detach()
+            cols = [loss.detach(), r_w, r_l, (r_w > r_l).float(), pi_w, pi_l, pi_w - ref_w, pi_l - ref_l]
+            sums += torch.stack([c.double().sum().cpu() for c in cols])
+            tokens += batch["input_ids"].numel()
+        if not torch.isfinite(sums[0]):
+            raise FloatingPointError(f"step {step}: loss is {sums[0].item()}; stopping before the update")
+        # 3. sum gradients over ranks, clip, step
+        if not args.fsdp:
+            common.sync_grads(policy)  # FSDP reduce-scatters gradients itself
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        s = (common.all_reduce_sum(sums) / float(num_pairs)).tolist()
+        metrics = {
+            "loss": s[0], "rewards/chosen": s[1], "rewards/rejected": s[2], "rewards/accuracies": s[3],
+            "rewards/margins": s[1] - s[2], "logps/chosen": s[4], "logps/rejected": s[5],
+            "logps/chosen_drift": s[6], "logps/rejected_drift": s[7], "grad_norm": float(grad_norm),
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": float(common.all_reduce_sum(torch.tensor(float(tokens)))) / (time.time() - t0),
+        }  # fmt: skip
+        log.log(step + 1, metrics)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+            log.log(step + 1, evaluate(policy, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device))
+        if args.save_every and (step + 1) % args.save_every == 0 and rank == 0:
+            common.save_checkpoint(out_dir, step, policy, optimizer, scheduler, {"pairs": pairs} if args.online else None)
+
+    log.log(args.max_steps, evaluate(policy, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device))
+    log.close()
+    if rank == 0:
+        common.save_model(policy, tokenizer, out_dir)
+    return out_dir
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
