@@ -363,6 +363,11 @@ def collate_padded(samples: list[dict], pad_id: int, side: str = "right") -> dic
     }
 
 
+def num_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens in a batch."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
 def doc_ids(batch: dict) -> Tensor:
     """(B, T) index of the document each token belongs to, counted over the whole batch."""
     if "cu_seqlens" in batch:
@@ -388,9 +393,10 @@ ATTN_IMPL = "cleanpost_packed"
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function. query (1, H, T, D), key/value (1, H_kv, T, D).
 
-    With cu_seq_lens_q in kwargs (a packed row on CUDA) it runs varlen attention over the documents:
-    flash-attn when installed, else torch's varlen_attn. Otherwise it is plain SDPA with the mask
-    transformers built, or the block-diagonal mask packed_forward built (CPU)."""
+    With cu_seq_lens_q in kwargs (a packed row) each document attends only to itself: flash-attn's
+    varlen kernel on CUDA when installed, else torch's varlen_attn on CUDA, else (CPU) causal SDPA
+    over each document's slice, which does Σ L_i² work instead of the T² of a block-diagonal mask.
+    Without it, plain SDPA with the mask transformers built (generation, padded batches)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.pop("cu_seq_lens_q", None)
@@ -399,12 +405,20 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         kwargs.pop(k, None)
     if cu is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if not use_varlen(query.device):
+        bounds = cu.tolist()
+        out = torch.cat([
+            F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout,
+                                           is_causal=True, scale=scaling, enable_gqa=True)
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ], dim=2)  # fmt: skip
+        return out.transpose(1, 2), None  # (1, H, T, D) -> (1, T, H, D), as transformers expects
     q, k, v = (x.squeeze(0).transpose(0, 1) for x in (query, key, value))  # (1, H, T, D) -> (T, H, D)
     if flash_attn_varlen_func is not None:
         out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scaling, causal=True)
     else:
         out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), enable_gqa=True)
-    return out.unsqueeze(0), None  # (1, T, H, D), as transformers expects
+    return out.unsqueeze(0), None  # (T, H, D) -> (1, T, H, D)
 
 
 def register_attention():
@@ -419,31 +433,18 @@ def use_varlen(device: torch.device) -> bool:
     return device.type == "cuda" and (flash_attn_varlen_func is not None or varlen_attn is not None)
 
 
-def block_causal_mask(position_ids: Tensor) -> Tensor:
-    """(B, T) position_ids restarting at 0 per document -> (B, 1, T, T) bool, True where query i may
-    attend to key j: same document and j <= i."""
-    doc = (position_ids == 0).cumsum(1)  # (B, T)
-    same = doc.unsqueeze(2) == doc.unsqueeze(1)
-    causal = torch.ones(position_ids.shape[1], position_ids.shape[1], dtype=torch.bool, device=doc.device).tril()
-    return (same & causal).unsqueeze(1)
-
-
 def forward_hidden(model, batch: dict) -> Tensor:
     """Last hidden states (B, T, H) of the decoder, attention confined to each document.
 
-    Packed rows: varlen attention on CUDA, an explicit block-diagonal causal mask elsewhere; a 4D
-    mask reaches the attention function untouched, so transformers never guesses packing from
-    position_ids. Padded batches: the usual 2D attention_mask."""
-    device = batch["input_ids"].device
-    kwargs = {}
-    if "cu_seqlens" in batch and use_varlen(device):
+    Packed rows pass their cu_seqlens to packed_attention and an empty 4D placeholder mask: a 4D
+    mask reaches the attention function untouched, so transformers never builds a (T, T) mask nor
+    guesses packing from position_ids. Padded batches use the usual 2D attention_mask."""
+    kwargs, mask = {}, batch.get("attention_mask")
+    if "cu_seqlens" in batch:
+        device = batch["input_ids"].device
         cu, m = batch["cu_seqlens"].to(device), int(batch["max_seqlen"])
         kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
-        mask = torch.ones(1, 1, 0, 0, dtype=torch.bool, device=device)  # placeholder: varlen needs no mask
-    elif "cu_seqlens" in batch:
-        mask = block_causal_mask(batch["position_ids"])
-    else:
-        mask = batch["attention_mask"]
+        mask = torch.ones(1, 1, 0, 0, dtype=torch.bool, device=device)
     out = model.get_decoder()(
         input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False, **kwargs
     )
@@ -474,32 +475,37 @@ def _chunk_logp_entropy(hidden: Tensor, weight: Tensor, target: Tensor) -> tuple
     return logp, entropy
 
 
-def token_logps(model, batch: dict, chunk: int = 1024, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Per-token log-probs of the batch's own tokens and the entropy of each prediction, both (B, T)
-    float32 and aligned with input_ids: logp[b, t] = log π(x_t | x_<t within its document).
-    The first token of each document has no prediction: its logp and entropy are 0 (its label is
-    always IGNORE). Use `batch["labels"] != IGNORE` as the mask.
+def hidden_logps(hidden: Tensor, weight: Tensor, target: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """hidden (N, H), output-layer weight (V, H), target (N,) -> log π(target) and entropy, (N,) float32.
 
-    The (T, V) logits never exist at once: hidden states go through the output layer `chunk` tokens
-    at a time, and under autograd each chunk is recomputed in backward instead of stored."""
-    hidden = forward_hidden(model, batch)  # (B, T, H)
-    weight = model.get_output_embeddings().weight
-    b, t, h = hidden.shape
-    hs, target = hidden[:, :-1].reshape(-1, h), batch["input_ids"][:, 1:].reshape(-1)
-    if temperature != 1.0:
-        hs = hs / temperature  # logits / τ, since the output layer is linear without bias
+    The (N, V) logits never exist at once: `chunk` rows at a time go through the output layer, and
+    under autograd each chunk is recomputed in backward instead of stored (peak: one chunk's logits)."""
     logps, ents = [], []
-    for i in range(0, max(hs.shape[0], 1), chunk):  # at least once: a 1-token row has nothing to predict
-        args = (hs[i : i + chunk], weight, target[i : i + chunk])
+    for i in range(0, max(hidden.shape[0], 1), chunk):  # at least once: a 1-token row has nothing to predict
+        args = (hidden[i : i + chunk], weight, target[i : i + chunk])
         if torch.is_grad_enabled():
             lp, en = checkpoint(_chunk_logp_entropy, *args, use_reentrant=False)
         else:
             lp, en = _chunk_logp_entropy(*args)
         logps.append(lp)
         ents.append(en)
+    return torch.cat(logps), torch.cat(ents)
+
+
+def token_logps(model, batch: dict, chunk: int = 1024, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs of the batch's own tokens and the entropy of each prediction, both (B, T)
+    float32 and aligned with input_ids: logp[b, t] = log π(x_t | x_<t within its document).
+    The first token of each document has no prediction: its logp and entropy are 0 (its label is
+    always IGNORE). Use `batch["labels"] != IGNORE` as the mask. Memory: see hidden_logps."""
+    hidden = forward_hidden(model, batch)  # (B, T, H)
+    b, t, h = hidden.shape
+    hs, target = hidden[:, :-1].reshape(-1, h), batch["input_ids"][:, 1:].reshape(-1)
+    if temperature != 1.0:
+        hs = hs / temperature  # logits / τ, since the output layer is linear without bias
+    logp, entropy = hidden_logps(hs, model.get_output_embeddings().weight, target, chunk)
     zero = hidden.new_zeros(b, 1, dtype=torch.float32)
-    logp = torch.cat([zero, torch.cat(logps).view(b, t - 1)], 1)
-    entropy = torch.cat([zero, torch.cat(ents).view(b, t - 1)], 1)
+    logp = torch.cat([zero, logp.view(b, t - 1)], 1)
+    entropy = torch.cat([zero, entropy.view(b, t - 1)], 1)
     starts = batch["position_ids"] == 0  # document starts: the previous token belongs to another document
     return logp.masked_fill(starts, 0.0), entropy.masked_fill(starts, 0.0)
 
@@ -910,7 +916,7 @@ class MetricsLog:
             self.writer = SummaryWriter(out_dir)
 
     def log(self, step: int, metrics: dict) -> None:
-        if not self.active:
+        if not self.active or not metrics:
             return
         self.file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         self.file.flush()

@@ -42,8 +42,8 @@ class Args:
     """JSONL with prompt/chosen/rejected, or "builtin" for the arithmetic task"""
     eval_data: str = ""
     """held-out preference JSONL (the built-in task brings its own test split)"""
-    num_train: int = 1000
-    """built-in training pairs (offline) or prompts (online)"""
+    num_train: int = 240
+    """built-in training pairs (offline) or prompts (online); 240 = one epoch of the default run"""
     num_eval: int = 64
     """built-in held-out pairs and problems"""
     max_tokens: int = 2048
@@ -378,7 +378,7 @@ def main(args: Args) -> str:
             pi_w, pi_l = pi_w.detach(), pi_l.detach()
             cols = [loss.detach(), r_w, r_l, (r_w > r_l).float(), pi_w, pi_l, pi_w - ref_w, pi_l - ref_l]
             sums += torch.stack([c.double().sum().cpu() for c in cols])
-            tokens += batch["input_ids"].numel()
+            tokens += common.num_tokens(batch)
         if not torch.isfinite(sums[0]):
             raise FloatingPointError(f"step {step}: loss is {sums[0].item()}; stopping before the update")
         # 3. sum gradients over ranks, clip, step

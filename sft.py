@@ -207,7 +207,7 @@ def main(args: Args) -> str:
             loss = sft_loss(logp, mask, args.loss_normalization, common.doc_ids(batch), num_units.to(device))
             loss.backward()
             loss_sum += loss.detach().cpu()
-            tokens += batch["input_ids"].numel()
+            tokens += common.num_tokens(batch)
         if not torch.isfinite(loss_sum):
             raise FloatingPointError(f"step {step}: loss is {loss_sum.item()}; stopping before the update")
         # 3. sum gradients over ranks, clip, step

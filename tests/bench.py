@@ -1,0 +1,270 @@
+"""Side-by-side benchmarks against TRL, and the README's plots. Not part of the test run.
+
+    pip install -e ".[bench]"
+    python tests/bench.py logps            # peak memory of per-token log-probs, T=4096, V=49152
+    python tests/bench.py sft              # sft.py vs TRL SFTTrainer: tokens/s, peak RSS, FLOP/s
+    python tests/bench.py dpo              # dpo.py vs TRL DPOTrainer: step time, peak RSS
+    python tests/bench.py plot OUT.png RUN_DIR[:label] ... --keys=loss,eval/accuracy
+
+Every measurement runs in a subprocess of its own, so its peak RSS is its alone. Both sides use the
+same model (the embedded SmolLM2-135M-Instruct, fp32 on CPU), the same built-in data, the same
+tokens per step and the same optimizer (AdamW, β = (0.9, 0.95), constant lr, clip 1.0). Step times
+are medians over the timed steps (the first step is warm-up and not counted).
+"""
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def in_subprocess(*args) -> dict:
+    """Run `bench.py _worker args...` and return the JSON it prints last."""
+    out = subprocess.run([sys.executable, __file__, "_worker", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+# ───────────── log-prob memory ─────────────
+
+
+def worker_logps(method: str, grad: str) -> dict:
+    T, V, H = 4096, 49152, 576
+    torch.manual_seed(0)
+    hidden = torch.randn(T, H) * 0.1
+    weight = torch.randn(V, H) * 0.02
+    target = torch.randint(0, V, (T,))
+    hidden.requires_grad_(grad == "grad")
+    weight.requires_grad_(grad == "grad")
+    base = rss_mb()
+    t0 = time.time()
+    with torch.set_grad_enabled(grad == "grad"):
+        if method == "naive":  # log_softmax(...).gather(...): a full (T, V) float32 log-softmax
+            logp = torch.log_softmax(hidden @ weight.T, -1).gather(1, target[:, None]).squeeze(1)
+        elif method == "selective":  # the logits exist, their log-softmax never does
+            logp = common.selective_log_softmax(hidden @ weight.T, target)
+        else:  # from hidden states in chunks: neither the logits nor their log-softmax exist at once
+            logp, _ = common.hidden_logps(hidden, weight, target)
+        if grad == "grad":
+            logp.sum().backward()
+    return {"method": method, "mode": grad, "peak_extra_MB": peak_rss_mb() - base, "seconds": time.time() - t0}
+
+
+def bench_logps():
+    rows = [in_subprocess("logps", m, g) for g in ("nograd", "grad") for m in ("naive", "selective", "hidden")]
+    print("T=4096, V=49152, H=576, fp32; peak RSS above the inputs (logits alone are 805 MB)")
+    print(table(rows, ["method", "mode", "peak_extra_MB", "seconds"]))
+
+
+# ───────────── SFT ─────────────
+
+SFT_STEPS, SFT_PACKED_TOKENS, SFT_PADDED_BATCH, LR = 6, 1024, 8, 1e-5
+
+
+def matmul_flops() -> float:
+    """This machine's fp32 matmul rate (FLOP/s), 2048^3 products."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    t0, n = time.time(), 10
+    for _ in range(n):
+        a @ b
+    return 2 * 2048**3 * n / (time.time() - t0)
+
+
+def worker_ours_sft(packing: str) -> dict:
+    import sft
+
+    samples = sft.load_samples("builtin", common.load_tokenizer(common.DEFAULT_MODEL), 2048, "drop", "train", 400, 0)[0]
+    mean_len = sum(len(s["input_ids"]) for s in samples) / len(samples)
+    packed = packing == "packed"
+    batch = round(SFT_PACKED_TOKENS / mean_len) if packed else SFT_PADDED_BATCH
+    with tempfile.TemporaryDirectory() as out:
+        args = sft.Args(num_train=400, num_eval=0, batch_size=batch, max_steps=SFT_STEPS, warmup_steps=0, lr=LR,
+                        packing=packed, save_every=0, output_dir=out)  # fmt: skip
+        sft.main(args)
+        rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[1:]), "peak_rss_MB": peak_rss_mb()}
+
+
+class StepTimer:
+    """A TRL callback: wall time and real tokens of every optimizer step."""
+
+    def __init__(self):
+        self.times, self.tokens = [], []
+
+    def __getattr__(self, name):  # every other callback event is a no-op
+        return lambda *a, **k: None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.t0, self.seen = time.time(), state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kw):
+        self.times.append(time.time() - self.t0)
+        self.tokens.append(state.num_input_tokens_seen - self.seen)
+
+
+def trl_model():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(common.embedded_model_dir(), dtype=torch.float32, attn_implementation="sdpa")
+
+
+def worker_trl_sft(packing: str) -> dict:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tok = common.load_tokenizer(common.DEFAULT_MODEL)
+    rows = [{"prompt": [{"role": "user", "content": p["prompt"]}], "completion": [{"role": "assistant", "content": p["completion"]}]}
+            for p in common.builtin_task("train", 400)]  # fmt: skip
+    packed = packing == "packed"
+    config = SFTConfig(
+        output_dir=tempfile.mkdtemp(), max_steps=SFT_STEPS, learning_rate=LR, lr_scheduler_type="constant",
+        warmup_steps=0, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+        per_device_train_batch_size=1 if packed else SFT_PADDED_BATCH, packing=packed,
+        max_length=SFT_PACKED_TOKENS if packed else 2048, completion_only_loss=True, save_strategy="no",
+        report_to=[], logging_steps=1, use_cpu=True, bf16=False, dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding", seed=0,
+    )  # fmt: skip
+    timer = StepTimer()
+    trainer = SFTTrainer(model=trl_model(), args=config, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[timer])
+    trainer.train()
+    tps = [n / t for n, t in zip(timer.tokens[1:], timer.times[1:])]
+    return {"tokens_per_s": statistics.median(tps), "peak_rss_MB": peak_rss_mb()}
+
+
+def bench_sft():
+    n_params = sum(p.numel() for p in trl_model().parameters())
+    peak = matmul_flops()
+    rows = []
+    for packing in ("packed", "padded"):
+        for side in ("cleanpost", "trl"):
+            r = in_subprocess(("ours" if side == "cleanpost" else "trl") + "_sft", packing)
+            mfu = 6 * n_params * r["tokens_per_s"] / peak  # model FLOPs: 6 N per trained token
+            rows.append({"run": f"{side} {packing}", **r, "model_FLOP/s_frac": mfu})
+            print(rows[-1], flush=True)
+    for packing in ("packed", "padded"):
+        ours, trl = (next(r for r in rows if r["run"] == f"{s} {packing}") for s in ("cleanpost", "trl"))
+        ours["speedup_vs_trl"] = ours["tokens_per_s"] / trl["tokens_per_s"]
+        trl["speedup_vs_trl"] = 1.0
+    print(f"SmolLM2-135M fp32, {torch.get_num_threads()} threads, matmul peak {peak / 1e9:.1f} GFLOP/s, {SFT_STEPS} steps")
+    print(table(rows, ["run", "tokens_per_s", "speedup_vs_trl", "peak_rss_MB", "model_FLOP/s_frac"]))
+
+
+# ───────────── DPO ─────────────
+
+DPO_STEPS, DPO_BATCH = 5, 8
+
+
+def worker_ours_dpo(precompute: str) -> dict:
+    import dpo
+
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.time()
+        args = dpo.Args(num_train=DPO_BATCH * DPO_STEPS, num_eval=0, batch_size=DPO_BATCH, max_steps=DPO_STEPS, lr=LR,
+                        warmup_steps=0, max_grad_norm=1.0, precompute_ref=precompute == "precompute", save_every=0,
+                        output_dir=out)  # fmt: skip
+        dpo.main(args)
+        wall = time.time() - t0
+        times = [json.loads(l)["time"] for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
+    return {"step_s": statistics.median(b - a for a, b in zip(times, times[1:])), "wall_s": wall, "peak_rss_MB": peak_rss_mb()}
+
+
+def worker_trl_dpo(precompute: str) -> dict:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tok = common.load_tokenizer(common.DEFAULT_MODEL)
+    rows = [{"prompt": [{"role": "user", "content": p["prompt"]}], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]}
+            for p in common.builtin_preferences("train", DPO_BATCH * DPO_STEPS)]  # fmt: skip
+    config = DPOConfig(
+        output_dir=tempfile.mkdtemp(), max_steps=DPO_STEPS, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+        adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", per_device_train_batch_size=DPO_BATCH,
+        beta=0.1, precompute_ref_log_probs=precompute == "precompute", save_strategy="no", report_to=[], logging_steps=1,
+        use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0,
+    )  # fmt: skip
+    timer = StepTimer()
+    t0 = time.time()
+    trainer = DPOTrainer(model=trl_model(), args=config, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[timer])
+    trainer.train()
+    return {"step_s": statistics.median(timer.times[1:]), "wall_s": time.time() - t0, "peak_rss_MB": peak_rss_mb()}
+
+
+def bench_dpo():
+    rows = []
+    for precompute in ("precompute", "live"):
+        for side in ("cleanpost", "trl"):
+            r = in_subprocess(("ours" if side == "cleanpost" else "trl") + "_dpo", precompute)
+            rows.append({"run": f"{side} {precompute} ref", **r})
+            print(rows[-1], flush=True)
+        ours, trl = rows[-2], rows[-1]
+        ours["speedup_vs_trl"], trl["speedup_vs_trl"] = trl["step_s"] / ours["step_s"], 1.0
+    print(f"SmolLM2-135M fp32, {torch.get_num_threads()} threads, {DPO_BATCH} pairs per step, {DPO_STEPS} steps "
+          "(wall includes model load and the reference pass)")  # fmt: skip
+    print(table(rows, ["run", "step_s", "speedup_vs_trl", "wall_s", "peak_rss_MB"]))
+
+
+# ───────────── plots ─────────────
+
+
+def plot(out_png: str, runs: list[str], keys: list[str]):
+    """One panel per metric key, one line per run, from each run's metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    for spec in runs:
+        path, _, label = spec.partition(":")
+        rows = [json.loads(l) for l in open(os.path.join(path, "metrics.jsonl"))]
+        for ax, key in zip(axes[0], keys):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if len(pts) < 40 else None, label=label or os.path.basename(path))
+    for ax, key in zip(axes[0], keys):
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+
+
+if __name__ == "__main__":
+    cmd, rest = sys.argv[1], sys.argv[2:]
+    if cmd == "_worker":
+        print(json.dumps(globals()["worker_" + rest[0]](*rest[1:])))
+    elif cmd == "plot":
+        keys = next((a.split("=", 1)[1] for a in rest if a.startswith("--keys=")), "loss").split(",")
+        plot(rest[0], [a for a in rest[1:] if not a.startswith("--keys=")], keys)
+    else:
+        {"logps": bench_logps, "sft": bench_sft, "dpo": bench_dpo}[cmd]()
