@@ -368,6 +368,10 @@ def num_tokens(batch: dict) -> int:
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
 def doc_ids(batch: dict) -> Tensor:
     """(B, T) index of the document each token belongs to, counted over the whole batch."""
     if "cu_seqlens" in batch:
@@ -665,11 +669,15 @@ def load_model(name: str, tokenizer=None, dtype=torch.float32, seed: int = 0):
     return model.to(dtype)
 
 
-def save_model(model, tokenizer, out_dir: str):
-    """A save_pretrained directory (safetensors + tokenizer + chat template) that transformers and vLLM load."""
+def save_model(model, tokenizer, out_dir: str, rank: int = 0):
+    """A save_pretrained directory (safetensors + tokenizer + chat template) that transformers and vLLM
+    load. Called on every rank (gathering FSDP shards is collective); rank 0 writes."""
+    state, _ = full_state(model)
+    if rank != 0:
+        return
     model.config._attn_implementation = "sdpa"  # plain transformers has no cleanpost_packed registered
-    model.save_pretrained(out_dir)
-    model.set_attn_implementation(ATTN_IMPL)
+    model.save_pretrained(out_dir, state_dict=state)
+    model.config._attn_implementation = ATTN_IMPL
     tokenizer.save_pretrained(out_dir)
 
 
@@ -706,10 +714,12 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     return out
 
 
-def greedy_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int = 64) -> float:
-    """Fraction of prompts whose greedy completion earns rule_reward 1."""
-    gens = generate(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens)
-    return sum(rule_reward(g["text"], p["answer"]) for g, p in zip(gens, problems)) / max(len(problems), 1)
+def greedy_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int = 64, rank: int = 0, world: int = 1) -> float:
+    """Fraction of problems whose greedy completion earns rule_reward 1; each rank answers its share."""
+    mine = problems[rank::world]
+    gens = generate(model, tokenizer, [p["prompt"] for p in mine], max_new_tokens)
+    hits = torch.tensor(sum(rule_reward(g["text"], p["answer"]) for g, p in zip(gens, mine)), dtype=torch.float64)
+    return float(all_reduce_sum(hits)) / max(len(problems), 1)
 
 
 # ───────────────────────────── distributed ─────────────────────────────
@@ -743,14 +753,18 @@ def all_gather_objects(items: list) -> list:
 
 
 def sync_grads(model) -> None:
-    """Data parallelism made explicit: sum gradients across ranks in ~25M-element buckets (the losses
-    are already divided by the global normalizer, so the sum is the global gradient)."""
+    """Data parallelism made explicit: sum the gradients of replicated parameters across ranks in
+    ~25M-element buckets (the losses are already divided by the global normaliser, so the sum is the
+    global gradient). FSDP-sharded parameters are skipped: their hooks reduce-scatter them."""
     if not dist.is_initialized():
         return
-    for p in model.parameters():
-        if p.requires_grad and p.grad is None:
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    for p in params:
+        if p.grad is None:
             p.grad = torch.zeros_like(p)  # a rank with no micro-batch this step still joins the all-reduce
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
     bucket, size = [], 0
     for g in grads + [None]:
         if g is not None:
@@ -767,15 +781,36 @@ def sync_grads(model) -> None:
 
 
 def shard_model(model, fsdp: bool):
-    """--fsdp: FSDP2, each decoder layer and then the whole model sharded across ranks (fully_shard)."""
+    """--fsdp: FSDP2 (fully_shard) on every decoder layer, so each rank holds 1/N of the layers'
+    weights, gradients and optimizer state. Embeddings, final norm and output layer stay replicated
+    (token_logps calls the decoder and the output layer separately); sync_grads sums their gradients."""
     if not fsdp or not dist.is_initialized():
         return model
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.get_decoder().layers:
         fully_shard(layer)
-    fully_shard(model)
+        layer.set_gradient_divide_factor(1.0)  # losses are divided by the global count: sum, do not average
+        layer.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
     return model
+
+
+def clip_grad_norm(model, max_norm: float) -> Tensor:
+    """Scale all gradients so that their global L2 norm is at most max_norm; returns the norm before.
+    Sharded (FSDP) gradients contribute their local shards' squares, summed over ranks."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    shards = [g.to_local() for g in grads if isinstance(g, DTensor)]
+    if not shards:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    square = all_reduce_sum(sum(g.double().pow(2).sum() for g in shards)) + sum(g.double().pow(2).sum() for g in plain)
+    norm = square.sqrt().float()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in shards + plain:
+        g.mul_(scale.to(g.device))
+    return norm
 
 
 def autocast(device: torch.device):
@@ -821,21 +856,34 @@ def step_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 # ───────────────────────────── checkpoints ─────────────────────────────
 
 
-def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, extra: dict | None = None) -> None:
-    """Atomic checkpoint: written into a temporary directory, renamed, then `latest` is switched with an
-    atomic file replace. A kill at any point leaves the previous checkpoint loadable."""
+def full_state(model, optimizer=None) -> tuple[dict, dict]:
+    """Unsharded CPU copies of the model's (and optimizer's) state; collective under FSDP, so every
+    rank calls it. The optimizer state comes keyed by parameter names."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=opts)
+    return model_state, (get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else {})
+
+
+def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, rank: int, extra: dict | None = None) -> None:
+    """Atomic checkpoint, called on every rank (rank 0 writes): into a temporary directory, renamed,
+    then `latest` is switched with an atomic file replace. A kill at any point leaves the previous
+    checkpoint loadable."""
     from safetensors.torch import save_file
 
+    model_state, optim_state = full_state(model, optimizer)
+    if rank != 0:
+        return
     final = os.path.join(out_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(dedupe_tied(state), os.path.join(tmp, "model.safetensors"))
+    save_file(dedupe_tied({k: v.contiguous() for k, v in model_state.items()}), os.path.join(tmp, "model.safetensors"))
     torch.save(
         {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optim_state,
             "scheduler": scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "extra": extra or {},
@@ -866,16 +914,19 @@ def dedupe_tied(state: dict) -> dict:
 
 
 def load_checkpoint(out_dir: str, model, optimizer, scheduler) -> tuple[int, dict]:
-    """Restore the last complete checkpoint in out_dir; returns (next step, extra). (0, {}) if none."""
+    """Restore the last complete checkpoint in out_dir on every rank; returns (next step, extra),
+    or (0, {}) when there is none."""
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     pointer = os.path.join(out_dir, "latest")
     if not os.path.exists(pointer):
         return 0, {}
     path = os.path.join(out_dir, open(pointer).read().strip())
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=False)
+    opts = StateDictOptions(full_state_dict=True, strict=False)  # strict=False: a tied weight is stored once
+    set_model_state_dict(model, load_file(os.path.join(path, "model.safetensors")), options=opts)
     state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])

@@ -172,7 +172,7 @@ def all_pair_logps(model, pairs, max_tokens, rank, world, device) -> Tensor:
     mine = list(range(rank, len(pairs), world))
     for idx, batch in pair_batches([pairs[i] for i in mine], max_tokens) if mine else []:
         with common.autocast(device):
-            c, r = pair_logps(model, to(batch, device))
+            c, r = pair_logps(model, common.to_device(batch, device))
         out[[mine[i] for i in idx]] = torch.stack([c, r], 1).double().cpu()
     model.train(was_training)
     return common.all_reduce_sum(out).float()
@@ -193,10 +193,6 @@ def cached_reference_logps(model, pairs, args, ref_name, out_dir, rank, world, d
     return ref
 
 
-def to(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
 # ───────────── online: sample, rank, pair ─────────────
 
 
@@ -214,7 +210,7 @@ def judge_preference(judge, tokenizer, principle: str, prompt, a: str, b: str, d
         ids_ = tokenizer(text, add_special_tokens=False)["input_ids"]
         docs.append({"input_ids": ids_, "labels": [common.IGNORE] * len(ids_)})
     with common.autocast(device):
-        lp = common.next_token_logprobs(judge, to(common.collate_packed(docs), device))  # (2, V)
+        lp = common.next_token_logprobs(judge, common.to_device(common.collate_packed(docs), device))  # (2, V)
     first_wins = torch.sigmoid(lp[:, ids[0]] - lp[:, ids[1]])  # P("A") against P("B"), each order
     return float(0.5 * (first_wins[0] + 1 - first_wins[1]))
 
@@ -237,7 +233,7 @@ def score_answers(texts: list[str], row: dict, args, scorer, device) -> list[flo
         return wins
     docs = [common.tokenize_conversation(tokenizer, common.as_messages(row["prompt"], t)) for t in texts]
     with common.autocast(device):
-        h = common.last_token_hidden(scorer, to(common.collate_packed(docs), device))
+        h = common.last_token_hidden(scorer, common.to_device(common.collate_packed(docs), device))
     return scorer.score(h.to(scorer.score.weight.dtype)).squeeze(-1).float().tolist()
 
 
@@ -274,9 +270,7 @@ def evaluate(model, tokenizer, eval_pairs, eval_ref, problems, args, rank, world
         out["eval/rewards/margins"] = float((r_w - r_l).mean())
         out["eval/logps/chosen_drift"] = float((pi[:, 0] - eval_ref[:, 0]).mean())
     if problems:
-        mine = problems[rank::world]
-        hits = common.greedy_accuracy(model, tokenizer, mine, args.max_new_tokens) * len(mine)
-        out["eval/accuracy"] = float(common.all_reduce_sum(torch.tensor(hits, dtype=torch.float64))) / len(problems)
+        out["eval/accuracy"] = common.greedy_accuracy(model, tokenizer, problems, args.max_new_tokens, rank, world)
     model.train()
     return out
 
@@ -364,7 +358,7 @@ def main(args: Args) -> str:
         sums = torch.zeros(8, dtype=torch.float64)  # loss, r_w, r_l, acc, pi_w, pi_l, drift_w, drift_l
         tokens = 0
         for local, batch in pair_batches([pairs[i] for i in idx], args.max_tokens):
-            batch = to(batch, device)
+            batch = common.to_device(batch, device)
             with common.autocast(device):
                 pi_w, pi_l = pair_logps(policy, batch)  # (n,), (n,)
                 if args.precompute_ref:
@@ -382,9 +376,8 @@ def main(args: Args) -> str:
         if not torch.isfinite(sums[0]):
             raise FloatingPointError(f"step {step}: loss is {sums[0].item()}; stopping before the update")
         # 3. sum gradients over ranks, clip, step
-        if not args.fsdp:
-            common.sync_grads(policy)  # FSDP reduce-scatters gradients itself
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        common.sync_grads(policy)
+        grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -400,13 +393,12 @@ def main(args: Args) -> str:
         log.log(step + 1, metrics)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             log.log(step + 1, evaluate(policy, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device))
-        if args.save_every and (step + 1) % args.save_every == 0 and rank == 0:
-            common.save_checkpoint(out_dir, step, policy, optimizer, scheduler, {"pairs": pairs} if args.online else None)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            common.save_checkpoint(out_dir, step, policy, optimizer, scheduler, rank, {"pairs": pairs} if args.online else None)
 
     log.log(args.max_steps, evaluate(policy, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device))
     log.close()
-    if rank == 0:
-        common.save_model(policy, tokenizer, out_dir)
+    common.save_model(policy, tokenizer, out_dir, rank)
     return out_dir
 
 

@@ -129,10 +129,6 @@ def units(batch: dict, normalize: str) -> int:
     return int(common.doc_ids(batch).max()) + 1
 
 
-def to(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def evaluate(model, tokenizer, eval_samples, problems, args, rank, world, device) -> dict:
     """Held-out token-level NLL (every rank scores its share) and greedy accuracy on the task."""
@@ -142,7 +138,7 @@ def evaluate(model, tokenizer, eval_samples, problems, args, rank, world, device
     mine = eval_samples[rank::world]
     nll, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     for batch in micro_batches(mine, args.max_tokens, True, tokenizer.pad_token_id) if mine else []:
-        batch = to(batch, device)
+        batch = common.to_device(batch, device)
         with common.autocast(device):
             logp, _ = common.token_logps(model, batch)
         mask = batch["labels"] != common.IGNORE
@@ -150,9 +146,7 @@ def evaluate(model, tokenizer, eval_samples, problems, args, rank, world, device
         count += mask.sum().cpu()
     out = {"eval/loss": float(common.all_reduce_sum(nll) / common.all_reduce_sum(count).clamp(min=1))}
     if problems:
-        acc = common.greedy_accuracy(model, tokenizer, problems[rank::world], args.max_new_tokens)
-        hits = common.all_reduce_sum(torch.tensor(acc * len(problems[rank::world]), dtype=torch.float64))
-        out["eval/accuracy"] = float(hits) / len(problems)
+        out["eval/accuracy"] = common.greedy_accuracy(model, tokenizer, problems, args.max_new_tokens, rank, world)
     model.train()
     return out
 
@@ -200,7 +194,7 @@ def main(args: Args) -> str:
         num_units = common.all_reduce_sum(torch.tensor(float(sum(units(b, args.loss_normalization) for b in batches))))
         loss_sum, tokens = torch.zeros(()), 0
         for batch in batches:
-            batch = to(batch, device)
+            batch = common.to_device(batch, device)
             with common.autocast(device):
                 logp, _ = common.token_logps(model, batch)
             mask = batch["labels"] != common.IGNORE
@@ -211,9 +205,8 @@ def main(args: Args) -> str:
         if not torch.isfinite(loss_sum):
             raise FloatingPointError(f"step {step}: loss is {loss_sum.item()}; stopping before the update")
         # 3. sum gradients over ranks, clip, step
-        if not args.fsdp:
-            common.sync_grads(model)  # FSDP reduce-scatters gradients itself
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        common.sync_grads(model)
+        grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -228,14 +221,13 @@ def main(args: Args) -> str:
         log.log(step + 1, metrics)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             log.log(step + 1, evaluate(model, tokenizer, eval_samples, problems, args, rank, world, device))
-        if args.save_every and (step + 1) % args.save_every == 0 and rank == 0:
-            common.save_checkpoint(out_dir, step, model, optimizer, scheduler)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            common.save_checkpoint(out_dir, step, model, optimizer, scheduler, rank)
 
     if eval_samples or problems:
         log.log(args.max_steps, evaluate(model, tokenizer, eval_samples, problems, args, rank, world, device))
     log.close()
-    if rank == 0:
-        common.save_model(model, tokenizer, out_dir)
+    common.save_model(model, tokenizer, out_dir, rank)
     return out_dir
 
 

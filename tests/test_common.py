@@ -21,6 +21,8 @@ CONV = [
     {"role": "user", "content": "Thanks!"},
     {"role": "assistant", "content": "You are welcome."},
 ]
+TWO_TURNS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}]  # fmt: skip
 
 
 def labelled_runs(tok, sample):
@@ -70,9 +72,7 @@ def test_template_that_renders_turns_differently_by_position_still_masks_each_sp
         "{% if m['role'] == 'assistant' and loop.last %}{{ '[final] ' }}{% endif %}"
         "{{ m['content'] + '<|im_end|>\\n' }}{% endfor %}"
     )
-    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-            {"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}]  # fmt: skip
-    sample = common.tokenize_conversation(chatml, conv)
+    sample = common.tokenize_conversation(chatml, TWO_TURNS)
     assert labelled_runs(chatml, sample) == ["hello<|im_end|>", "see you<|im_end|>"]
 
 
@@ -82,10 +82,8 @@ def test_template_that_rewrites_an_assistant_turn_is_a_clear_error(chatml):
         "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'] | upper }}{% else %}{{ m['content'] }}{% endif %}"
         "{{ '<|im_end|>\\n' }}{% endfor %}"
     )
-    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-            {"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}]  # fmt: skip
     with pytest.raises(ValueError, match="assistant turn 1 cannot be located"):
-        common.tokenize_conversation(chatml, conv)
+        common.tokenize_conversation(chatml, TWO_TURNS)
 
 
 def test_prompt_completion_form_trains_only_the_completion(chatml):
@@ -307,7 +305,7 @@ def test_builtin_views_are_consistent_with_the_rule_reward():
 def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, tiny, monkeypatch):
     opt = torch.optim.AdamW(tiny.parameters(), lr=1e-3)
     sched = common.cosine_schedule(opt, 1, 10)
-    common.save_checkpoint(str(tmp_path), 3, tiny, opt, sched)
+    common.save_checkpoint(str(tmp_path), 3, tiny, opt, sched, rank=0)
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     with torch.no_grad():
         for p in tiny.parameters():
@@ -318,7 +316,7 @@ def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path,
 
     monkeypatch.setattr(torch, "save", die)  # dies after the weights, before the optimizer state
     with pytest.raises(KeyboardInterrupt):
-        common.save_checkpoint(str(tmp_path), 5, tiny, opt, sched)
+        common.save_checkpoint(str(tmp_path), 5, tiny, opt, sched, rank=0)
     monkeypatch.undo()
     assert open(tmp_path / "latest").read() == "checkpoint-3"
     step, _ = common.load_checkpoint(str(tmp_path), tiny, opt, sched)
