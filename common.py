@@ -471,47 +471,51 @@ def selective_log_softmax(logits: Tensor, index: Tensor, chunk: int = 1024) -> T
     return out.view(index.shape)
 
 
-def _chunk_logp_entropy(hidden: Tensor, weight: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+def _chunk_logp(hidden: Tensor, weight: Tensor, target: Tensor) -> Tensor:
     logits = (hidden @ weight.T).float()  # (n, V), only this chunk's
+    return logits.gather(-1, target[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _chunk_logp_entropy(hidden: Tensor, weight: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    logits = (hidden @ weight.T).float()
     lse = logits.logsumexp(-1)
-    logp = logits.gather(-1, target[:, None]).squeeze(-1) - lse
     entropy = lse - (logits.softmax(-1) * logits).sum(-1)  # H = logsumexp − E_p[logit]
-    return logp, entropy
+    return logits.gather(-1, target[:, None]).squeeze(-1) - lse, entropy
 
 
-def hidden_logps(hidden: Tensor, weight: Tensor, target: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
-    """hidden (N, H), output-layer weight (V, H), target (N,) -> log π(target) and entropy, (N,) float32.
+def hidden_logps(hidden: Tensor, weight: Tensor, target: Tensor, chunk: int = 256, entropy: bool = False):
+    """hidden (N, H), output-layer weight (V, H), target (N,) -> log π(target), (N,) float32, and the
+    entropy of each prediction (N,) when asked (else None).
 
     The (N, V) logits never exist at once: `chunk` rows at a time go through the output layer, and
-    under autograd each chunk is recomputed in backward instead of stored (peak: one chunk's logits)."""
-    logps, ents = [], []
+    under autograd each chunk is recomputed in backward instead of stored (peak: a few (chunk, V)
+    buffers). The entropy costs a softmax more per chunk, so it is computed only when asked."""
+    fn = _chunk_logp_entropy if entropy else _chunk_logp
+    outs = []
     for i in range(0, max(hidden.shape[0], 1), chunk):  # at least once: a 1-token row has nothing to predict
         args = (hidden[i : i + chunk], weight, target[i : i + chunk])
-        if torch.is_grad_enabled():
-            lp, en = checkpoint(_chunk_logp_entropy, *args, use_reentrant=False)
-        else:
-            lp, en = _chunk_logp_entropy(*args)
-        logps.append(lp)
-        ents.append(en)
-    return torch.cat(logps), torch.cat(ents)
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
+    if not entropy:
+        return torch.cat(outs), None
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def token_logps(model, batch: dict, chunk: int = 1024, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Per-token log-probs of the batch's own tokens and the entropy of each prediction, both (B, T)
-    float32 and aligned with input_ids: logp[b, t] = log π(x_t | x_<t within its document).
-    The first token of each document has no prediction: its logp and entropy are 0 (its label is
-    always IGNORE). Use `batch["labels"] != IGNORE` as the mask. Memory: see hidden_logps."""
+def token_logps(model, batch: dict, chunk: int = 256, temperature: float = 1.0, entropy: bool = False):
+    """Per-token log-probs of the batch's own tokens, (B, T) float32, aligned with input_ids:
+    logp[b, t] = log π(x_t | x_<t within its document); with entropy=True also the entropy of each
+    prediction, (B, T), else None. The first token of each document has no prediction: its values
+    are 0 (its label is always IGNORE). Use `batch["labels"] != IGNORE` as the mask. Memory: see
+    hidden_logps."""
     hidden = forward_hidden(model, batch)  # (B, T, H)
     b, t, h = hidden.shape
     hs, target = hidden[:, :-1].reshape(-1, h), batch["input_ids"][:, 1:].reshape(-1)
     if temperature != 1.0:
         hs = hs / temperature  # logits / τ, since the output layer is linear without bias
-    logp, entropy = hidden_logps(hs, model.get_output_embeddings().weight, target, chunk)
-    zero = hidden.new_zeros(b, 1, dtype=torch.float32)
-    logp = torch.cat([zero, logp.view(b, t - 1)], 1)
-    entropy = torch.cat([zero, entropy.view(b, t - 1)], 1)
+    logp, ent = hidden_logps(hs, model.get_output_embeddings().weight, target, chunk, entropy)
     starts = batch["position_ids"] == 0  # document starts: the previous token belongs to another document
-    return logp.masked_fill(starts, 0.0), entropy.masked_fill(starts, 0.0)
+    zero = hidden.new_zeros(b, 1, dtype=torch.float32)
+    align = lambda x: torch.cat([zero, x.view(b, t - 1)], 1).masked_fill(starts, 0.0)  # noqa: E731
+    return align(logp), (align(ent) if entropy else None)
 
 
 def sequence_logps(logp: Tensor, batch: dict) -> Tensor:

@@ -236,7 +236,7 @@ def bench_dpo():
 
 
 def plot(out_png: str, runs: list[str], keys: list[str]):
-    """One panel per metric key, one line per run, from each run's metrics.jsonl."""
+    """One panel per key ("a+b" puts two metrics in one panel), one line per run, from metrics.jsonl."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,12 +246,14 @@ def plot(out_png: str, runs: list[str], keys: list[str]):
     for spec in runs:
         path, _, label = spec.partition(":")
         rows = [json.loads(l) for l in open(os.path.join(path, "metrics.jsonl"))]
-        for ax, key in zip(axes[0], keys):
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts), marker="." if len(pts) < 40 else None, label=label or os.path.basename(path))
+        for ax, panel in zip(axes[0], keys):
+            for key in panel.split("+"):  # "a+b": both metrics in one panel
+                pts = [(r["step"], r[key]) for r in rows if key in r]
+                name = (label or os.path.basename(path)) + (f" {key}" if "+" in panel else "")
+                if pts:
+                    ax.plot(*zip(*pts), marker="." if len(pts) < 40 else None, label=name)
     for ax, key in zip(axes[0], keys):
-        ax.set_title(key)
+        ax.set_title(key.replace("+", " and "))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -175,6 +175,7 @@ def test_token_logps_gradient_matches_plain_log_softmax(tiny, chatml):
     sample = _samples(chatml)[0]
     ids = torch.tensor([sample["input_ids"]])
     logp, _ = common.token_logps(tiny, common.collate_packed([sample]), chunk=16)
+    assert _ is None  # no entropy unless asked
     logp[0, 1:].sum().backward()
     g = {n: p.grad.clone() for n, p in tiny.named_parameters()}
     tiny.zero_grad()
@@ -186,9 +187,21 @@ def test_token_logps_gradient_matches_plain_log_softmax(tiny, chatml):
 def test_entropy_matches_the_full_distribution(tiny, chatml):
     sample = _samples(chatml)[0]
     with torch.no_grad():
-        _, ent = common.token_logps(tiny, common.collate_packed([sample]))
+        _, ent = common.token_logps(tiny, common.collate_packed([sample]), entropy=True)
         p = torch.softmax(tiny(torch.tensor([sample["input_ids"]])).logits[0, :-1].double(), -1)
     torch.testing.assert_close(ent[0, 1:].double(), -(p * p.log()).sum(-1), atol=1e-5, rtol=0)
+
+
+def test_entropy_gradient_matches_the_full_distribution(tiny, chatml):
+    sample = _samples(chatml)[0]
+    _, ent = common.token_logps(tiny, common.collate_packed([sample]), chunk=16, entropy=True)
+    ent[0, 1:].sum().backward()
+    g = {n: p.grad.clone() for n, p in tiny.named_parameters()}
+    tiny.zero_grad()
+    p = torch.softmax(tiny(torch.tensor([sample["input_ids"]])).logits[0, :-1], -1)
+    (-(p * p.log()).sum()).backward()
+    for n, q in tiny.named_parameters():
+        torch.testing.assert_close(g[n], q.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_selective_log_softmax_equals_log_softmax_gather_in_chunks():
