@@ -239,19 +239,27 @@ def score_answers(texts: list[str], row: dict, args, scorer, device) -> list[flo
 
 def online_pairs(policy, tokenizer, prompts: list[dict], args, scorer, device) -> tuple[list[dict], dict]:
     """Sample num_samples answers per prompt from the policy, score them, keep (best, worst); ties skipped.
-    Each rank samples its share of the prompts; the caller gathers the pairs."""
+    An answer cut off by --max-new-tokens (no EOS) is scored but never paired: the chat template would
+    close it with an end-of-turn token the policy never produced. Each rank samples its share of the
+    prompts; the caller gathers the pairs."""
     gens = common.generate(policy, tokenizer, [p["prompt"] for p in prompts for _ in range(args.num_samples)],
                            args.max_new_tokens, temperature=args.temperature)  # fmt: skip
-    rows, scores = [], []
+    rows, scores, truncated = [], [], 0
     for k, p in enumerate(prompts):
-        texts = [g["text"] for g in gens[k * args.num_samples : (k + 1) * args.num_samples]]
+        group = gens[k * args.num_samples : (k + 1) * args.num_samples]
+        texts = [g["text"] for g in group]
         s = score_answers(texts, p, args, scorer, device)
         scores += s
-        best, worst = max(range(len(s)), key=s.__getitem__), min(range(len(s)), key=s.__getitem__)
+        ended = [i for i, g in enumerate(group) if g["completion_ids"][-1:] == [tokenizer.eos_token_id]]
+        truncated += len(group) - len(ended)
+        if len(ended) < 2:
+            continue
+        best, worst = max(ended, key=s.__getitem__), min(ended, key=s.__getitem__)
         if s[best] > s[worst] and texts[best] != texts[worst]:
             rows.append({"prompt": p["prompt"], "chosen": texts[best], "rejected": texts[worst], "answer": p.get("answer")})
     pairs, skipped = tokenize_pairs(rows, tokenizer, args.max_tokens)
-    stats = {"online/pairs": len(pairs), "online/ties": len(prompts) - len(rows), "online/score": sum(scores) / len(scores)}
+    stats = {"online/pairs": len(pairs), "online/no_pair": len(prompts) - len(rows), "online/truncated": truncated,
+             "online/score": sum(scores) / max(len(scores), 1)}  # fmt: skip
     return pairs, {**stats, **{f"online/skipped_{k}": v for k, v in skipped.items()}}
 
 

@@ -177,7 +177,21 @@ def test_plain_dpo_displaces_the_chosen_likelihood_and_dpop_holds_it_up(tmp_path
     assert sum(margins) / 5 > 0  # while the preference is still learned
 
 
-def test_online_dpo_with_the_rule_reward_judge_and_reward_model_runs_and_updates(tmp_path):
+def canned_generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, batch_size=32):
+    """Stands in for sampling: for each built-in prompt, answers 0..3 off the right one, ending in EOS,
+    except every fourth answer, which is cut off (no EOS)."""
+    import re
+
+    out = []
+    for i, p in enumerate(prompts):
+        a, b, c = map(int, re.findall(r"\d+", p)[:3])
+        text = f"So {a} + {b} - {c}. The answer is {a + b - c + i % 4}."
+        ids = tokenizer.encode(text, add_special_tokens=False) + ([] if i % 4 == 3 else [tokenizer.eos_token_id])
+        out.append({"text": text, "prompt_ids": [], "completion_ids": ids})
+    return out
+
+
+def test_online_dpo_with_the_rule_reward_judge_and_reward_model_pairs_and_trains(tmp_path, monkeypatch):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     tok = common.tiny_tokenizer()
@@ -186,16 +200,17 @@ def test_online_dpo_with_the_rule_reward_judge_and_reward_model_runs_and_updates
                       num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)  # fmt: skip
     LlamaForSequenceClassification(cfg).save_pretrained(rm_dir)
     tok.save_pretrained(rm_dir)
+    monkeypatch.setattr(common, "generate", canned_generate)
     base = dict(model="tiny", online=True, num_train=16, num_eval=4, max_steps=4, online_every=2, batch_size=4,
-                num_samples=3, max_new_tokens=6, lr=1e-3, save_every=0)  # fmt: skip
+                num_samples=4, max_new_tokens=6, lr=1e-3, save_every=0)  # fmt: skip
     for name, extra in (("rule", {}), ("judge", {"judge": "tiny"}), ("rm", {"reward_model": rm_dir})):
-        out = dpo.main(dpo.Args(**base, **extra, output_dir=str(tmp_path / name)))
-        rows = metrics(out)
+        rows = metrics(dpo.main(dpo.Args(**base, **extra, output_dir=str(tmp_path / name))))
         rounds = [r for r in rows if "online/pairs" in r]
-        assert len(rounds) >= 2  # a round in which every answer ties is sampled again at the next step
-        if name != "rule":  # a random tiny policy never answers right: every rule score ties
-            assert sum(r["online/pairs"] for r in rounds) > 0
-            assert any("loss" in r for r in rows)
+        assert len(rounds) == 2 and all(r["online/pairs"] == 4 and r["online/truncated"] == 4 for r in rounds)
+        steps = [r for r in rows if "loss" in r]
+        assert len(steps) == 4 and steps[-1]["logps/chosen_drift"] != 0
+        if name == "rule":  # the right answer (offset 0) is always kept as chosen: reward 1 vs 0
+            assert all(r["online/score"] == pytest.approx(0.25) for r in rounds)
 
 
 def test_judge_preference_is_symmetric_under_swapping(tiny, chatml):
