@@ -99,7 +99,7 @@ def matmul_flops() -> float:
     return 2 * 2048**3 * n / (time.time() - t0)
 
 
-def worker_ours_sft(packing: str) -> dict:
+def worker_ours_sft(packing: str, recompute: str) -> dict:
     import sft
 
     samples = sft.load_samples("builtin", common.load_tokenizer(common.DEFAULT_MODEL), 2048, "drop", "train", 400, 0)[0]
@@ -108,7 +108,7 @@ def worker_ours_sft(packing: str) -> dict:
     batch = round(SFT_PACKED_TOKENS / mean_len) if packed else SFT_PADDED_BATCH
     with tempfile.TemporaryDirectory() as out:
         args = sft.Args(num_train=400, num_eval=0, batch_size=batch, max_steps=SFT_STEPS, warmup_steps=0, lr=LR,
-                        packing=packed, save_every=0, output_dir=out)  # fmt: skip
+                        packing=packed, gradient_checkpointing=recompute == "on", save_every=0, output_dir=out)  # fmt: skip
         sft.main(args)
         rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[1:]), "peak_rss_MB": peak_rss_mb()}
@@ -137,7 +137,7 @@ def trl_model():
     return AutoModelForCausalLM.from_pretrained(common.embedded_model_dir(), dtype=torch.float32, attn_implementation="sdpa")
 
 
-def worker_trl_sft(packing: str) -> dict:
+def worker_trl_sft(packing: str, recompute: str) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -151,7 +151,7 @@ def worker_trl_sft(packing: str) -> dict:
         per_device_train_batch_size=1 if packed else SFT_PADDED_BATCH, packing=packed,
         max_length=SFT_PACKED_TOKENS if packed else 2048, completion_only_loss=True, save_strategy="no",
         report_to=[], logging_steps=1, use_cpu=True, bf16=False, dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding", seed=0,
+        include_num_input_tokens_seen="non_padding", seed=0, gradient_checkpointing=recompute == "on",
     )  # fmt: skip
     timer = StepTimer()
     trainer = SFTTrainer(model=trl_model(), args=config, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[timer])
@@ -164,16 +164,16 @@ def bench_sft():
     n_params = sum(p.numel() for p in trl_model().parameters())
     peak = matmul_flops()
     rows = []
-    for packing in ("packed", "padded"):
+    # TRL turns activation recompute (gradient checkpointing) on by default, cleanpost off: compare
+    # like with like, both off, and packed with both on
+    for packing, recompute in (("packed", "off"), ("padded", "off"), ("packed", "on")):
         for side in ("cleanpost", "trl"):
-            r = in_subprocess(("ours" if side == "cleanpost" else "trl") + "_sft", packing)
+            r = in_subprocess(("ours" if side == "cleanpost" else "trl") + "_sft", packing, recompute)
             mfu = 6 * n_params * r["tokens_per_s"] / peak  # model FLOPs: 6 N per trained token
-            rows.append({"run": f"{side} {packing}", **r, "model_FLOP/s_frac": mfu})
+            rows.append({"run": f"{side} {packing}, recompute {recompute}", **r, "model_FLOP/s_frac": mfu})
             print(rows[-1], flush=True)
-    for packing in ("packed", "padded"):
-        ours, trl = (next(r for r in rows if r["run"] == f"{s} {packing}") for s in ("cleanpost", "trl"))
-        ours["speedup_vs_trl"] = ours["tokens_per_s"] / trl["tokens_per_s"]
-        trl["speedup_vs_trl"] = 1.0
+        ours, trl = rows[-2], rows[-1]
+        ours["speedup_vs_trl"], trl["speedup_vs_trl"] = ours["tokens_per_s"] / trl["tokens_per_s"], 1.0
     print(f"SmolLM2-135M fp32, {torch.get_num_threads()} threads, matmul peak {peak / 1e9:.1f} GFLOP/s, {SFT_STEPS} steps")
     print(table(rows, ["run", "tokens_per_s", "speedup_vs_trl", "peak_rss_MB", "model_FLOP/s_frac"]))
 
@@ -209,7 +209,7 @@ def worker_trl_dpo(precompute: str) -> dict:
         output_dir=tempfile.mkdtemp(), max_steps=DPO_STEPS, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
         adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", per_device_train_batch_size=DPO_BATCH,
         beta=0.1, precompute_ref_log_probs=precompute == "precompute", save_strategy="no", report_to=[], logging_steps=1,
-        use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0,
+        use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0, gradient_checkpointing=False,  # as dpo.py
     )  # fmt: skip
     timer = StepTimer()
     t0 = time.time()
