@@ -349,11 +349,9 @@ def collate_padded(samples: list[dict], pad_id: int, side: str = "right") -> dic
     width = max(len(s["input_ids"]) for s in samples)
     ids, labels, attn = [], [], []
     for s in samples:
-        pad = width - len(s["input_ids"])
-        put = (lambda x, v: [v] * pad + x) if side == "left" else (lambda x, v: x + [v] * pad)
-        ids.append(put(s["input_ids"], pad_id))
-        labels.append(put(s["labels"], IGNORE))
-        attn.append(put([1] * len(s["input_ids"]), 0))
+        n = len(s["input_ids"])
+        for out, row, fill in ((ids, s["input_ids"], pad_id), (labels, s["labels"], IGNORE), (attn, [1] * n, 0)):
+            out.append([fill] * (width - n) + row if side == "left" else row + [fill] * (width - n))
     attn = torch.tensor(attn)
     return {
         "input_ids": torch.tensor(ids),

