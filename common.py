@@ -957,8 +957,8 @@ class MetricsLog:
         from tqdm import tqdm
 
         path = os.path.join(out_dir, "metrics.jsonl")
-        if os.path.exists(path):  # a resumed run drops what was logged after its checkpoint
-            keep = [line for line in open(path) if json.loads(line)["step"] <= start_step]
+        if os.path.exists(path):  # a fresh run starts anew; a resumed one drops what came after its checkpoint
+            keep = [line for line in open(path) if 0 < start_step and json.loads(line)["step"] <= start_step]
             with open(path, "w") as f:
                 f.writelines(keep)
         self.file = open(path, "a")
