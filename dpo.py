@@ -59,7 +59,8 @@ class Args:
     """reference log-probs in one pass before training (no reference in memory while training)"""
     # online / iterative DPO
     online: bool = False
-    """sample pairs from the current policy every --online-every steps instead of using fixed data"""
+    """sample pairs from the current policy every --online-every steps instead of using fixed data;
+    with the rule reward, start from a policy that sometimes answers right (e.g. sft.py's output)"""
     online_every: int = 5
     """steps trained on each round of freshly sampled pairs (k)"""
     num_samples: int = 4
