@@ -1,4 +1,5 @@
-"""Supervised fine-tuning (SFT) with an assistant-only loss, on packed rows.
+"""Supervised fine-tuning (SFT) with an assistant-only loss, on packed rows: the first stage of the
+InstructGPT recipe, Ouyang et al. 2022, arXiv:2203.02155.
 
 Trains log π(y|x) up on demonstrations: only assistant tokens (and their end-of-turn token) carry a
 loss, every system and user token is masked (seed §2). With A the assistant tokens of a batch:

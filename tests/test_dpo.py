@@ -9,19 +9,14 @@ likelihood displacement on the tiny model, online mode with a rule, a reward mod
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import common
+from helpers import kill_after_first_checkpoint, run_script
 import dpo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def formula(pi_w, pi_l, ref_w, ref_l, beta, lam=0.0, eps=0.0):
@@ -226,9 +221,7 @@ CLI = ["--model", "tiny", "--num-train", "48", "--num-eval", "4", "--batch-size"
 
 
 def run(args, nproc=1):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    return subprocess.run(launch + ["dpo.py"] + CLI + args, cwd=ROOT, env=env, capture_output=True, text=True)
+    return run_script("dpo.py", CLI + args, nproc)
 
 
 def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path):
@@ -248,14 +241,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tmp_
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     steps = ["--max-steps", "12", "--save-every", "3"]
     assert run(steps + ["--output-dir", full]).returncode == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "dpo.py"] + CLI + steps + ["--output-dir", killed], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    while not os.path.exists(os.path.join(killed, "latest")) and proc.poll() is None:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(os.path.join(killed, "model.safetensors"))
+    kill_after_first_checkpoint("dpo.py", CLI + steps, killed)
     r = run(steps + ["--output-dir", killed, "--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     w_full, w_res = load_file(os.path.join(full, "model.safetensors")), load_file(os.path.join(killed, "model.safetensors"))

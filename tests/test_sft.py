@@ -6,19 +6,14 @@ run that learns and saves a loadable model, 2 gloo processes vs 1, kill and --re
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import common
+from helpers import kill_after_first_checkpoint, run_script
 import sft
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_sft_loss_matches_hand_computation():
@@ -160,10 +155,8 @@ CLI = ["--model", "tiny", "--num-train", "64", "--num-eval", "4", "--batch-size"
        "--max-new-tokens", "2", "--warmup-steps", "1"]  # fmt: skip
 
 
-def run(args, nproc=1, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "sft.py"] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "sft.py"]
-    return subprocess.run(cmd + CLI + args, cwd=ROOT, env=env, capture_output=True, text=True, **kw)
+def run(args, nproc=1):
+    return run_script("sft.py", CLI + args, nproc)
 
 
 def weights(out):
@@ -207,14 +200,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tmp_
     r = run(steps + ["--output-dir", full])
     assert r.returncode == 0, r.stderr[-2000:]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "sft.py"] + CLI + steps + ["--output-dir", killed], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    while not os.path.exists(os.path.join(killed, "latest")) and proc.poll() is None:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(os.path.join(killed, "model.safetensors")), "the run finished before the kill"
+    kill_after_first_checkpoint("sft.py", CLI + steps, killed)
     r = run(steps + ["--output-dir", killed, "--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     w_full, w_resumed = weights(full), weights(killed)
