@@ -184,7 +184,7 @@ def main(args: Args) -> str:
     start = common.load_checkpoint(out_dir, model, optimizer, scheduler)[0] if args.resume else 0
 
     log = common.MetricsLog(out_dir, args.max_steps, start, rank, keys=("loss", "tokens_per_s"))
-    if start == 0 and (eval_samples or problems):
+    if start == 0:
         log.log(0, evaluate(model, tokenizer, eval_samples, problems, args, rank, world, device))
     for step in range(start, args.max_steps):
         t0 = time.time()
@@ -225,8 +225,7 @@ def main(args: Args) -> str:
         if args.save_every and (step + 1) % args.save_every == 0:
             common.save_checkpoint(out_dir, step, model, optimizer, scheduler, rank)
 
-    if eval_samples or problems:
-        log.log(args.max_steps, evaluate(model, tokenizer, eval_samples, problems, args, rank, world, device))
+    log.log(args.max_steps, evaluate(model, tokenizer, eval_samples, problems, args, rank, world, device))
     log.close()
     common.save_model(model, tokenizer, out_dir, rank)
     return out_dir
