@@ -63,6 +63,9 @@ class Args:
     with the rule reward, start from a policy that sometimes answers right (e.g. sft.py's output)"""
     online_every: int = 5
     """steps trained on each round of freshly sampled pairs (k)"""
+    online_prompts: int = 0
+    """prompts sampled per round; 0: batch_size × online_every, enough for k steps of fresh pairs
+    when every prompt yields one (prompts that yield no pair shrink the round)"""
     num_samples: int = 4
     """answers sampled per prompt (≥ 2); the best and worst form a pair"""
     temperature: float = 1.0
@@ -355,7 +358,8 @@ def main(args: Args) -> str:
         t0 = time.time()
         # 0. online: a new round of pairs sampled from the current policy and ranked
         if args.online and (step % args.online_every == 0 or not pairs):
-            round_prompts = [prompts[i] for i in common.step_indices(len(prompts), args.batch_size, step, args.seed)]
+            n_round = args.online_prompts or args.batch_size * args.online_every
+            round_prompts = [prompts[i] for i in common.step_indices(len(prompts), n_round, step // args.online_every, args.seed)]
             pairs, stats = online_pairs(policy, tokenizer, round_prompts[rank::world], args, scorer, device)
             pairs = common.all_gather_objects(pairs)  # every rank holds the round's pairs, in rank order
             log.log(step, common.reduce_metrics(stats, world))

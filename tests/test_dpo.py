@@ -201,7 +201,8 @@ def test_online_dpo_with_the_rule_reward_judge_and_reward_model_pairs_and_trains
     for name, extra in (("rule", {}), ("judge", {"judge": "tiny"}), ("rm", {"reward_model": rm_dir})):
         rows = metrics(dpo.main(dpo.Args(**base, **extra, output_dir=str(tmp_path / name))))
         rounds = [r for r in rows if "online/pairs" in r]
-        assert len(rounds) == 2 and all(r["online/pairs"] == 4 and r["online/truncated"] == 4 for r in rounds)
+        # a round samples batch_size × online_every = 8 prompts; each yields one pair and one cut-off answer
+        assert len(rounds) == 2 and all(r["online/pairs"] == 8 and r["online/truncated"] == 8 for r in rounds)
         steps = [r for r in rows if "loss" in r]
         assert len(steps) == 4 and steps[-1]["logps/chosen_drift"] != 0
         if name == "rule":  # the right answer (offset 0) is always kept as chosen: reward 1 vs 0
