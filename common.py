@@ -182,6 +182,10 @@ def read_prm(path: str) -> list[dict]:
     for r in rows:
         if len(r["completions"]) != len(r["labels"]):
             raise DataError(f"{r['_where']}: fields 'completions' and 'labels' differ in length")
+        if not all(isinstance(x, (bool, int, float)) and 0 <= x <= 1 for x in r["labels"]):
+            raise DataError(f"{r['_where']}: field 'labels' must hold booleans (or probabilities in [0, 1])")
+        if not all(isinstance(x, str) for x in r["completions"]):
+            raise DataError(f"{r['_where']}: field 'completions' must hold one string per step")
     return rows
 
 
@@ -263,13 +267,17 @@ def builtin_unpaired(split: str, n: int, seed: int = 0) -> list[dict]:
 
 
 def builtin_prm(split: str, n: int, seed: int = 0) -> list[dict]:
+    """Worked solutions cut into steps (the last states the answer), half with an arithmetic slip:
+    every step from the slip on is labelled wrong. Joined with spaces, the steps are exactly the
+    preference view's chosen / rejected texts."""
     rows = []
     for i, p in enumerate(builtin_task(split, n, seed)):
         if i % 2 == 0:
-            rows.append({"prompt": p["prompt"], "completions": p["steps"], "labels": [True] * 3})
+            steps, labels = p["steps"] + [f"The answer is {p['answer']}."], [True] * 4
         else:
-            labels = [k < p["first_bad_step"] for k in range(3)]
-            rows.append({"prompt": p["prompt"], "completions": p["wrong_steps"], "labels": labels})
+            final = p["rejected"][p["rejected"].rindex("The answer is") :]
+            steps, labels = p["wrong_steps"] + [final], [k < p["first_bad_step"] for k in range(4)]
+        rows.append({"prompt": p["prompt"], "completions": steps, "labels": labels, "answer": p["answer"]})
     return rows
 
 
@@ -687,8 +695,11 @@ def save_model(model, tokenizer, out_dir: str, rank: int = 0):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, batch_size: int = 32):
+def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, batch_size: int = 32,
+             prefill: list[str] | None = None):  # fmt: skip
     """Sample one completion per prompt (strings or message lists), greedy when temperature == 0.
+    `prefill`: per prompt, the start of the assistant's answer to continue from (e.g. the first
+    steps of a solution); the returned text is the continuation only.
 
     Left-padded batches with the KV cache; a completion ends at EOS. Returns a list of dicts with
     "text", "prompt_ids" and "completion_ids" (EOS included when produced, padding removed)."""
@@ -698,7 +709,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        texts = [_render(tokenizer, as_messages(p), add_generation_prompt=True) for p in chunk]
+        starts = prefill[i : i + batch_size] if prefill else [""] * len(chunk)
+        texts = [_render(tokenizer, as_messages(p), add_generation_prompt=True) + a for p, a in zip(chunk, starts)]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         sample = temperature > 0
         gen = model.generate(

@@ -289,6 +289,9 @@ def test_preference_reader_requires_each_field(tmp_path):
     path = write(tmp_path, '{"prompt": "p", "completions": ["a", "b"], "labels": [true]}\n')
     with pytest.raises(common.DataError, match="differ in length"):
         common.read_prm(path)
+    path = write(tmp_path, '{"prompt": "p", "completions": ["a"], "labels": ["yes"]}\n')
+    with pytest.raises(common.DataError, match="d.jsonl:1: field 'labels'"):
+        common.read_prm(path)
 
 
 # ───────────── the built-in task ─────────────
@@ -306,9 +309,13 @@ def test_builtin_views_are_consistent_with_the_rule_reward():
     for p in common.builtin_preferences("train", 50):
         assert common.rule_reward(p["chosen"], p["answer"]) == 1.0
         assert common.rule_reward(p["rejected"], p["answer"]) == 0.0
-    for r in common.builtin_prm("train", 20):
-        assert len(r["completions"]) == len(r["labels"]) == 3
+    prefs = common.builtin_preferences("train", 20)
+    for r, pref in zip(common.builtin_prm("train", 20), prefs):
+        assert len(r["completions"]) == len(r["labels"]) == 4
         assert r["labels"] == sorted(r["labels"], reverse=True)  # once wrong, every later step is wrong
+        solution = " ".join(r["completions"])  # the steps are the preference view's answers, cut up
+        assert solution == (pref["chosen"] if all(r["labels"]) else pref["rejected"])
+        assert common.rule_reward(solution, r["answer"]) == float(all(r["labels"]))
     assert common.rule_reward("so The answer is -3.", -3) == 1.0
     assert common.rule_reward("no answer here", 4) == 0.0
 

@@ -1,0 +1,558 @@
+"""Reward models: a Bradley-Terry outcome reward model (ORM), a process reward model (PRM), best-of-N.
+
+ORM (seed §5; the RM stage of InstructGPT, Ouyang et al. 2022, arXiv:2203.02155). A scalar head on
+the backbone reads the hidden state of the last token of (prompt, response) and gives r(x, y). Under
+the Bradley-Terry model P(y_w ≻ y_l | x) = σ(r(x, y_w) − r(x, y_l)), so the pairs are fitted by
+    L = −log σ(r_w − r_l − m)
+with m an optional per-pair margin from the data (a "margin" field: how much better y_w is; Llama 2,
+Touvron et al. 2023, arXiv:2307.09288) and an optional centering term η·(r_w + r_l)² that pins the
+free offset of r near 0 (Eisenstein et al. 2023, arXiv:2312.09244).
+
+PRM (seed §10; Lightman et al. 2023, arXiv:2305.20050). The response is a list of steps, each
+followed by --step-sep; the head reads the hidden state at every separator token and is trained with
+binary cross-entropy against that step's label (labels nowhere else). Labels come from the data, or
+(--prm-labels mc, Math-Shepherd, Wang et al. 2023, arXiv:2312.08935) from Monte Carlo rollouts:
+    label(s_t) = (1/K) Σ_k 1[a completion sampled from s_1..s_t reaches the right answer]
+
+Best-of-N (--best-of-n 4 16): sample N answers per held-out problem, keep the one the ORM scores
+highest, or the one whose steps the PRM scores best by min_t r_t or by Π_t σ(r_t) (seed §10.4).
+
+    torchrun --nproc_per_node 2 rm.py                                   # ORM on the built-in pairs
+    python rm.py --kind prm                                             # PRM on the built-in steps
+    python rm.py --best-of-n 4 16 --policy runs/sft --orm runs/rm --prm runs/prm
+"""
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import tyro
+from torch import Tensor
+
+import common
+
+
+@dataclass
+class Args:
+    """Reward modelling: Bradley-Terry ORM, process RM, and best-of-N with either."""
+
+    # model and data
+    model: str = common.DEFAULT_MODEL
+    """backbone; its language-model head is replaced by a scalar head; "tiny" for tests"""
+    kind: Literal["orm", "prm"] = "orm"
+    """orm: one score per response, from preference pairs; prm: one score per step"""
+    data: str = "builtin"
+    """preference JSONL (orm) or PRM JSONL (prm), or "builtin" for the arithmetic task"""
+    eval_data: str = ""
+    """held-out JSONL in the same format (the built-in task brings its own test split)"""
+    num_train: int = 240
+    """built-in training pairs / solutions"""
+    num_eval: int = 64
+    """built-in held-out pairs / solutions / problems"""
+    max_tokens: int = 2048
+    """tokens per packed micro-batch (chosen and rejected of a pair always share one)"""
+    # algorithm
+    center_coef: float = 0.0
+    """η of the reward-centering term η·(r_w + r_l)² (arXiv:2312.09244 uses 0.01); 0: off"""
+    step_sep: str = "\n"
+    """PRM: the text written after every step; the score of a step is read at its token"""
+    prm_labels: Literal["data", "mc"] = "data"
+    """PRM step labels: the data's, or Monte Carlo estimates from --policy rollouts (needs "answer")"""
+    mc_samples: int = 4
+    """K: completions sampled from each step prefix for --prm-labels mc"""
+    # best-of-N (evaluation only, no training)
+    best_of_n: tuple[int, ...] = ()
+    """N values to evaluate best-of-N at on the held-out problems, e.g. 4 16; empty: train"""
+    policy: str = ""
+    """the policy that samples (best-of-N, MC labels); default: --model"""
+    orm: str = ""
+    """an ORM directory (this script's output) for best-of-N"""
+    prm: str = ""
+    """a PRM directory (this script's output with --kind prm) for best-of-N"""
+    temperature: float = 1.0
+    """sampling temperature of the policy"""
+    max_new_tokens: int = 64
+    """generation budget of the policy"""
+    # optimisation
+    lr: float = 1e-5
+    """peak AdamW learning rate"""
+    batch_size: int = 8
+    """pairs (orm) or solutions (prm) per optimizer step, summed over ranks and micro-batches"""
+    max_steps: int = 60
+    """optimizer steps; 60 = two epochs of the default data"""
+    warmup_steps: int = 3
+    """linear warm-up steps before the cosine decay"""
+    max_grad_norm: float = 10.0
+    """gradient clipping threshold (global L2 norm)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward: less memory, ~30% more compute"""
+    # run
+    eval_every: int = 20
+    """steps between held-out evaluations (also run before and after training); 0: only those"""
+    save_every: int = 20
+    """steps between resumable checkpoints; 0: none"""
+    output_dir: str = ""
+    """where the model, args.json and metrics.jsonl go; default runs/rm-<timestamp>"""
+    seed: int = 0
+    """seed for data order, sampling and the head's initialisation"""
+    resume: bool = False
+    """continue from the last checkpoint in --output-dir"""
+    fsdp: bool = False
+    """shard parameters, gradients and optimizer state across ranks (FSDP2) instead of replicating"""
+
+
+# ───────────── losses and scores ─────────────
+
+
+def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | None = None, center_coef: float = 0.0) -> Tensor:
+    """Mean over pairs of −log σ(r_w − r_l − m) + η (r_w + r_l)²; all inputs (B,).
+
+    Bradley-Terry: P(y_w ≻ y_l) = σ(r_w − r_l) (seed §5). m: the pair's margin (Llama 2, arXiv:2307.09288),
+    so a pair labelled "much better" must be won by more. η: reward centering (arXiv:2312.09244); BT
+    sees only differences, so without it the mean reward drifts freely."""
+    h = r_chosen - r_rejected - (margin if margin is not None else 0.0)
+    loss = -F.logsigmoid(h)  # = log(1 + e^−h), finite for any h
+    if center_coef:
+        loss = loss + center_coef * (r_chosen + r_rejected) ** 2
+    return loss.mean()
+
+
+def prm_loss(step_logits: Tensor, step_labels: Tensor) -> Tensor:
+    """Per-step binary cross-entropy, (S,) logits and labels in [0, 1] (1 = correct step) -> (S,).
+    Soft labels (Monte Carlo fractions) are the targets of the same loss."""
+    return F.binary_cross_entropy_with_logits(step_logits, step_labels, reduction="none")
+
+
+def aggregate_steps(step_scores: Tensor, how: Literal["min", "product"]) -> Tensor:
+    """PRM score of a whole solution from its steps' logits (T,) (seed §10.4): a weak step pulls it down.
+        min:      min_t r_t
+        product:  log Π_t σ(r_t) = Σ_t log σ(r_t)   (the log of the product: same argmax, no underflow)
+    A solution with no steps scores −inf."""
+    if step_scores.numel() == 0:
+        return torch.tensor(float("-inf"))
+    if how == "min":
+        return step_scores.min()
+    return F.logsigmoid(step_scores.double()).sum().to(step_scores.dtype)
+
+
+def best_of_n_accuracy(scores: Tensor, correct: Tensor, n: int) -> float:
+    """scores, correct: (P, M) for M samples per problem. The M samples form M // n disjoint groups of n;
+    in each group the highest-scoring sample is kept (the first on ties). Returns the mean correctness
+    of the kept samples over problems and groups."""
+    p, m = scores.shape
+    g = m // n
+    pick = scores[:, : g * n].reshape(p, g, n).argmax(-1, keepdim=True)  # (P, M) -> (P, g, n) -> (P, g, 1)
+    return float(correct[:, : g * n].reshape(p, g, n).float().gather(-1, pick).mean())
+
+
+_STEP_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def split_steps(text: str) -> list[str]:
+    """A response cut into steps: at line breaks and after sentence ends ("8 - 3 = 5. The answer is 5."
+    has two steps). Numbers like 3.5 do not split, as the period is not followed by a space."""
+    return [s.strip() for s in _STEP_END.split(text.strip()) if s.strip()]
+
+
+# ───────────── models ─────────────
+
+
+def reward_model(name: str, tokenizer, kind: str, seed: int):
+    """The backbone of `name` with a fresh scalar head (num_labels=1) in a standard transformers class:
+    sequence classification for the ORM (transformers reads it at the last non-pad token, as here), token
+    classification for the PRM. The LM head is dropped; the new head starts near 0, N(0, 1/(H+1))."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    lm = common.load_model(name, tokenizer, seed=seed)
+    config = lm.config
+    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+    cls = AutoModelForSequenceClassification if kind == "orm" else AutoModelForTokenClassification
+    model = cls.from_config(config, dtype=torch.float32)
+    model.get_decoder().load_state_dict(lm.get_decoder().state_dict())
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
+    if model.score.bias is not None:
+        torch.nn.init.zeros_(model.score.bias)
+    model.set_attn_implementation(common.ATTN_IMPL)
+    return model
+
+
+def load_reward_model(path: str, kind: str):
+    """A saved ORM / PRM directory, with packed attention."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    common.register_attention()
+    cls = AutoModelForSequenceClassification if kind == "orm" else AutoModelForTokenClassification
+    model = cls.from_pretrained(path, dtype=torch.float32)
+    model.set_attn_implementation(common.ATTN_IMPL)
+    return model.eval()
+
+
+def pair_rewards(model, batch: dict) -> tuple[Tensor, Tensor]:
+    """r(x, y) of the chosen and rejected documents of a packed row (chosen_0, rejected_0, chosen_1, ...):
+    the head applied to the last token of each document. (n,), (n,) in float32."""
+    h = common.last_token_hidden(model, batch)  # (2n, H)
+    r = model.score(h).squeeze(-1).float().view(-1, 2)  # (2n,) -> (n, 2)
+    return r[:, 0], r[:, 1]
+
+
+def step_logits(model, batch: dict) -> tuple[Tensor, Tensor]:
+    """PRM logits and labels at every step end of the batch: (S,), (S,). step_labels is −1 elsewhere."""
+    hidden = common.forward_hidden(model, batch)  # (1, T, H)
+    at = batch["step_labels"] >= 0
+    return model.score(hidden[at]).squeeze(-1).float(), batch["step_labels"][at].float()
+
+
+# ───────────── data ─────────────
+
+
+def tokenize_pairs(rows: list[dict], tokenizer, max_tokens: int) -> tuple[list[dict], dict]:
+    """Preference rows -> pairs of tokenized (prompt, answer) conversations with their margin (0 when the
+    row has none). Skips (and counts) identical answers, empty answers and pairs over max_tokens."""
+    pairs, skipped = [], {"identical": 0, "empty": 0, "too_long": 0}
+    for row in rows:
+        prompt = common.as_messages(row["prompt"])
+        answers = [common.as_messages(row["prompt"], row[k])[len(prompt) :] for k in ("chosen", "rejected")]
+        if answers[0] == answers[1]:
+            skipped["identical"] += 1
+            continue
+        if any(not "".join(m["content"] for m in a).strip() for a in answers):
+            skipped["empty"] += 1
+            continue
+        margin = row.get("margin", 0.0)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise common.DataError(f"{row.get('_where', 'builtin')}: field 'margin' must be a finite number")
+        docs = [common.tokenize_conversation(tokenizer, prompt + a, train_from=len(prompt)) for a in answers]
+        if sum(len(d["input_ids"]) for d in docs) > max_tokens:
+            skipped["too_long"] += 1
+            continue
+        pairs.append({"chosen": docs[0], "rejected": docs[1], "margin": float(margin)})
+    return pairs, skipped
+
+
+def tokenize_steps(tokenizer, prompt, steps: list[str], labels: list, sep: str) -> dict:
+    """(prompt, steps) -> {"input_ids", "labels", "step_labels"}: the answer is Σ (step + sep); step_labels
+    holds each step's label at the token holding the first character of its separator, −1 elsewhere."""
+    content = "".join(s + sep for s in steps)
+    text, spans = common.assistant_spans(tokenizer, common.as_messages(prompt, content))
+    start = spans[-1][0]
+    if text[start : start + len(content)] != content:
+        raise ValueError(f"the chat template rewrites the answer, so the step separator {sep!r} cannot be located")
+    sample = common.tokenize_conversation(tokenizer, common.as_messages(prompt, content))
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    step_labels, at = [-1.0] * len(offsets), start
+    for step, label in zip(steps, labels):
+        at += len(step)  # the separator's first character
+        tok = next(i for i, (a, b) in enumerate(offsets) if a <= at < b)
+        step_labels[tok] = float(label)
+        at += len(sep)
+    return {**sample, "step_labels": step_labels}
+
+
+def prm_samples(rows: list[dict], tokenizer, sep: str, max_tokens: int) -> tuple[list[dict], dict]:
+    """PRM rows -> tokenized solutions. Skips (and counts) rows without steps, with an empty step, and
+    rows over max_tokens."""
+    out, skipped = [], {"empty": 0, "too_long": 0}
+    for row in rows:
+        if not row["completions"] or any(not s.strip() for s in row["completions"]):
+            skipped["empty"] += 1
+            continue
+        sample = tokenize_steps(tokenizer, row["prompt"], row["completions"], row["labels"], sep)
+        if len(sample["input_ids"]) > max_tokens:
+            skipped["too_long"] += 1
+            continue
+        out.append(sample)
+    return out, skipped
+
+
+def micro_batches(samples: list[dict], kind: str, max_tokens: int) -> list[tuple[list[int], dict]]:
+    """Packed rows of at most max_tokens: (sample indices, batch). A pair's chosen and rejected are
+    adjacent documents of one row."""
+    if kind == "orm":
+        lengths = [len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in samples]
+        docs = lambda b: [samples[i][k] for i in b for k in ("chosen", "rejected")]
+        return [(b, common.collate_packed(docs(b))) for b in common.pack_bins(lengths, max_tokens)]
+    lengths = [len(s["input_ids"]) for s in samples]
+    return [
+        (b, common.collate_packed([samples[i] for i in b], extra=("step_labels",)))
+        for b in common.pack_bins(lengths, max_tokens)
+    ]
+
+
+@torch.no_grad()
+def mc_step_labels(policy, tokenizer, rows: list[dict], k: int, max_new_tokens: int, temperature: float) -> list[dict]:
+    """Math-Shepherd labels: from each step prefix s_1..s_t (steps joined by spaces, as the policy
+    writes them), sample k completions; the label is the fraction whose answer is right."""
+    prefixes = [(r, t) for r in rows for t in range(len(r["completions"]))]
+    prefill = [" ".join(r["completions"][: t + 1]) + " " for r, t in prefixes]
+    gens = common.generate(policy, tokenizer, [r["prompt"] for r, _ in prefixes for _ in range(k)], max_new_tokens,
+                           temperature=temperature, prefill=[p for p in prefill for _ in range(k)])  # fmt: skip
+    hits = [common.rule_reward(prefill[i // k] + g["text"], prefixes[i // k][0]["answer"]) for i, g in enumerate(gens)]
+    out, j = [], 0
+    for r in rows:
+        n = len(r["completions"])
+        out.append({**r, "labels": [sum(hits[(j + t) * k : (j + t + 1) * k]) / k for t in range(n)]})
+        j += n
+    return out
+
+
+# ───────────── evaluation and best-of-N ─────────────
+
+
+@torch.no_grad()
+def evaluate(model, samples: list[dict], kind: str, max_tokens: int, rank: int, world: int, device) -> dict:
+    """ORM: held-out pairwise accuracy (r_w > r_l) and mean margin. PRM: step accuracy (σ(r) > ½ where the
+    label is > ½) and solution accuracy (min_t r_t > 0 exactly when every step is right)."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # orm: right, margin, pairs; prm: right steps, steps, right solutions, solutions
+    mine = samples[rank::world]
+    for _, batch in micro_batches(mine, kind, max_tokens) if mine else []:
+        batch = common.to_device(batch, device)
+        with common.autocast(device):
+            if kind == "orm":
+                r_w, r_l = pair_rewards(model, batch)
+                sums += torch.tensor([(r_w > r_l).sum().item(), (r_w - r_l).sum().item(), len(r_w), 0.0], dtype=torch.float64)
+                continue
+            logits, labels = step_logits(model, batch)
+        doc = common.doc_ids(batch)[batch["step_labels"] >= 0]  # the solution each step belongs to
+        n = int(doc.max()) + 1
+        worst = torch.full((n,), float("inf"), device=logits.device).scatter_reduce(0, doc, logits, "amin")
+        all_right = torch.ones(n, device=logits.device).scatter_reduce(0, doc, (labels > 0.5).float(), "amin")
+        right_steps, right_solutions = ((logits > 0) == (labels > 0.5)).sum(), ((worst > 0) == (all_right > 0)).sum()
+        sums += torch.tensor([right_steps.item(), len(logits), right_solutions.item(), n], dtype=torch.float64)
+    model.train()
+    s = common.all_reduce_sum(sums).tolist()
+    if kind == "orm":
+        return {"eval/accuracy": s[0] / max(s[2], 1), "eval/margin": s[1] / max(s[2], 1)}
+    return {"eval/step_accuracy": s[0] / max(s[1], 1), "eval/solution_accuracy": s[2] / max(s[3], 1)}
+
+
+@torch.no_grad()
+def score_responses(
+    model, tokenizer, kind: str, prompts: list, texts: list[str], sep: str, max_tokens: int, device
+) -> list[Tensor]:
+    """Per response: the ORM's score, (1,), or the PRM's step logits, (T,); empty for an empty response."""
+    docs, out = {}, [torch.empty(0) for _ in texts]
+    for i, (prompt, text) in enumerate(zip(prompts, texts)):
+        steps = split_steps(text)
+        if steps and kind == "prm":
+            docs[i] = tokenize_steps(tokenizer, prompt, steps, [0.0] * len(steps), sep)
+        elif steps:
+            docs[i] = common.tokenize_conversation(tokenizer, common.as_messages(prompt, text))
+    keys = list(docs)
+    for b in common.pack_bins([len(docs[k]["input_ids"]) for k in keys], max_tokens):
+        batch = common.collate_packed([docs[keys[i]] for i in b], extra=("step_labels",) if kind == "prm" else ())
+        batch = common.to_device(batch, device)
+        with common.autocast(device):
+            if kind == "orm":
+                scores = model.score(common.last_token_hidden(model, batch)).float().cpu()  # (n, 1)
+                for j, i in enumerate(b):
+                    out[keys[i]] = scores[j]
+                continue
+            logits, _ = step_logits(model, batch)
+        doc = common.doc_ids(batch)[batch["step_labels"] >= 0].cpu()
+        for j, i in enumerate(b):
+            out[keys[i]] = logits.cpu()[doc == j]
+    return out
+
+
+def run_best_of_n(args: Args, out_dir: str, rank: int, world: int, device) -> dict:
+    """Sample max(N) answers per held-out problem once; for each N, the accuracy of the answer each
+    scorer keeps, averaged over the disjoint groups of N. Also: greedy, one sample (N = 1) and pass@N
+    (some answer in the group is right: the ceiling of any scorer)."""
+    name = args.policy or args.model
+    tokenizer = common.load_tokenizer(name)
+    policy = common.load_model(name, tokenizer, seed=args.seed).to(device)
+    if args.data == "builtin":
+        problems = common.builtin_prompts("test", args.num_eval, args.seed)
+    else:
+        problems = common.read_jsonl(args.eval_data or args.data, {"prompt": (str, list), "answer": (str, int, float)})
+    mine, m = problems[rank::world], max(args.best_of_n)
+    t0 = time.time()
+    greedy = common.generate(policy, tokenizer, [p["prompt"] for p in mine], args.max_new_tokens)
+    samples = common.generate(policy, tokenizer, [p["prompt"] for p in mine for _ in range(m)], args.max_new_tokens,
+                              temperature=args.temperature)  # fmt: skip
+    gen_s = time.time() - t0
+    del policy
+    prompts, texts = [p["prompt"] for p in mine for _ in range(m)], [g["text"] for g in samples]
+    correct = torch.tensor([common.rule_reward(t, mine[i // m]["answer"]) for i, t in enumerate(texts)]).view(-1, m)
+    scores = {}  # scorer -> (P, m)
+    for kind, path in (("orm", args.orm), ("prm", args.prm)):
+        if not path:
+            continue
+        rm_tok = common.load_tokenizer(path)
+        per = score_responses(
+            load_reward_model(path, kind).to(device), rm_tok, kind, prompts, texts, args.step_sep, args.max_tokens, device
+        )
+        ways = ["min", "product"] if kind == "prm" else ["score"]
+        for how in ways:
+            agg = [
+                (s[0] if s.numel() else torch.tensor(float("-inf"))) if kind == "orm" else aggregate_steps(s, how) for s in per
+            ]
+            scores[kind if kind == "orm" else f"prm_{how}"] = torch.stack(agg).float().view(-1, m)
+    n_local = float(len(mine))
+    local = {
+        "greedy": sum(common.rule_reward(g["text"], p["answer"]) for g, p in zip(greedy, mine)),
+        "sample": float(correct.sum()) / m,
+    }
+    for n in args.best_of_n:
+        local[f"pass@{n}"] = n_local * best_of_n_accuracy(correct.float(), correct, n) if mine else 0.0  # an oracle scorer
+        for key, sc in scores.items():
+            local[f"{key}@{n}"] = n_local * best_of_n_accuracy(sc, correct, n) if mine else 0.0
+    keys = sorted(local)
+    total = common.all_reduce_sum(torch.tensor([local[k] for k in keys], dtype=torch.float64)) / len(problems)
+    result = {f"bon/{k}": v for k, v in zip(keys, total.tolist())}
+    result["bon/generation_s"] = gen_s
+    if rank == 0:
+        with open(os.path.join(out_dir, "best_of_n.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps(result, indent=1))
+    return result
+
+
+# ───────────── training ─────────────
+
+
+def load_data(args: Args, tokenizer, split: str, rank: int, world: int, device, out_dir: str) -> list[dict]:
+    """Tokenized pairs (orm) or solutions (prm) of a split; skips are counted and printed."""
+    path = args.data if split == "train" else args.eval_data
+    builtin = args.data == "builtin"
+    n = args.num_train if split == "train" else args.num_eval
+    if not builtin and not path:
+        return []
+    if args.kind == "orm":
+        rows = common.builtin_preferences(split, n, args.seed) if builtin else common.read_preferences(path)
+        samples, skipped = tokenize_pairs(rows, tokenizer, args.max_tokens)
+    else:
+        rows = common.builtin_prm(split, n, args.seed) if builtin else common.read_prm(path)
+        if split == "train" and args.prm_labels == "mc":
+            rows = mc_labelled(rows, args, rank, world, device, out_dir)
+        samples, skipped = prm_samples(rows, tokenizer, args.step_sep, args.max_tokens)
+    if rank == 0:
+        print(f"{split}: {len(samples)} {'pairs' if args.kind == 'orm' else 'solutions'}; skipped: {skipped}")
+    return samples
+
+
+def mc_labelled(rows: list[dict], args: Args, rank: int, world: int, device, out_dir: str) -> list[dict]:
+    """The rows with Monte Carlo step labels from --policy, computed once (split across ranks) and kept
+    in out_dir/mc_labels.jsonl, a PRM file that --resume and later runs reuse."""
+    path = os.path.join(out_dir, "mc_labels.jsonl")
+    if os.path.exists(path):
+        return common.read_prm(path)
+    for r in rows:
+        if "answer" not in r:
+            raise common.DataError(f"{r.get('_where', 'builtin')}: missing field 'answer' (needed by --prm-labels mc)")
+    name = args.policy or args.model
+    tokenizer = common.load_tokenizer(name)
+    policy = common.load_model(name, tokenizer, seed=args.seed).to(device)
+    mine = mc_step_labels(policy, tokenizer, rows[rank::world], args.mc_samples, args.max_new_tokens, args.temperature)
+    labelled = [None] * len(rows)
+    for r, i in zip(common.all_gather_objects(mine), [i for q in range(world) for i in range(q, len(rows), world)]):
+        labelled[i] = r
+    exact = [x > 0.5 for r in rows for x in r["labels"]]
+    mc = [x > 0.5 for r in labelled for x in r["labels"]]
+    if rank == 0:
+        print(f"MC labels agree with the data's labels on {sum(a == b for a, b in zip(exact, mc)) / len(mc):.3f} of the steps")
+        with open(path + ".tmp", "w") as f:
+            for r in labelled:
+                f.write(json.dumps({k: v for k, v in r.items() if k != "_where"}) + "\n")
+        os.replace(path + ".tmp", path)
+    return labelled
+
+
+def main(args: Args) -> str:
+    rank, world, device = common.init_distributed()
+    common.seed_everything(args.seed)
+    out_dir = args.output_dir or os.path.join("runs", f"rm-{time.strftime('%Y%m%d-%H%M%S')}")
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        common.write_args(out_dir, args)
+    if args.best_of_n:
+        run_best_of_n(args, out_dir, rank, world, device)
+        return out_dir
+
+    tokenizer = common.load_tokenizer(args.model)
+    train = load_data(args, tokenizer, "train", rank, world, device, out_dir)
+    held_out = load_data(args, tokenizer, "test", rank, world, device, out_dir)
+    if not train:
+        raise ValueError(f"{args.data}: no usable training samples")
+    model = reward_model(args.model, tokenizer, args.kind, args.seed).to(device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = common.shard_model(model, args.fsdp)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    scheduler = common.cosine_schedule(optimizer, args.warmup_steps, args.max_steps)
+    start = common.load_checkpoint(out_dir, model, optimizer, scheduler)[0] if args.resume else 0
+
+    log = common.MetricsLog(out_dir, args.max_steps, start, rank, keys=("loss", "accuracy"))
+    if start == 0:
+        log.log(0, evaluate(model, held_out, args.kind, args.max_tokens, rank, world, device))
+    for step in range(start, args.max_steps):
+        t0 = time.time()
+        # 1. this rank's share of the step; the loss is divided by the pairs (orm) or steps (prm) of the
+        #    whole step over all micro-batches and ranks, so the split changes nothing
+        mine = [train[i] for i in common.step_indices(len(train), args.batch_size, step, args.seed)[rank::world]]
+        units = len(mine) if args.kind == "orm" else sum(sum(x >= 0 for x in s["step_labels"]) for s in mine)
+        total = common.all_reduce_sum(torch.tensor(float(units)))
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, right, margin (orm) or Σσ (prm), r_w, r_l
+        tokens = 0
+        for local, batch in micro_batches(mine, args.kind, args.max_tokens):
+            batch = common.to_device(batch, device)
+            with common.autocast(device):
+                # 2. rewards of chosen and rejected from one packed forward, and the Bradley-Terry loss
+                if args.kind == "orm":
+                    r_w, r_l = pair_rewards(model, batch)
+                    margin = torch.tensor([mine[i]["margin"] for i in local], device=r_w.device)
+                    loss = bradley_terry_loss(r_w, r_l, margin, args.center_coef) * len(local)  # the micro-batch's sum
+                    stats = [loss, (r_w > r_l).float(), r_w - r_l, r_w, r_l]
+                # 2'. step scores at every separator and their cross-entropy
+                else:
+                    logits, labels = step_logits(model, batch)
+                    loss = prm_loss(logits, labels).sum()
+                    stats = [
+                        loss,
+                        ((logits > 0) == (labels > 0.5)).float(),
+                        torch.sigmoid(logits),
+                        loss.new_zeros(()),
+                        loss.new_zeros(()),
+                    ]
+            (loss / total.to(device)).backward()
+            sums += torch.stack([x.detach().double().sum().cpu() for x in stats])
+            tokens += common.num_tokens(batch)
+        if not torch.isfinite(sums[0]):
+            raise FloatingPointError(f"step {step}: loss is {sums[0].item()}; stopping before the update")
+        # 3. sum gradients over ranks, clip, step
+        common.sync_grads(model)
+        grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        s = (common.all_reduce_sum(sums) / float(total)).tolist()
+        metrics = {"loss": s[0], "accuracy": s[1], "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_s": float(common.all_reduce_sum(torch.tensor(float(tokens)))) / (time.time() - t0)}  # fmt: skip
+        if args.kind == "orm":
+            metrics.update({"rewards/margins": s[2], "rewards/chosen": s[3], "rewards/rejected": s[4]})
+        else:
+            metrics["scores/mean_prob"] = s[2]
+        log.log(step + 1, metrics)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+            log.log(step + 1, evaluate(model, held_out, args.kind, args.max_tokens, rank, world, device))
+        if args.save_every and (step + 1) % args.save_every == 0:
+            common.save_checkpoint(out_dir, step, model, optimizer, scheduler, rank)
+
+    log.log(args.max_steps, evaluate(model, held_out, args.kind, args.max_tokens, rank, world, device))
+    log.close()
+    common.save_model(model, tokenizer, out_dir, rank)
+    return out_dir
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,314 @@
+"""rm.py: the Bradley-Terry loss against its formula (hand-worked, float64, margin, centering, extremes,
+gradcheck), the last-token read-out for packed and padded rows, PRM labels at step ends only, the
+min / product aggregation and best-of-N selection on hand-made scores, Monte Carlo labels, learning on
+the tiny model (ORM and PRM), the saved model loading in plain transformers, best-of-N end to end,
+2 gloo processes vs 1, kill and --resume, bad input.
+
+    python -m pytest tests/test_rm.py
+"""
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+from helpers import kill_after_first_checkpoint, run_script
+from safetensors.torch import load_file
+
+import common
+import rm
+
+CPU = torch.device("cpu")
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))
+
+
+# ───────────── losses and aggregation ─────────────
+
+
+def test_bradley_terry_loss_matches_hand_computation():
+    # r_w − r_l = 2 − 1 = 1 → −log σ(1) = log(1 + e^−1); with m = 1 → −log σ(0) = log 2
+    loss = rm.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([1.0]))
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.0)), abs=1e-6)
+    loss = rm.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([1.0]), margin=torch.tensor([1.0]))
+    assert loss.item() == pytest.approx(math.log(2.0), abs=1e-6)
+    # centering: η (r_w + r_l)² = 0.01 · 9 on top
+    loss = rm.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([1.0]), center_coef=0.01)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.0)) + 0.09, abs=1e-6)
+
+
+def test_bradley_terry_loss_matches_the_formula_at_extremes_and_passes_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(64, 3, generator=g, dtype=torch.float64) * 40  # differences up to ±200: log σ must not overflow
+    r_w, r_l, m = r.unbind(1)
+    want = sum(-log_sigmoid(a - b - c) + 0.05 * (a + b) ** 2 for a, b, c in r.tolist()) / 64
+    got = rm.bradley_terry_loss(r_w, r_l, m, center_coef=0.05)
+    assert torch.isfinite(got) and got.item() == pytest.approx(want, rel=1e-12)
+    huge = rm.bradley_terry_loss(torch.tensor([1e4]), torch.tensor([-1e4]))
+    assert huge.item() == 0.0 and torch.isfinite(rm.bradley_terry_loss(torch.tensor([-1e4]), torch.tensor([1e4])))
+    args = tuple(x.clone().requires_grad_() for x in (r_w[:8] / 10, r_l[:8] / 10, m[:8] / 10))
+    assert torch.autograd.gradcheck(lambda a, b, c: rm.bradley_terry_loss(a, b, c, center_coef=0.05), args)
+
+
+def test_prm_loss_is_binary_cross_entropy_with_soft_labels():
+    logits, labels = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.25])
+    want = [-(y * log_sigmoid(z) + (1 - y) * log_sigmoid(-z)) for z, y in zip(logits.tolist(), labels.tolist())]
+    assert rm.prm_loss(logits, labels).tolist() == pytest.approx(want, abs=1e-6)
+
+
+def test_min_and_product_aggregation_on_hand_made_step_scores():
+    steps = torch.tensor([2.0, -1.0, 3.0])
+    assert rm.aggregate_steps(steps, "min").item() == -1.0
+    product = 1 / (1 + math.exp(-2)) * 1 / (1 + math.exp(1)) * 1 / (1 + math.exp(-3))
+    assert math.exp(rm.aggregate_steps(steps, "product").item()) == pytest.approx(product, rel=1e-6)
+    assert rm.aggregate_steps(torch.empty(0), "min").item() == float("-inf")
+    # one bad step sinks a solution under min, many mildly unsure steps sink it under product
+    a, b = torch.tensor([4.0, 4.0, -0.5]), torch.tensor([0.1] * 8)
+    assert rm.aggregate_steps(a, "min") < rm.aggregate_steps(b, "min")
+    assert rm.aggregate_steps(a, "product") > rm.aggregate_steps(b, "product")
+
+
+def test_best_of_n_keeps_the_top_scored_answer_of_each_disjoint_group():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.2], [3.0, 1.0, 2.0, 2.5]])
+    correct = torch.tensor([[0, 1, 0, 1], [0, 1, 0, 0]])
+    # N = 2, groups {0,1}, {2,3}: picks (1, 2) -> 1, 0 and (0, 3) -> 0, 0; N = 4: picks 1 -> 1 and 0 -> 0
+    assert rm.best_of_n_accuracy(scores, correct, 2) == pytest.approx(0.25)
+    assert rm.best_of_n_accuracy(scores, correct, 4) == pytest.approx(0.5)
+    assert rm.best_of_n_accuracy(correct.float(), correct, 2) == pytest.approx(0.75)  # pass@2: an oracle
+    assert rm.best_of_n_accuracy(scores, correct, 1) == pytest.approx(3 / 8)  # N = 1: every sample counts
+
+
+def test_split_steps_cuts_at_sentence_ends_and_line_breaks():
+    assert rm.split_steps("Ava has 3.5 pens. 3 + 4 = 7.\nThe answer is 7.") == [
+        "Ava has 3.5 pens.",
+        "3 + 4 = 7.",
+        "The answer is 7.",
+    ]
+    assert rm.split_steps("  ") == [] and rm.split_steps("no period") == ["no period"]
+
+
+# ───────────── read-out positions ─────────────
+
+
+def test_last_token_reward_is_right_for_packed_rows_and_left_and_right_padding(chatml):
+    model = rm.reward_model("tiny", chatml, "orm", seed=0).eval()
+    docs = [common.tokenize_conversation(chatml, common.as_messages(f"q{i}" * (i + 1), "a" * (3 * i + 1))) for i in range(3)]
+    alone = torch.stack([common.last_token_hidden(model, common.collate_packed([d]))[0] for d in docs])
+    packed = common.last_token_hidden(model, common.collate_packed(docs))
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    for side in ("left", "right"):
+        padded = common.last_token_hidden(model, common.collate_padded(docs, chatml.pad_token_id, side))
+        torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+    # transformers' own forward of the saved class reads the same position (the last non-pad token)
+    with torch.no_grad():
+        for d, h in zip(docs, alone):
+            assert model(input_ids=torch.tensor([d["input_ids"]])).logits.item() == pytest.approx(
+                model.score(h).item(), abs=1e-5
+            )
+
+
+def test_prm_labels_land_only_on_the_separator_after_each_step(chatml, llama3):
+    steps, labels = ["Ava has 3 pens.", "3 + 4 = 8.", "The answer is 8."], [True, False, False]
+    for tok in (chatml, llama3):
+        s = rm.tokenize_steps(tok, "How many?", steps, labels, "\n")
+        at = [i for i, y in enumerate(s["step_labels"]) if y >= 0]
+        assert [s["step_labels"][i] for i in at] == [1.0, 0.0, 0.0]
+        assert [tok.decode(s["input_ids"][i]) for i in at] == ["\n"] * 3
+        # the text just before each labelled token is that step
+        for i, step in zip(at, steps):
+            assert tok.decode(s["input_ids"][:i]).endswith(step)
+    s = rm.tokenize_steps(chatml, "How many?", steps, labels, " ки")  # a Math-Shepherd style tag
+    assert [chatml.decode(s["input_ids"][i]) for i, y in enumerate(s["step_labels"]) if y >= 0] == [" "] * 3
+
+
+def test_step_scores_of_a_packed_row_equal_those_of_each_solution_alone(chatml):
+    model = rm.reward_model("tiny", chatml, "prm", seed=0).eval()
+    rows = common.builtin_prm("train", 3)
+    samples = rm.prm_samples(rows, chatml, "\n", 4096)[0]
+    with torch.no_grad():
+        alone = torch.cat([rm.step_logits(model, common.collate_packed([s], extra=("step_labels",)))[0] for s in samples])
+        packed, labels = rm.step_logits(model, common.collate_packed(samples, extra=("step_labels",)))
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    assert labels.tolist() == [float(x) for r in rows for x in r["labels"]]
+
+
+def test_monte_carlo_labels_are_the_fraction_of_rollouts_that_reach_the_answer(chatml, monkeypatch):
+    row = {"prompt": "q", "completions": ["2 + 2 = 4.", "4 - 1 = 3."], "labels": [True, True], "answer": 3}
+    seen = []
+
+    def canned(model, tok, prompts, max_new_tokens, temperature=0.0, batch_size=32, prefill=None):
+        seen.extend(prefill)
+        # after step 1: one of two rollouts finishes right; after step 2: both do
+        texts = {
+            "2 + 2 = 4. ": ["4 - 1 = 3. The answer is 3.", "The answer is 5."],
+            "2 + 2 = 4. 4 - 1 = 3. ": ["The answer is 3."] * 2,
+        }
+        return [{"text": t} for p in dict.fromkeys(prefill) for t in texts[p]]
+
+    monkeypatch.setattr(common, "generate", canned)
+    out = rm.mc_step_labels(None, chatml, [row], k=2, max_new_tokens=8, temperature=1.0)
+    assert out[0]["labels"] == [0.5, 1.0] and out[0]["completions"] == row["completions"]
+    assert seen == ["2 + 2 = 4. "] * 2 + ["2 + 2 = 4. 4 - 1 = 3. "] * 2
+
+
+# ───────────── training on the tiny model ─────────────
+
+
+def synthetic_preferences(path, n, seed):
+    """A learnable preference: the chosen answer agrees ("yes, ..."), the rejected one refuses."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            w = "".join(rng.choice("abcdefgh") for _ in range(4))
+            f.write(json.dumps({"prompt": f"say {w}", "chosen": f"yes, {w}", "rejected": f"no. {w}"}) + "\n")
+    return str(path)
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_orm_learns_a_synthetic_preference_and_saves_a_transformers_model(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    train, test = synthetic_preferences(tmp_path / "train.jsonl", 64, 0), synthetic_preferences(tmp_path / "test.jsonl", 32, 1)
+    out = rm.main(rm.Args(model="tiny", data=train, eval_data=test, max_steps=30, batch_size=16, lr=3e-3, eval_every=0,
+                          save_every=0, output_dir=str(tmp_path / "orm")))  # fmt: skip
+    rows = metrics(out)
+    before, after = rows[0]["eval/accuracy"], rows[-1]["eval/accuracy"]
+    assert after >= 0.9 and after > before
+    assert rows[-1]["eval/margin"] > 1.0
+    # plain transformers loads it, and scores a held-out pair the same way
+    loaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = common.load_tokenizer(out)
+    doc = lambda a: torch.tensor([common.tokenize_conversation(tok, common.as_messages("say abcd", a))["input_ids"]])
+    with torch.no_grad():
+        assert loaded(input_ids=doc("yes, abcd")).logits.item() > loaded(input_ids=doc("no. abcd")).logits.item()
+    start = rm.reward_model("tiny", tok, "orm", seed=0).state_dict()
+    assert not torch.allclose(loaded.model.embed_tokens.weight, start["model.embed_tokens.weight"])
+
+
+def test_prm_learns_which_steps_are_wrong(tmp_path):
+    from transformers import AutoModelForTokenClassification
+
+    rng = random.Random(0)
+
+    def write(path, n):  # a step is wrong exactly when it says "bad"
+        with open(path, "w") as f:
+            for _ in range(n):
+                labels = [rng.random() < 0.6 for _ in range(3)]
+                steps = [f"{'good' if y else 'bad'} {rng.randint(0, 9)}." for y in labels]
+                f.write(json.dumps({"prompt": "go", "completions": steps, "labels": labels}) + "\n")
+        return str(path)
+
+    out = rm.main(rm.Args(model="tiny", kind="prm", data=write(tmp_path / "a.jsonl", 64), eval_data=write(tmp_path / "b.jsonl", 32),
+                          max_steps=30, batch_size=16, lr=3e-3, eval_every=0, save_every=0, output_dir=str(tmp_path / "prm")))  # fmt: skip
+    rows = metrics(out)
+    assert rows[-1]["eval/step_accuracy"] >= 0.95 and rows[-1]["eval/solution_accuracy"] >= 0.9
+    assert rows[-1]["eval/step_accuracy"] > rows[0]["eval/step_accuracy"]
+    assert AutoModelForTokenClassification.from_pretrained(out).config.num_labels == 1
+
+
+def test_best_of_n_end_to_end_counts_greedy_samples_and_scorers(tmp_path, monkeypatch):
+    orm = rm.main(rm.Args(model="tiny", num_train=8, num_eval=4, max_steps=1, save_every=0, output_dir=str(tmp_path / "orm")))
+    prm = rm.main(
+        rm.Args(model="tiny", kind="prm", num_train=8, num_eval=4, max_steps=1, save_every=0, output_dir=str(tmp_path / "prm"))
+    )
+    problems = common.builtin_prompts("test", 4)
+
+    def canned(model, tok, prompts, max_new_tokens, temperature=0.0, batch_size=32, prefill=None):
+        answer = {p["prompt"]: p["answer"] for p in problems}
+        if temperature == 0:  # greedy: right on the first problem only
+            return [{"text": f"The answer is {answer[p] + (i > 0)}."} for i, p in enumerate(prompts)]
+        return [
+            {"text": f"Step one. The answer is {answer[p] + (i % 4 != 0)}." if i % 4 != 3 else ""}
+            for i, p in enumerate(prompts)
+        ]
+
+    monkeypatch.setattr(common, "generate", canned)
+    out = rm.main(rm.Args(model="tiny", best_of_n=(2, 4), orm=orm, prm=prm, num_eval=4, output_dir=str(tmp_path / "bon")))
+    with open(os.path.join(out, "best_of_n.json")) as f:
+        r = json.load(f)
+    # of each problem's 4 samples only the first is right (and the last is empty)
+    assert r["bon/greedy"] == 0.25 and r["bon/sample"] == 0.25
+    assert r["bon/pass@2"] == 0.5 and r["bon/pass@4"] == 1.0
+    for key in ("orm", "prm_min", "prm_product"):
+        for n in (2, 4):
+            assert 0.0 <= r[f"bon/{key}@{n}"] <= r[f"bon/pass@{n}"]
+
+
+# ───────────── processes: torchrun, kill and resume ─────────────
+
+CLI = ["--model", "tiny", "--num-train", "32", "--num-eval", "4", "--batch-size", "8", "--lr", "2e-3", "--warmup-steps", "1"]
+
+
+def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    for out, n in ((one, 1), (two, 2)):
+        r = run_script("rm.py", CLI + ["--max-steps", "3", "--output-dir", out, "--max-tokens", "600"], nproc=n)
+        assert r.returncode == 0, r.stderr[-2000:]
+    w1, w2 = load_file(os.path.join(one, "model.safetensors")), load_file(os.path.join(two, "model.safetensors"))
+    for k in w1:  # same global batch, other order of float additions; Adam can move a near-zero-gradient weight
+        # by a few % of one step (lr = 2e-3), so allow 5% of a step
+        torch.testing.assert_close(w1[k], w2[k], atol=0.05 * 2e-3, rtol=0)
+    assert max((w1[k] - w2[k]).abs().mean().item() for k in w1) < 1e-7
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    args = CLI + ["--max-steps", "6", "--save-every", "3"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    assert run_script("rm.py", args + ["--output-dir", full]).returncode == 0
+    kill_after_first_checkpoint("rm.py", args, cut)
+    r = run_script("rm.py", args + ["--output-dir", cut, "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    w1, w2 = load_file(os.path.join(full, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=0)
+    assert [r["step"] for r in metrics(cut) if "loss" in r] == list(range(1, 7))
+
+
+# ───────────── bad input ─────────────
+
+
+def test_identical_and_empty_pairs_are_counted_skips_and_a_bad_margin_is_an_error(chatml, tmp_path):
+    rows = [
+        {"prompt": "p", "chosen": "same", "rejected": "same"},
+        {"prompt": "p", "chosen": "  ", "rejected": "b"},
+        {"prompt": "p", "chosen": "a" * 500, "rejected": "b"},
+        {"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2},
+    ]
+    pairs, skipped = rm.tokenize_pairs(rows, chatml, max_tokens=200)
+    assert skipped == {"identical": 1, "empty": 1, "too_long": 1} and len(pairs) == 1 and pairs[0]["margin"] == 2.0
+    with pytest.raises(common.DataError, match="x.jsonl:3: field 'margin'"):
+        rm.tokenize_pairs(
+            [{"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big", "_where": "x.jsonl:3"}], chatml, 200
+        )
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "a"}\n')
+    with pytest.raises(ValueError, match="no usable training samples"):
+        rm.main(rm.Args(model="tiny", data=str(path), max_steps=1, output_dir=str(tmp_path / "o")))
+
+
+def test_bad_prm_rows_are_errors_or_counted_skips(chatml, tmp_path):
+    path = tmp_path / "prm.jsonl"
+    path.write_text('{"prompt": "p", "completions": ["a.", "b."], "labels": [true]}\n')
+    with pytest.raises(common.DataError, match="prm.jsonl:1: fields 'completions' and 'labels' differ in length"):
+        rm.main(rm.Args(model="tiny", kind="prm", data=str(path), max_steps=1, output_dir=str(tmp_path / "o")))
+    rows = [{"prompt": "p", "completions": [], "labels": []}, {"prompt": "p", "completions": ["a.", " "], "labels": [1, 0]},
+            {"prompt": "p", "completions": ["a." * 300], "labels": [1]}, {"prompt": "p", "completions": ["a."], "labels": [1]}]  # fmt: skip
+    samples, skipped = rm.prm_samples(rows, chatml, "\n", max_tokens=200)
+    assert skipped == {"empty": 2, "too_long": 1} and len(samples) == 1
+    with pytest.raises(common.DataError, match="missing field 'answer'"):
+        rm.mc_labelled(
+            [{"prompt": "p", "completions": ["a."], "labels": [1], "_where": "f:1"}],
+            rm.Args(model="tiny"),
+            0,
+            1,
+            CPU,
+            str(tmp_path),
+        )
