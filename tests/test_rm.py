@@ -14,8 +14,8 @@ import random
 
 import pytest
 import torch
-from helpers import kill_after_first_checkpoint, run_script
-from safetensors.torch import load_file
+from helpers import check_resume_matches_uninterrupted, check_two_processes_match_one, synthetic_preferences
+from helpers import read_metrics as metrics
 
 import common
 import rm
@@ -158,21 +158,6 @@ def test_monte_carlo_labels_are_the_fraction_of_rollouts_that_reach_the_answer(c
 # ───────────── training on the tiny model ─────────────
 
 
-def synthetic_preferences(path, n, seed):
-    """A learnable preference: the chosen answer agrees ("yes, ..."), the rejected one refuses."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            w = "".join(rng.choice("abcdefgh") for _ in range(4))
-            f.write(json.dumps({"prompt": f"say {w}", "chosen": f"yes, {w}", "rejected": f"no. {w}"}) + "\n")
-    return str(path)
-
-
-def metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_orm_learns_a_synthetic_preference_and_saves_a_transformers_model(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -248,28 +233,11 @@ CLI = ["--model", "tiny", "--num-train", "32", "--num-eval", "4", "--batch-size"
 
 
 def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    for out, n in ((one, 1), (two, 2)):
-        r = run_script("rm.py", CLI + ["--max-steps", "3", "--output-dir", out, "--max-tokens", "600"], nproc=n)
-        assert r.returncode == 0, r.stderr[-2000:]
-    w1, w2 = load_file(os.path.join(one, "model.safetensors")), load_file(os.path.join(two, "model.safetensors"))
-    for k in w1:  # same global batch, other order of float additions; Adam can move a near-zero-gradient weight
-        # by a few % of one step (lr = 2e-3), so allow 5% of a step
-        torch.testing.assert_close(w1[k], w2[k], atol=0.05 * 2e-3, rtol=0)
-    assert max((w1[k] - w2[k]).abs().mean().item() for k in w1) < 1e-7
+    check_two_processes_match_one("rm.py", CLI + ["--max-steps", "3", "--max-tokens", "600"], tmp_path, lr=2e-3)
 
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
-    args = CLI + ["--max-steps", "6", "--save-every", "3"]
-    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    assert run_script("rm.py", args + ["--output-dir", full]).returncode == 0
-    kill_after_first_checkpoint("rm.py", args, cut)
-    r = run_script("rm.py", args + ["--output-dir", cut, "--resume"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    w1, w2 = load_file(os.path.join(full, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=0)
-    assert [r["step"] for r in metrics(cut) if "loss" in r] == list(range(1, 7))
+    check_resume_matches_uninterrupted("rm.py", CLI + ["--max-steps", "6", "--save-every", "3"], tmp_path, steps=6)
 
 
 # ───────────── bad input ─────────────

@@ -8,16 +8,14 @@ reference pass for ORPO / SimPO, 2 gloo processes vs 1, kill and --resume, bad i
 
 import json
 import math
-import os
-import random
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import check_resume_matches_uninterrupted, check_two_processes_match_one, synthetic_preferences
+from helpers import read_metrics as metrics
 
 import common
 import variants
-from helpers import kill_after_first_checkpoint, run_script
 
 
 def log_sigmoid(x: float) -> float:
@@ -42,7 +40,7 @@ def test_ipo_loss_matches_hand_computation_and_the_formula_at_extremes():
     assert variants.ipo_loss(w, l, rw, rl, tau=0.25)[0].item() == 0.0
     assert variants.ipo_loss(w, l, rw, rl, tau=0.5)[0].item() == pytest.approx(1.0)
     pts = points() * 10  # log-probs down to about −1000
-    loss, h = variants.ipo_loss(*pts.unbind(1), tau=0.1)
+    loss, _ = variants.ipo_loss(*pts.unbind(1), tau=0.1)
     want = [((a - c) - (b - d) - 5.0) ** 2 for a, b, c, d in pts.tolist()]
     assert torch.isfinite(loss).all() and loss.tolist() == pytest.approx(want, rel=1e-12)
     args = tuple(x.clone().requires_grad_() for x in points(8).unbind(1))
@@ -93,7 +91,7 @@ def test_kto_mismatched_partners_never_pair_an_example_with_itself(n):
 
 def test_kto_examples_score_their_prompt_with_another_examples_answer(chatml):
     rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 2 == 0} for i in range(5)]
-    out, skipped = variants.tokenize_unpaired(rows, chatml, 512, seed=0)
+    out, _ = variants.tokenize_unpaired(rows, chatml, 512, seed=0)
     partners = variants.mismatched_partners(5, seed=0)
     for i, e in enumerate(out):
         text = chatml.decode(e["mismatch"]["input_ids"])
@@ -105,7 +103,7 @@ def test_kto_examples_score_their_prompt_with_another_examples_answer(chatml):
 
 
 def orpo_formula(a, b):
-    log_odds = lambda x: x - math.log(-math.expm1(x)) if x > -0.69 else x - math.log1p(-math.exp(x))  # noqa: E731
+    log_odds = lambda x: x - math.log(-math.expm1(x)) if x > -0.69 else x - math.log1p(-math.exp(x))
     return -log_sigmoid(log_odds(a) - log_odds(b))
 
 
@@ -147,20 +145,6 @@ def test_simpo_loss_matches_hand_computation_and_the_formula():
 # ───────────── training on the tiny model ─────────────
 
 
-def synthetic_preferences(path, n, seed):
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            w = "".join(rng.choice("abcdefgh") for _ in range(4))
-            f.write(json.dumps({"prompt": f"say {w}", "chosen": f"yes, {w}", "rejected": f"no. {w}"}) + "\n")
-    return str(path)
-
-
-def metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.mark.parametrize("loss,lr", [("ipo", 1e-3), ("kto", 3e-3), ("orpo", 3e-3), ("simpo", 3e-3)])
 def test_each_variant_raises_held_out_preference_accuracy(tmp_path, monkeypatch, loss, lr):
     train, test = synthetic_preferences(tmp_path / "a.jsonl", 48, 0), synthetic_preferences(tmp_path / "b.jsonl", 32, 1)
@@ -195,29 +179,13 @@ CLI = ["--model", "tiny", "--num-train", "48", "--num-eval", "4", "--batch-size"
 
 @pytest.mark.parametrize("loss", ["kto", "orpo"])
 def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path, loss):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    for out, n in ((one, 1), (two, 2)):
-        r = run_script(
-            "variants.py", CLI + ["--loss", loss, "--max-steps", "3", "--output-dir", out, "--max-tokens", "600"], nproc=n
-        )
-        assert r.returncode == 0, r.stderr[-2000:]
-    w1, w2 = load_file(os.path.join(one, "model.safetensors")), load_file(os.path.join(two, "model.safetensors"))
-    for k in w1:  # other order of float additions; Adam can move a near-zero-gradient weight by a few % of a step
-        torch.testing.assert_close(w1[k], w2[k], atol=0.05 * 2e-3, rtol=0)
-    assert max((w1[k] - w2[k]).abs().mean().item() for k in w1) < 1e-7
+    args = CLI + ["--loss", loss, "--max-steps", "3", "--max-tokens", "600"]
+    check_two_processes_match_one("variants.py", args, tmp_path, lr=2e-3)
 
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     args = CLI + ["--loss", "kto", "--max-steps", "6", "--save-every", "3"]
-    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    assert run_script("variants.py", args + ["--output-dir", full]).returncode == 0
-    kill_after_first_checkpoint("variants.py", args, cut)
-    r = run_script("variants.py", args + ["--output-dir", cut, "--resume"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    w1, w2 = load_file(os.path.join(full, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=0)
-    assert [r["step"] for r in metrics(cut) if "loss" in r] == list(range(1, 7))
+    check_resume_matches_uninterrupted("variants.py", args, tmp_path, steps=6)
 
 
 # ───────────── bad input ─────────────
