@@ -261,10 +261,37 @@ def plot(out_png: str, runs: list[str], keys: list[str]):
     fig.savefig(out_png, dpi=110)
 
 
+def plot_best_of_n(out_png: str, result_json: str):
+    """Accuracy against N for each scorer of an `rm.py --best-of-n` run, from its best_of_n.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(result_json) as f:
+        r = json.load(f)
+    ns = sorted({int(k.split("@")[1]) for k in r if "@" in k})
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for scorer in ("pass", "orm", "prm_min", "prm_product"):
+        if f"bon/{scorer}@{ns[0]}" in r:
+            label = "pass@N (oracle)" if scorer == "pass" else scorer
+            ax.plot([1] + ns, [r["bon/sample"]] + [r[f"bon/{scorer}@{n}"] for n in ns], marker="o", label=label)
+    ax.axhline(r["bon/greedy"], color="gray", ls="--", label="greedy")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("N (samples per problem)")
+    ax.set_ylabel("held-out accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+
+
 if __name__ == "__main__":
     cmd, rest = sys.argv[1], sys.argv[2:]
     if cmd == "_worker":
         print(json.dumps(globals()["worker_" + rest[0]](*rest[1:])))
+    elif cmd == "plot-best-of-n":
+        plot_best_of_n(rest[0], rest[1])
     elif cmd == "plot":
         keys = next((a.split("=", 1)[1] for a in rest if a.startswith("--keys=")), "loss").split(",")
         plot(rest[0], [a for a in rest[1:] if not a.startswith("--keys=")], keys)
