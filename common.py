@@ -294,6 +294,11 @@ def rule_reward(completion: str, answer) -> float:
     return float(m is not None and int(m.group(1)) == int(answer))
 
 
+def format_reward(completion: str) -> float:
+    """1.0 when the completion states an answer in the task's format "The answer is N", right or wrong."""
+    return float(_ANSWER.search(completion) is not None)
+
+
 # ───────────────────────────── packing ─────────────────────────────
 
 

@@ -67,7 +67,7 @@ def check_two_processes_match_one(script: str, args: list[str], tmp_path, lr: fl
     assert_same_weights(one, two, atol=0.05 * lr, mean_atol=1e-7)
 
 
-def check_resume_matches_uninterrupted(script: str, args: list[str], tmp_path, steps: int) -> None:
+def check_resume_matches_uninterrupted(script: str, args: list[str], tmp_path, steps: int, key: str = "loss") -> None:
     """A run SIGKILLed after its first checkpoint and resumed ends with the weights and the metrics
     (one line per step, none twice) of a run never interrupted."""
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
@@ -76,4 +76,4 @@ def check_resume_matches_uninterrupted(script: str, args: list[str], tmp_path, s
     r = run_script(script, args + ["--output-dir", cut, "--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_weights(full, cut, atol=1e-6)
-    assert [m["step"] for m in read_metrics(cut) if "loss" in m] == list(range(1, steps + 1))
+    assert [m["step"] for m in read_metrics(cut) if key in m] == list(range(1, steps + 1))

@@ -1,0 +1,386 @@
+"""Group Relative Policy Optimization (GRPO), Shao et al. 2024 (DeepSeekMath), arXiv:2402.03300,
+with the refinements of DAPO (Yu et al. 2025, arXiv:2503.14476) and Dr. GRPO (Liu et al. 2025,
+arXiv:2503.20783) as options. RL from verifiable rewards, no critic (seed §8).
+
+Each step samples G answers per prompt from the current policy, scores them (the rule reward: right
+answer, plus a little for the answer format; or a reward model) and gives every token of answer i
+the group-relative advantage
+    A_i = (r_i − mean_g r) / std_g r             (--scale none: r_i − mean_g r, Dr. GRPO)
+Then, per answer token t, with ρ_t = π(y_t|·) / π_old(y_t|·):
+    ℓ_t = −min(ρ_t A_i, clip(ρ_t, 1 − ε_low, 1 + ε_high) A_i) + β k3_t,   k3 = (π_ref/π − 1) − log(π_ref/π)
+averaged over tokens (--loss-agg token, DAPO), over each answer then over answers (sequence, the
+original GRPO) or summed over a fixed budget (constant, Dr. GRPO). ε_high > ε_low is DAPO's
+clip-higher. The KL term sits in the loss (Style B, seed §9.4.4); --beta 0 drops the reference model.
+
+    torchrun --nproc_per_node 2 grpo.py
+"""
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+from torch import Tensor
+
+import common
+
+
+@dataclass
+class Args:
+    """Critic-free RL from verifiable rewards with GRPO (and DAPO / Dr. GRPO options)."""
+
+    # model and data
+    model: str = common.DEFAULT_MODEL
+    """policy to train, and the reference; "tiny" for tests"""
+    data: str = "builtin"
+    """JSONL of {"prompt", "answer"} for the rule reward (any prompt with --reward-model), or "builtin" """
+    num_train: int = 2000
+    """built-in training prompts"""
+    num_eval: int = 64
+    """built-in held-out problems for greedy accuracy"""
+    reward_model: str = ""
+    """score answers with this rm.py output instead of the rule reward"""
+    format_reward: float = 0.1
+    """rule reward: added when the answer uses the format "The answer is N", right or wrong"""
+    # algorithm
+    group_size: int = 8
+    """G: answers sampled per prompt"""
+    prompts_per_step: int = 4
+    """prompts per rollout, over all ranks (each rank samples whole groups)"""
+    temperature: float = 1.0
+    """sampling temperature; the training forward divides the logits by it too"""
+    max_new_tokens: int = 64
+    """generation budget per answer (the T of --loss-agg constant)"""
+    scale: Literal["std", "none"] = "std"
+    """advantage: divide by the group's std (GRPO) or not (Dr. GRPO)"""
+    clip_low: float = 0.2
+    """ε_low: ρ is clipped below at 1 − ε_low"""
+    clip_high: float = 0.28
+    """ε_high: ρ is clipped above at 1 + ε_high (DAPO's clip-higher; = clip_low for plain GRPO)"""
+    beta: float = 0.04
+    """β of the k3 KL term in the loss (DeepSeekMath's 0.04); 0 loads no reference model"""
+    loss_agg: Literal["token", "sequence", "constant"] = "token"
+    """token: mean over all answer tokens (DAPO); sequence: per answer, then over answers (GRPO);
+    constant: sum / (answers × max_new_tokens) (Dr. GRPO)"""
+    mu: int = 1
+    """μ: policy updates per rollout batch (1: on-policy, ρ = 1 and no old-policy pass)"""
+    filter_zero_std: bool = False
+    """drop groups whose rewards are all equal (no signal) from the update (DAPO dynamic sampling,
+    without resampling: the step trains on fewer groups)"""
+    overlong: Literal["mask", "penalty", "none"] = "mask"
+    """answers cut off by max_new_tokens: left out of the loss (mask), reward − 1 (penalty), or kept"""
+    # optimisation
+    lr: float = 1e-6
+    """peak AdamW learning rate"""
+    max_steps: int = 30
+    """rollout steps (each: sample, score, μ updates)"""
+    warmup_steps: int = 0
+    """linear warm-up steps before the cosine decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold (global L2 norm)"""
+    max_tokens: int = 4096
+    """tokens per packed micro-batch of the update"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward: less memory, ~30% more compute"""
+    # run
+    eval_every: int = 10
+    """steps between greedy evaluations (also before and after training); 0: only those"""
+    save_every: int = 10
+    """steps between resumable checkpoints; 0: none"""
+    output_dir: str = ""
+    """where the model, args.json and metrics.jsonl go; default runs/grpo-<timestamp>"""
+    seed: int = 0
+    """seed for prompt order and sampling"""
+    resume: bool = False
+    """continue from the last checkpoint in --output-dir"""
+    fsdp: bool = False
+    """shard parameters, gradients and optimizer state across ranks (FSDP2) instead of replicating"""
+
+
+# ───────────── advantages and loss ─────────────
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "std") -> Tensor:
+    """rewards: (B,) with the G = group_size answers of each prompt adjacent. Returns (B,).
+
+    A_i = (r_i − mean_g) / std_g        GRPO, arXiv:2402.03300 (§4.1.2)
+    A_i =  r_i − mean_g                 scale="none", Dr. GRPO, arXiv:2503.20783
+    A group whose rewards are all equal gets A = 0 (no NaN): it carries no signal."""
+    r = rewards.view(-1, group_size)  # (B,) -> (B/G, G)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale == "std":
+        adv = adv / r.std(dim=1, keepdim=True).nan_to_num(0.0).clamp(min=1e-6)
+    return adv.view(-1)
+
+
+def grpo_loss(
+    logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: Tensor, mask: Tensor,
+    clip_low: float, clip_high: float, beta: float, agg: str = "token",
+) -> tuple[Tensor, dict]:  # fmt: skip
+    """Clipped surrogate + β·k3, aggregated. logp, old_logp, ref_logp, mask: (B, T) per answer token;
+    adv: (B,). Returns (loss, diagnostics).
+
+        ρ = exp(logp − old_logp)
+        ℓ = −min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A) + β k3(logp, ref_logp)
+        token:    Σ ℓ·mask / Σ mask                          DAPO
+        sequence: mean_i (Σ_t ℓ·mask / Σ_t mask)             GRPO
+        constant: Σ ℓ·mask / (B · T), T = mask.shape[-1]     Dr. GRPO (T: the generation budget)
+
+    The KL term: k3 = (π_ref/π − 1) − log(π_ref/π) is an unbiased estimate of KL(π‖π_ref), but in the
+    loss its expected gradient is that of KL(π_ref‖π), the forward KL (seed §9.4.2; tested exactly).
+    Masked tokens (padding, cut-off answers) are out of both numerator and denominator."""
+    mask = mask.float()
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]  # (B,) -> (B, 1), one advantage for every token of an answer
+    surrogate = torch.min(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
+    per_token = -surrogate
+    kl = common.kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    if beta:
+        per_token = per_token + beta * kl
+    if agg == "token":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    elif agg == "sequence":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif agg == "constant":
+        loss = (per_token * mask).sum() / (mask.shape[0] * mask.shape[1])
+    else:
+        raise ValueError(f"unknown aggregation {agg!r}")
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        stats = {
+            "clip_frac_low": (((ratio < 1 - clip_low) & (a < 0)).float() * mask).sum() / n,  # clipped, A < 0
+            "clip_frac_high": (((ratio > 1 + clip_high) & (a > 0)).float() * mask).sum() / n,  # clipped, A > 0
+            "kl": (kl * mask).sum() / n,
+        }
+    return loss, stats
+
+
+def distinct_2(texts: list[list[int]]) -> float:
+    """Distinct bigrams / all bigrams over the answers' token ids: 1 is fully diverse."""
+    grams = [tuple(t[i : i + 2]) for t in texts for i in range(len(t) - 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+# ───────────── rollout ─────────────
+
+
+@torch.no_grad()
+def score(prompts: list[dict], texts: list[str], args: Args, reward_model, device) -> Tensor:
+    """(B,) rewards: the rule (right answer, plus --format-reward for the format), or the RM's score."""
+    if reward_model is None:
+        return torch.tensor([common.rule_reward(t, p["answer"]) + args.format_reward * common.format_reward(t)
+                             for p, t in zip(prompts, texts)])  # fmt: skip
+    rm, tok = reward_model
+    docs = [common.tokenize_conversation(tok, common.as_messages(p["prompt"], t)) for p, t in zip(prompts, texts)]
+    with common.autocast(device):
+        h = common.last_token_hidden(rm, common.to_device(common.collate_packed(docs), device))
+    return rm.score(h).squeeze(-1).float().cpu()
+
+
+def completion_matrix(x: Tensor, batch: dict, width: int) -> Tensor:
+    """Per-token values of a packed row (1, T) -> (num_docs, width): each document's answer tokens, left
+    aligned, zeros after. width is the generation budget, so every answer fits."""
+    mask = batch["labels"][0] != common.IGNORE
+    doc = common.doc_ids(batch)[0][mask]
+    n_docs = len(batch["cu_seqlens"]) - 1
+    counts = torch.bincount(doc, minlength=n_docs)
+    pos = torch.arange(len(doc), device=doc.device) - (counts.cumsum(0) - counts)[doc]
+    out = x.new_zeros(n_docs, width)
+    out[doc, pos] = x[0][mask]
+    return out
+
+
+def answer_logps(model, batch: dict, width: int, temperature: float, entropy: bool = False):
+    """(n, width) log-probs (and entropies) of the answers of a packed row, in fp32 from logits / τ:
+    the same computation at sampling time (old, ref) and in training, so ρ = 1 exactly when π = π_old."""
+    logp, ent = common.token_logps(model, batch, temperature=temperature, entropy=entropy)
+    return completion_matrix(logp, batch, width), (completion_matrix(ent, batch, width) if entropy else None)
+
+
+def rollout(
+    policy, ref, tokenizer, prompts: list[dict], seeds: list[int], args: Args, reward_model, device
+) -> tuple[list[dict], dict]:
+    """Sample G answers per prompt, score them, and turn them into training samples with their advantage,
+    mask, and the old / reference log-probs of their tokens. Returns (samples, stats).
+
+    A group is generated as one batch from its own seed: its answers depend on (seed, step, prompt)
+    only, not on which rank samples it or what else it is batched with, so 1 or N ranks and a resumed
+    run sample the same answers. The G prompts of a group are identical: no padding."""
+    t0 = time.time()
+    gens = []
+    for p, seed in zip(prompts, seeds):
+        torch.manual_seed(seed)
+        gens += common.generate(
+            policy, tokenizer, [p["prompt"]] * args.group_size, args.max_new_tokens, temperature=args.temperature
+        )
+    gen_s = time.time() - t0
+    flat = [p for p in prompts for _ in range(args.group_size)]
+    texts = [g["text"] for g in gens]
+    ended = torch.tensor([g["completion_ids"][-1:] == [tokenizer.eos_token_id] for g in gens])
+    reward = score(flat, texts, args, reward_model, device)
+    if args.overlong == "penalty":
+        reward = reward - (~ended).float()
+    # advantages within each group; groups with equal rewards carry no signal
+    adv = group_advantages(reward, args.group_size, args.scale)
+    zero_std = (reward.view(-1, args.group_size).std(1).nan_to_num(0.0) == 0).repeat_interleave(args.group_size)
+    keep = torch.ones(len(gens), dtype=torch.bool)
+    if args.overlong == "mask":
+        keep &= ended  # a cut-off answer has no honest ending: out of the loss (DAPO's overlong filtering)
+    if args.filter_zero_std:
+        keep &= ~zero_std
+    samples = []
+    for g, a, k in zip(gens, adv.tolist(), keep.tolist()):
+        if k and g["completion_ids"]:
+            ids = g["prompt_ids"] + g["completion_ids"]
+            samples.append({"input_ids": ids, "labels": [common.IGNORE] * len(g["prompt_ids"]) + g["completion_ids"], "adv": a})
+    # old and reference log-probs, micro-batch by micro-batch exactly as the update will see them
+    for batch_idx, batch in micro_batches(samples, args.max_tokens):
+        batch = common.to_device(batch, device)
+        with torch.no_grad(), common.autocast(device):
+            if args.mu > 1:
+                old, _ = answer_logps(policy, batch, args.max_new_tokens, args.temperature)
+            if ref is not None:
+                ref_logp, _ = answer_logps(ref, batch, args.max_new_tokens, args.temperature)
+        for j, i in enumerate(batch_idx):
+            if args.mu > 1:
+                samples[i]["old"] = old[j].cpu()
+            if ref is not None:
+                samples[i]["ref"] = ref_logp[j].cpu()
+    stats = {
+        "reward/mean": float(reward.mean()), "reward/std": float(reward.std()) if len(reward) > 1 else 0.0,
+        "zero_std_frac": float(zero_std.float().mean()),
+        "response_length": sum(len(g["completion_ids"]) for g in gens) / len(gens), "truncated_frac": float((~ended).float().mean()),
+        "distinct_2": distinct_2([g["completion_ids"] for g in gens]), "time/generation_s": gen_s,
+    }  # fmt: skip
+    if all("answer" in p for p in prompts):
+        stats["accuracy"] = sum(common.rule_reward(t, p["answer"]) for p, t in zip(flat, texts)) / len(texts)
+    return samples, stats
+
+
+def micro_batches(samples: list[dict], max_tokens: int) -> list[tuple[list[int], dict]]:
+    """Packed rows of at most max_tokens tokens: (sample indices, batch)."""
+    bins = common.pack_bins([len(s["input_ids"]) for s in samples], max_tokens)
+    return [(b, common.collate_packed([samples[i] for i in b])) for b in bins]
+
+
+# ───────────── training ─────────────
+
+
+def main(args: Args) -> str:
+    rank, world, device = common.init_distributed()
+    common.seed_everything(args.seed)
+    out_dir = args.output_dir or os.path.join("runs", f"grpo-{time.strftime('%Y%m%d-%H%M%S')}")
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        common.write_args(out_dir, args)
+    if args.prompts_per_step % world:
+        raise ValueError(
+            f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} ranks (whole groups per rank)"
+        )
+
+    tokenizer = common.load_tokenizer(args.model)
+    policy = common.load_model(args.model, tokenizer, seed=args.seed).to(device)
+    ref = copy.deepcopy(policy).requires_grad_(False).eval() if args.beta else None  # β = 0: no reference at all
+    reward_model = None
+    if args.reward_model:
+        from transformers import AutoModelForSequenceClassification
+
+        rm = AutoModelForSequenceClassification.from_pretrained(args.reward_model).to(device).eval()
+        rm.set_attn_implementation(common.ATTN_IMPL)
+        reward_model = (rm, common.load_tokenizer(args.reward_model))
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    builtin = args.data == "builtin"
+    prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data)
+    if not args.reward_model and not all("answer" in p for p in prompts):
+        missing = next(p for p in prompts if "answer" not in p)
+        raise common.DataError(
+            f"{missing['_where']}: missing field 'answer' (the rule reward needs it; or pass --reward-model)"
+        )
+    problems = common.builtin_task("test", args.num_eval, args.seed) if builtin else []
+
+    policy = common.shard_model(policy, args.fsdp)
+    policy.train()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    scheduler = common.cosine_schedule(optimizer, args.warmup_steps * args.mu, args.max_steps * args.mu)
+    start = common.load_checkpoint(out_dir, policy, optimizer, scheduler)[0] if args.resume else 0
+
+    log = common.MetricsLog(out_dir, args.max_steps, start, rank, keys=("reward/mean", "accuracy"))
+    if start == 0 and problems:
+        log.log(0, {"eval/accuracy": common.greedy_accuracy(policy, tokenizer, problems, args.max_new_tokens, rank, world)})
+    for step in range(start, args.max_steps):
+        # 1. generate and score: this rank's whole groups, each sampled from a seed of (seed, step, prompt)
+        idx = common.step_indices(len(prompts), args.prompts_per_step, step, args.seed)[rank::world]
+        seeds = [common.hash_int([args.seed, step, i]) for i in idx]
+        samples, stats = rollout(policy, ref, tokenizer, [prompts[i] for i in idx], seeds, args, reward_model, device)
+        t0 = time.time()
+        # 2. the step's denominators over all ranks: answer tokens (token) or answers (sequence, constant)
+        n_tok = float(
+            common.all_reduce_sum(torch.tensor(float(sum(sum(t != common.IGNORE for t in s["labels"]) for s in samples))))
+        )
+        n_seq = float(common.all_reduce_sum(torch.tensor(float(len(samples)))))
+        total = n_tok if args.loss_agg == "token" else n_seq
+        # 3. μ updates on the rollout; old log-probs were recorded at sampling time (μ = 1: the current
+        #    ones, ρ = 1 and the clipped surrogate is the plain policy gradient)
+        sums = torch.zeros(5, dtype=torch.float64)  # clip_low, clip_high, kl, entropy (token-weighted), tokens
+        for _ in range(args.mu):
+            for batch_idx, batch in micro_batches(samples, args.max_tokens) if total else []:
+                batch = common.to_device(batch, device)
+                chosen = [samples[i] for i in batch_idx]
+                with common.autocast(device):
+                    logp, entropy = answer_logps(policy, batch, args.max_new_tokens, args.temperature, entropy=True)
+                mask = completion_matrix((batch["labels"] != common.IGNORE).float(), batch, args.max_new_tokens)
+                old = torch.stack([s["old"] for s in chosen]).to(device) if args.mu > 1 else logp.detach()
+                ref_logp = torch.stack([s["ref"] for s in chosen]).to(device) if ref is not None else None
+                adv = torch.tensor([s["adv"] for s in chosen], device=device)
+                loss, st = grpo_loss(logp, old, ref_logp, adv, mask, args.clip_low, args.clip_high, args.beta, args.loss_agg)
+                units = mask.sum() if args.loss_agg == "token" else float(len(chosen))
+                (loss * units / total).backward()  # the micro-batch's share of the step's aggregate
+                n = mask.sum().item()
+                ent = float((entropy.detach() * mask).sum())
+                sums += torch.tensor(
+                    [st["clip_frac_low"].item() * n, st["clip_frac_high"].item() * n, st["kl"].item() * n, ent, n],
+                    dtype=torch.float64,
+                )
+            if not total:
+                break  # no answer left to train on this step (all cut off or filtered), on every rank
+            common.sync_grads(policy)
+            grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"step {step}: gradient norm is {grad_norm.item()}; stopping before the update")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        s = common.all_reduce_sum(sums).tolist()
+        tok = max(s[4], 1.0)
+        metrics = {**common.reduce_metrics(stats, world), "clip_frac_low": s[0] / tok, "clip_frac_high": s[1] / tok,
+                   "kl": s[2] / tok, "entropy": s[3] / tok, "lr": scheduler.get_last_lr()[0], "time/training_s": time.time() - t0}  # fmt: skip
+        metrics["trained_answers"] = n_seq  # over all ranks, after --overlong mask and --filter-zero-std
+        if total:
+            metrics["grad_norm"] = float(grad_norm)
+        log.log(step + 1, metrics)
+        if problems and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+            log.log(
+                step + 1,
+                {"eval/accuracy": common.greedy_accuracy(policy, tokenizer, problems, args.max_new_tokens, rank, world)},
+            )
+        if args.save_every and (step + 1) % args.save_every == 0:
+            common.save_checkpoint(out_dir, step, policy, optimizer, scheduler, rank)
+
+    if problems:
+        log.log(
+            args.max_steps,
+            {"eval/accuracy": common.greedy_accuracy(policy, tokenizer, problems, args.max_new_tokens, rank, world)},
+        )
+    log.close()
+    common.save_model(policy, tokenizer, out_dir, rank)
+    return out_dir
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
