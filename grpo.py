@@ -326,7 +326,7 @@ def main(args: Args) -> str:
         total = n_tok if args.loss_agg == "token" else n_seq
         # 3. μ updates on the rollout; old log-probs were recorded at sampling time (μ = 1: the current
         #    ones, ρ = 1 and the clipped surrogate is the plain policy gradient)
-        sums = torch.zeros(5, dtype=torch.float64)  # clip_low, clip_high, kl, entropy (token-weighted), tokens
+        sums = torch.zeros(6, dtype=torch.float64)  # clip_low, clip_high, kl, entropy (token-weighted), tokens, loss
         for _ in range(args.mu):
             for batch_idx, batch in micro_batches(samples, args.max_tokens) if total else []:
                 batch = common.to_device(batch, device)
@@ -339,13 +339,19 @@ def main(args: Args) -> str:
                 adv = torch.tensor([s["adv"] for s in chosen], device=device)
                 loss, st = grpo_loss(logp, old, ref_logp, adv, mask, args.clip_low, args.clip_high, args.beta, args.loss_agg)
                 units = mask.sum() if args.loss_agg == "token" else float(len(chosen))
-                (loss * units / total).backward()  # the micro-batch's share of the step's aggregate
+                share = loss * units / total  # the micro-batch's share of the step's aggregate
+                share.backward()
                 n = mask.sum().item()
                 ent = float((entropy.detach() * mask).sum())
-                sums += torch.tensor(
-                    [st["clip_frac_low"].item() * n, st["clip_frac_high"].item() * n, st["kl"].item() * n, ent, n],
-                    dtype=torch.float64,
-                )
+                st = [
+                    st["clip_frac_low"].item() * n,
+                    st["clip_frac_high"].item() * n,
+                    st["kl"].item() * n,
+                    ent,
+                    n,
+                    share.item() / args.mu,
+                ]
+                sums += torch.tensor(st, dtype=torch.float64)
             if not total:
                 break  # no answer left to train on this step (all cut off or filtered), on every rank
             common.sync_grads(policy)
@@ -358,7 +364,7 @@ def main(args: Args) -> str:
 
         s = common.all_reduce_sum(sums).tolist()
         tok = max(s[4], 1.0)
-        metrics = {**common.reduce_metrics(stats, world), "clip_frac_low": s[0] / tok, "clip_frac_high": s[1] / tok,
+        metrics = {"loss": s[5], **common.reduce_metrics(stats, world), "clip_frac_low": s[0] / tok, "clip_frac_high": s[1] / tok,
                    "kl": s[2] / tok, "entropy": s[3] / tok, "lr": scheduler.get_last_lr()[0], "time/training_s": time.time() - t0}  # fmt: skip
         metrics["trained_answers"] = n_seq  # over all ranks, after --overlong mask and --filter-zero-std
         if total:

@@ -198,4 +198,4 @@ def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path):
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     args = cli(tmp_path) + ["--max-steps", "6", "--save-every", "3", "--eval-every", "0"]
-    check_resume_matches_uninterrupted("grpo.py", args, tmp_path, steps=6, key="reward/mean")
+    check_resume_matches_uninterrupted("grpo.py", args, tmp_path, steps=6)
