@@ -4,6 +4,7 @@
     python tests/bench.py logps            # peak memory of per-token log-probs, T=4096, V=49152
     python tests/bench.py sft              # sft.py vs TRL SFTTrainer: tokens/s, peak RSS, FLOP/s
     python tests/bench.py dpo              # dpo.py vs TRL DPOTrainer: step time, peak RSS
+    python tests/bench.py grpo             # grpo.py vs TRL GRPOTrainer (vLLM off): generation / training time, peak RSS
     python tests/bench.py plot OUT.png RUN_DIR[:label] ... --keys=loss,eval/accuracy
 
 Every measurement runs in a subprocess of its own, so its peak RSS is its alone. Both sides use the
@@ -232,6 +233,72 @@ def bench_dpo():
     print(table(rows, ["run", "step_s", "speedup_vs_trl", "wall_s", "peak_rss_MB"]))
 
 
+# ───────────── GRPO ─────────────
+
+GRPO_STEPS, GRPO_PROMPTS, GRPO_G, GRPO_LEN = 4, 4, 8, 64
+
+
+def worker_ours_grpo() -> dict:
+    import grpo
+
+    with tempfile.TemporaryDirectory() as out:
+        args = grpo.Args(num_eval=0, prompts_per_step=GRPO_PROMPTS, group_size=GRPO_G, max_new_tokens=GRPO_LEN, lr=LR, beta=0.04,
+                         clip_high=0.28, max_grad_norm=1.0, max_steps=GRPO_STEPS, save_every=0, output_dir=out)  # fmt: skip
+        grpo.main(args)
+        rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
+    steps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
+    return {"step_s": statistics.median(steps), "generation_s": statistics.median(r["time/generation_s"] for r in rows[1:]),
+            "training_s": statistics.median(r["time/training_s"] for r in rows[1:]), "peak_rss_MB": peak_rss_mb()}  # fmt: skip
+
+
+def worker_trl_grpo() -> dict:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = common.load_tokenizer(common.DEFAULT_MODEL)
+    rows = [{"prompt": [{"role": "user", "content": p["prompt"]}], "answer": p["answer"]}
+            for p in common.builtin_prompts("train", GRPO_PROMPTS * GRPO_STEPS)]  # fmt: skip
+
+    def reward(completions, answer, **kw):  # the same rule reward as grpo.py: right answer + 0.1 for the format
+        texts = [c[-1]["content"] for c in completions]
+        return [common.rule_reward(t, a) + 0.1 * common.format_reward(t) for t, a in zip(texts, answer)]
+
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(), max_steps=GRPO_STEPS, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+        adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", per_device_train_batch_size=GRPO_PROMPTS * GRPO_G,
+        num_generations=GRPO_G, max_completion_length=GRPO_LEN, temperature=1.0, beta=0.04, epsilon=0.2, epsilon_high=0.28,
+        loss_type="dapo", mask_truncated_completions=True, use_vllm=False, save_strategy="no", report_to=[], logging_steps=1,
+        use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0, gradient_checkpointing=False,  # as grpo.py
+    )  # fmt: skip
+    timer = StepTimer()
+    trainer = GRPOTrainer(model=trl_model(), reward_funcs=reward, args=config, train_dataset=Dataset.from_list(rows),
+                          processing_class=tok, callbacks=[timer])  # fmt: skip
+    gen_times, generate = [], trainer._generate_and_score_completions
+
+    def timed(*a, **k):  # sampling + scoring (+ TRL's old/ref log-prob passes), once per step here
+        t0 = time.time()
+        out = generate(*a, **k)
+        gen_times.append(time.time() - t0)
+        return out
+
+    trainer._generate_and_score_completions = timed
+    trainer.train()
+    step = statistics.median(timer.times[1:])
+    gen = statistics.median(gen_times[1:])
+    return {"step_s": step, "generation_s": gen, "training_s": step - gen, "peak_rss_MB": peak_rss_mb()}
+
+
+def bench_grpo():
+    rows = []
+    for side in ("cleanpost", "trl"):
+        rows.append({"run": side, **in_subprocess(("ours" if side == "cleanpost" else "trl") + "_grpo")})
+        print(rows[-1], flush=True)
+    rows[0]["speedup_vs_trl"], rows[1]["speedup_vs_trl"] = rows[1]["step_s"] / rows[0]["step_s"], 1.0
+    print(f"SmolLM2-135M fp32, {torch.get_num_threads()} threads, {GRPO_PROMPTS} prompts x G = {GRPO_G}, {GRPO_LEN} new tokens, "
+          f"{GRPO_STEPS} steps, vLLM off")  # fmt: skip
+    print(table(rows, ["run", "step_s", "generation_s", "training_s", "speedup_vs_trl", "peak_rss_MB"]))
+
+
 # ───────────── plots ─────────────
 
 
@@ -296,4 +363,4 @@ if __name__ == "__main__":
         keys = next((a.split("=", 1)[1] for a in rest if a.startswith("--keys=")), "loss").split(",")
         plot(rest[0], [a for a in rest[1:] if not a.startswith("--keys=")], keys)
     else:
-        {"logps": bench_logps, "sft": bench_sft, "dpo": bench_dpo}[cmd]()
+        {"logps": bench_logps, "sft": bench_sft, "dpo": bench_dpo, "grpo": bench_grpo}[cmd]()
