@@ -51,8 +51,8 @@ class Args:
     """preference JSONL (orm) or PRM JSONL (prm), or "builtin" for the arithmetic task"""
     eval_data: str = ""
     """held-out JSONL in the same format (the built-in task brings its own test split)"""
-    num_train: int = 240
-    """built-in training pairs / solutions"""
+    num_train: int = 480
+    """built-in training pairs / solutions (one epoch of the default run)"""
     num_eval: int = 64
     """built-in held-out pairs / solutions / problems"""
     max_tokens: int = 2048
@@ -80,12 +80,12 @@ class Args:
     max_new_tokens: int = 64
     """generation budget of the policy"""
     # optimisation
-    lr: float = 1e-5
+    lr: float = 3e-5
     """peak AdamW learning rate"""
     batch_size: int = 8
     """pairs (orm) or solutions (prm) per optimizer step, summed over ranks and micro-batches"""
     max_steps: int = 60
-    """optimizer steps; 60 = two epochs of the default data"""
+    """optimizer steps; 60 × 8 = one epoch of the default data"""
     warmup_steps: int = 3
     """linear warm-up steps before the cosine decay"""
     max_grad_norm: float = 10.0
