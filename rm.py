@@ -365,7 +365,8 @@ def score_responses(
 def run_best_of_n(args: Args, out_dir: str, rank: int, world: int, device) -> dict:
     """Sample max(N) answers per held-out problem once; for each N, the accuracy of the answer each
     scorer keeps, averaged over the disjoint groups of N. Also: greedy, one sample (N = 1) and pass@N
-    (some answer in the group is right: the ceiling of any scorer)."""
+    (some answer in the group is right: the ceiling of any scorer). Every sample, its correctness and
+    its scores go to best_of_n_samples.jsonl, to see what a scorer prefers."""
     name = args.policy or args.model
     tokenizer = common.load_tokenizer(name)
     policy = common.load_model(name, tokenizer, seed=args.seed).to(device)
@@ -409,7 +410,12 @@ def run_best_of_n(args: Args, out_dir: str, rank: int, world: int, device) -> di
     total = common.all_reduce_sum(torch.tensor([local[k] for k in keys], dtype=torch.float64)) / len(problems)
     result = {f"bon/{k}": v for k, v in zip(keys, total.tolist())}
     result["bon/generation_s"] = gen_s
+    rows = [{"prompt": prompts[i], "answer": mine[i // m]["answer"], "text": t, "correct": float(correct.view(-1)[i]),
+             **{k: float(v.view(-1)[i]) for k, v in scores.items()}} for i, t in enumerate(texts)]  # fmt: skip
+    rows = common.all_gather_objects(rows)
     if rank == 0:
+        with open(os.path.join(out_dir, "best_of_n_samples.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
         with open(os.path.join(out_dir, "best_of_n.json"), "w") as f:
             json.dump(result, f, indent=1)
         print(json.dumps(result, indent=1))

@@ -225,6 +225,9 @@ def test_best_of_n_end_to_end_counts_greedy_samples_and_scorers(tmp_path, monkey
     for key in ("orm", "prm_min", "prm_product"):
         for n in (2, 4):
             assert 0.0 <= r[f"bon/{key}@{n}"] <= r[f"bon/pass@{n}"]
+    with open(os.path.join(out, "best_of_n_samples.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 16 and sum(x["correct"] for x in rows) == 4 and {"orm", "prm_min", "prm_product"} <= rows[0].keys()
 
 
 # ───────────── processes: torchrun, kill and resume ─────────────
@@ -280,3 +283,19 @@ def test_bad_prm_rows_are_errors_or_counted_skips(chatml, tmp_path):
             CPU,
             str(tmp_path),
         )
+
+
+def test_best_of_n_scores_each_response_as_it_scores_alone(chatml):
+    orm, prm = rm.reward_model("tiny", chatml, "orm", seed=0).eval(), rm.reward_model("tiny", chatml, "prm", seed=1).eval()
+    prompts = ["q one", "q two", "q three", "q four"]
+    texts = ["1 + 2 = 3. The answer is 3.", "", "The answer is 5.", "Two steps. Then the answer is 7."]
+    cpu = torch.device("cpu")
+    packed = rm.score_responses(orm, chatml, "orm", prompts, texts, "\n", 4096, cpu)
+    steps = rm.score_responses(prm, chatml, "prm", prompts, texts, "\n", 4096, cpu)
+    assert packed[1].numel() == 0 and steps[1].numel() == 0  # an empty answer has no score
+    for i in (0, 2, 3):
+        alone = rm.score_responses(orm, chatml, "orm", prompts[i : i + 1], texts[i : i + 1], "\n", 4096, cpu)[0]
+        torch.testing.assert_close(packed[i], alone, atol=1e-5, rtol=1e-5)
+        alone = rm.score_responses(prm, chatml, "prm", prompts[i : i + 1], texts[i : i + 1], "\n", 4096, cpu)[0]
+        torch.testing.assert_close(steps[i], alone, atol=1e-5, rtol=1e-5)
+        assert len(steps[i]) == len(rm.split_steps(texts[i]))
