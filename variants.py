@@ -376,13 +376,14 @@ def main(args: Args) -> str:
             kl = (common.all_reduce_sum((mismatch - ref[idx, 1]).sum().double()) / n_global).clamp(min=0).float().to(device)
         sums = {}
         tokens = 0
-        for local, batch in unit_batches(mine, keys, args.max_tokens):
+        trained = keys[:1] if args.loss == "kto" else keys  # KTO's mismatched answers only feed z_ref (step 1)
+        for local, batch in unit_batches(mine, trained, args.max_tokens):
             batch = common.to_device(batch, device)
             rows = [idx[i] for i in local]
             with common.autocast(device):
-                seq, lengths = doc_logps(policy, batch, len(keys))  # (n, 2): summed log-probs and answer lengths
+                seq, lengths = doc_logps(policy, batch, len(trained))  # (n, 2) or KTO (n, 1): summed log-probs, lengths
             # 2. the variant's loss, per pair / example
-            stats = {"logps/chosen": seq[:, 0].detach(), "logps/rejected": seq[:, 1].detach()}
+            stats = {"logps/chosen": seq[:, 0].detach(), "logps/rejected": seq[:, -1].detach()}
             if args.loss == "ipo":
                 ref_w, ref_l = ref[rows].to(device).unbind(1)
                 loss, _ = ipo_loss(seq[:, 0], seq[:, 1], ref_w, ref_l, args.tau)
