@@ -10,6 +10,8 @@
     SimPO  yes      no      −log σ(β avg_w − β avg_l − γ)                       length bias, displacement, π_ref
 with lr = log π(y|x) − log π_ref(y|x) summed over the answer's tokens, avg = log π(y|x) / |y| and
 odds = p / (1 − p), p = exp(avg). ORPO and SimPO never load a reference model: their memory is one model.
+Papers: DPO arXiv:2305.18290; IPO Azar et al. arXiv:2310.12036; KTO Ethayarajh et al. arXiv:2402.01306;
+ORPO Hong et al. arXiv:2403.07691; SimPO Meng et al. arXiv:2405.14734.
 
     torchrun --nproc_per_node 2 variants.py --loss kto
 """
