@@ -684,6 +684,18 @@ def load_model(name: str, tokenizer=None, dtype=torch.float32, seed: int = 0):
     return model.to(dtype)
 
 
+def load_reward_model(path: str, kind: str = "orm"):
+    """An rm.py output in eval mode with packed attention: a sequence classifier (kind="orm", one score
+    per answer, read at its last token) or a token classifier (kind="prm", a score per step end)."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    register_attention()
+    cls = AutoModelForSequenceClassification if kind == "orm" else AutoModelForTokenClassification
+    model = cls.from_pretrained(path, dtype=torch.float32)
+    model.set_attn_implementation(ATTN_IMPL)
+    return model.eval()
+
+
 def save_model(model, tokenizer, out_dir: str, rank: int = 0):
     """A save_pretrained directory (safetensors + tokenizer + chat template) that transformers and vLLM
     load. Called on every rank (gathering FSDP shards is collective); rank 0 writes."""

@@ -336,11 +336,7 @@ def main(args: Args) -> str:
         judge_tok = common.load_tokenizer(args.judge)
         scorer = (common.load_model(args.judge, judge_tok).to(device).eval(), judge_tok)
     elif args.online and args.reward_model:
-        from transformers import AutoModelForSequenceClassification
-
-        common.register_attention()
-        rm = AutoModelForSequenceClassification.from_pretrained(args.reward_model).to(device).eval()
-        rm.set_attn_implementation(common.ATTN_IMPL)
+        rm = common.load_reward_model(args.reward_model).to(device)
         scorer = (rm, common.load_tokenizer(args.reward_model))
 
     policy = common.shard_model(policy, args.fsdp)

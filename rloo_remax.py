@@ -212,10 +212,7 @@ def main(args: Args) -> str:
     ref = copy.deepcopy(policy).requires_grad_(False).eval() if args.beta else None  # β = 0: no reference at all
     reward_model = None
     if args.reward_model:
-        from transformers import AutoModelForSequenceClassification
-
-        rm = AutoModelForSequenceClassification.from_pretrained(args.reward_model).to(device).eval()
-        rm.set_attn_implementation(common.ATTN_IMPL)
+        rm = common.load_reward_model(args.reward_model).to(device)
         reward_model = (rm, common.load_tokenizer(args.reward_model))
 
     builtin = args.data == "builtin"

@@ -183,17 +183,6 @@ def reward_model(name: str, tokenizer, kind: str, seed: int):
     return model
 
 
-def load_reward_model(path: str, kind: str):
-    """A saved ORM / PRM directory, with packed attention."""
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-    common.register_attention()
-    cls = AutoModelForSequenceClassification if kind == "orm" else AutoModelForTokenClassification
-    model = cls.from_pretrained(path, dtype=torch.float32)
-    model.set_attn_implementation(common.ATTN_IMPL)
-    return model.eval()
-
-
 def pair_rewards(model, batch: dict) -> tuple[Tensor, Tensor]:
     """r(x, y) of the chosen and rejected documents of a packed row (chosen_0, rejected_0, chosen_1, ...):
     the head applied to the last token of each document. (n,), (n,) in float32."""
@@ -389,7 +378,7 @@ def run_best_of_n(args: Args, out_dir: str, rank: int, world: int, device) -> di
             continue
         rm_tok = common.load_tokenizer(path)
         per = score_responses(
-            load_reward_model(path, kind).to(device), rm_tok, kind, prompts, texts, args.step_sep, args.max_tokens, device
+            common.load_reward_model(path, kind).to(device), rm_tok, kind, prompts, texts, args.step_sep, args.max_tokens, device
         )
         ways = ["min", "product"] if kind == "prm" else ["score"]
         for how in ways:
