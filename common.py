@@ -711,15 +711,35 @@ def save_model(model, tokenizer, out_dir: str, rank: int = 0):
 # ───────────────────────────── generation ─────────────────────────────
 
 
+class RowSampler:
+    """A logits processor that samples row b from softmax(logits / τ) with row b's own generator, by the
+    Gumbel-max trick: argmax(logits / τ + g), g ~ Gumbel(0, 1) i.i.d., is an exact sample. Used with
+    greedy decoding, each row's sample depends on its seed alone, not on the rest of its batch: 1 rank
+    and N ranks (or a resumed run) sample the same answers from differently batched prompts."""
+
+    def __init__(self, seeds: list[int], temperature: float, device):
+        self.temperature = temperature
+        self.gens = [torch.Generator(device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        v = scores.shape[-1]
+        u = torch.stack([torch.rand(v, generator=g, device=scores.device) for g in self.gens])  # (B, V) in [0, 1)
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20)))
+        return scores.float() / self.temperature + gumbel
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, batch_size: int = 32,
-             prefill: list[str] | None = None):  # fmt: skip
+             prefill: list[str] | None = None, seeds: list[int] | None = None):  # fmt: skip
     """Sample one completion per prompt (strings or message lists), greedy when temperature == 0.
     `prefill`: per prompt, the start of the assistant's answer to continue from (e.g. the first
-    steps of a solution); the returned text is the continuation only.
+    steps of a solution); the returned text is the continuation only. `seeds`: per prompt, the seed of
+    its own sampler (RowSampler), so that a completion does not depend on how prompts are batched.
 
     Left-padded batches with the KV cache; a completion ends at EOS. Returns a list of dicts with
     "text", "prompt_ids" and "completion_ids" (EOS included when produced, padding removed)."""
+    from transformers import LogitsProcessorList
+
     was_training = model.training
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -729,10 +749,14 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
         starts = prefill[i : i + batch_size] if prefill else [""] * len(chunk)
         texts = [_render(tokenizer, as_messages(p), add_generation_prompt=True) + a for p, a in zip(chunk, starts)]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        sample = temperature > 0
+        sample = temperature > 0 and seeds is None
+        processors = LogitsProcessorList()
+        if seeds is not None and temperature > 0:  # seeded rows: Gumbel-max on top of greedy decoding
+            processors.append(RowSampler(seeds[i : i + batch_size], temperature, model.device))
         gen = model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
             top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            logits_processor=processors,
         )  # fmt: skip
         for row, attn, g in zip(enc["input_ids"], enc["attention_mask"], gen[:, enc["input_ids"].shape[1] :]):
             g = g.tolist()

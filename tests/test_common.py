@@ -367,3 +367,25 @@ def test_embedded_default_converts_once_then_loads_from_the_cache(tmp_path, monk
         logp, _ = common.token_logps(model, common.collate_packed([sample]))
     mean_nll = -logp[torch.tensor([sample["labels"]]) != -100].mean().item()
     assert 0 < mean_nll < 4  # a trained model, not random weights (random: ~log 49152 = 10.8)
+
+
+def test_row_sampler_draws_from_softmax_over_temperature():
+    """Gumbel-max: argmax(logits / τ + Gumbel noise) is distributed as softmax(logits / τ)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    sampler = common.RowSampler([7], temperature=2.0, device="cpu")
+    n = 20000
+    counts = torch.bincount(torch.cat([sampler(None, logits).argmax(-1) for _ in range(n)]), minlength=5).double()
+    expected = torch.softmax(logits[0].double() / 2.0, -1)
+    # 4.5 standard errors per class: fails by chance with probability < 1e-4
+    assert ((counts / n - expected).abs() < 4.5 * (expected * (1 - expected) / n).sqrt()).all()
+
+
+def test_seeded_generation_does_not_depend_on_the_batch():
+    tok = common.load_tokenizer("tiny")
+    model = common.load_model("tiny", tok)
+    prompts = ["hi", "a much longer prompt with many more words in it", "x y"]
+    together = common.generate(model, tok, prompts, 8, temperature=1.0, seeds=[1, 2, 3], batch_size=3)
+    alone = [common.generate(model, tok, [p], 8, temperature=1.0, seeds=[s])[0] for p, s in zip(prompts, [1, 2, 3])]
+    assert [g["completion_ids"] for g in together] == [g["completion_ids"] for g in alone]
+    other = common.generate(model, tok, prompts[:1], 8, temperature=1.0, seeds=[4])
+    assert other[0]["completion_ids"] != together[0]["completion_ids"]  # the seed matters
