@@ -248,7 +248,8 @@ def worker_ours_grpo() -> dict:
         rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
     steps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
     return {"step_s": statistics.median(steps), "generation_s": statistics.median(r["time/generation_s"] for r in rows[1:]),
-            "training_s": statistics.median(r["time/training_s"] for r in rows[1:]), "peak_rss_MB": peak_rss_mb()}  # fmt: skip
+            "training_s": statistics.median(r["time/training_s"] for r in rows[1:]),
+            "completion_len": statistics.mean(r["response_length"] for r in rows), "peak_rss_MB": peak_rss_mb()}  # fmt: skip
 
 
 def worker_trl_grpo() -> dict:
@@ -285,7 +286,9 @@ def worker_trl_grpo() -> dict:
     trainer.train()
     step = statistics.median(timer.times[1:])
     gen = statistics.median(gen_times[1:])
-    return {"step_s": step, "generation_s": gen, "training_s": step - gen, "peak_rss_MB": peak_rss_mb()}
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {"step_s": step, "generation_s": gen, "training_s": step - gen, "completion_len": statistics.mean(lengths),
+            "peak_rss_MB": peak_rss_mb()}  # fmt: skip
 
 
 def bench_grpo():
@@ -296,7 +299,7 @@ def bench_grpo():
     rows[0]["speedup_vs_trl"], rows[1]["speedup_vs_trl"] = rows[1]["step_s"] / rows[0]["step_s"], 1.0
     print(f"SmolLM2-135M fp32, {torch.get_num_threads()} threads, {GRPO_PROMPTS} prompts x G = {GRPO_G}, {GRPO_LEN} new tokens, "
           f"{GRPO_STEPS} steps, vLLM off")  # fmt: skip
-    print(table(rows, ["run", "step_s", "generation_s", "training_s", "speedup_vs_trl", "peak_rss_MB"]))
+    print(table(rows, ["run", "step_s", "generation_s", "training_s", "completion_len", "speedup_vs_trl", "peak_rss_MB"]))
 
 
 # ───────────── plots ─────────────
