@@ -1,0 +1,481 @@
+"""Distillation from a teacher into a smaller student, and rejection-sampling fine-tuning (seed §14).
+
+    --mode seqkd      sequence-level KD (Kim & Rush 2016, arXiv:1606.07947): the teacher answers the
+                      prompts (sampled; --teacher-temperature 0: greedy, as beam search), the student is fine-tuned on those
+                      answers with the SFT loss:  L = −Σ_t log π_S(y_t | x, y_<t),  y = teacher(x)
+    --mode rft        rejection-sampling fine-tuning (Yuan et al. 2023, arXiv:2308.01825): the student
+                      samples N answers per prompt, a reward keeps the best one if it passes a threshold,
+                      the student is fine-tuned on the kept answers; --rft-rounds times
+    --mode token      token-level KD (Hinton et al. 2015, arXiv:1503.02531) on the data's answers: per
+                      answer token, a divergence between the teacher's and the student's full next-token
+                      distributions, L = mean_t D(p_T(·|x, y_<t), p_S(·|x, y_<t))
+    --mode on-policy  on-policy distillation (GKD, Agarwal et al. 2024, arXiv:2306.13649): the student
+                      samples the answers and the teacher scores every sampled prefix; the default
+                      divergence is the reverse KL(p_S‖p_T), GKD with λ = 1 (--on-policy-frac < 1 mixes
+                      in the data's own answers)
+
+Divergences over the full vocabulary, at temperature τ (both distributions from logits / τ):
+    forward  KL(p_T‖p_S) = Σ_v p_T (log p_T − log p_S)     mean-seeking: the student covers every mode
+    reverse  KL(p_S‖p_T) = Σ_v p_S (log p_S − log p_T)     mode-seeking: it may drop modes (seed §14.3)
+    jsd      β KL(p_T‖m) + (1 − β) KL(p_S‖m),  m = β p_T + (1 − β) p_S   (GKD's generalized JSD; → β·forward
+             as β → 0 and → (1 − β)·reverse as β → 1)
+The logits of both models are formed chunk by chunk (--chunk answer tokens at a time, recomputed in
+backward), so no (T, V) float32 tensor ever exists, let alone two.
+
+The default student is the teacher with --student-layers of its layers kept (evenly spaced, first and
+last included): it shares the tokenizer and runs offline. Any --student with the same vocabulary works.
+
+    torchrun --nproc_per_node 2 distill.py --mode on-policy --teacher runs/sft-default
+"""
+
+import copy
+import functools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+import common
+
+
+@dataclass
+class Args:
+    """Distillation (sequence-level, token-level, on-policy) and rejection-sampling fine-tuning."""
+
+    mode: Literal["seqkd", "rft", "token", "on-policy"] = "token"
+    """what the student learns from: the teacher's answers, its own filtered answers, the teacher's
+    distributions on the data's answers, or the teacher's distributions on its own samples"""
+    # models and data
+    teacher: str = common.DEFAULT_MODEL
+    """the teacher; "tiny" for tests. A fine-tuned checkpoint (e.g. runs/sft-default) is the useful one"""
+    student: str = ""
+    """the student; empty: the teacher with --student-layers of its layers"""
+    student_layers: int = 10
+    """layers of the teacher the default student keeps (SmolLM2-135M has 30)"""
+    data: str = "builtin"
+    """token / on-policy: SFT JSONL ("messages" or "prompt"/"completion"); seqkd / rft: prompts JSONL
+    ({"prompt"}, plus "answer" for the rule reward); or "builtin" """
+    num_train: int = 2000
+    """built-in training samples"""
+    num_eval: int = 64
+    """built-in held-out samples (the KL is measured on their reference answers) and problems"""
+    # divergence
+    divergence: Literal["auto", "forward", "reverse", "jsd"] = "auto"
+    """token / on-policy loss; auto: forward for token (classic KD), reverse for on-policy (GKD)"""
+    jsd_beta: float = 0.5
+    """β of the generalized JSD, strictly between 0 and 1"""
+    temperature: float = 1.0
+    """τ of the divergence: both models' logits are divided by it"""
+    teacher_top_k: int = 0
+    """forward KL on the teacher's k most likely tokens only (renormalised): what you would store when the
+    teacher's outputs are precomputed offline, k numbers per token instead of V; 0: the full vocabulary"""
+    chunk: int = 256
+    """answer tokens whose (chunk, V) logits are formed at once"""
+    # sampling
+    on_policy_frac: float = 1.0
+    """GKD's λ: the share of on-policy prompts answered by a fresh student sample (else the data's answer)"""
+    sample_temperature: float = 1.0
+    """temperature of the student's samples (on-policy, rft)"""
+    max_new_tokens: int = 64
+    """generation budget per answer"""
+    teacher_temperature: float = 1.0
+    """seqkd: the teacher samples its answers at this temperature, so the student fits the teacher's
+    distribution; 0: greedy, the teacher's mode (Kim & Rush's beam search), which fits a sharper target
+    and raises the student's KL to the full teacher distribution (seen on the tiny model)"""
+    num_generate: int = 256
+    """seqkd: prompts the teacher answers; rft: prompts per round the student samples for"""
+    rft_samples: int = 4
+    """rft: N answers per prompt"""
+    rft_threshold: float = 1.0
+    """rft: the best answer is kept only if its reward reaches this (1: the right answer)"""
+    rft_rounds: int = 2
+    """rft: sample-filter-train rounds; each gets max_steps / rft_rounds steps"""
+    reward_model: str = ""
+    """rft: score answers with this rm.py output instead of the rule reward"""
+    format_reward: float = 0.1
+    """rft rule reward: added when the answer uses the format "The answer is N" """
+    # optimisation
+    lr: float = 1e-4
+    """peak AdamW learning rate"""
+    batch_size: int = 8
+    """samples per optimizer step, over all ranks"""
+    max_steps: int = 40
+    """optimizer steps"""
+    warmup_steps: int = 4
+    """linear warm-up steps before the cosine decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold (global L2 norm)"""
+    max_tokens: int = 2048
+    """tokens per packed micro-batch"""
+    # run
+    eval_every: int = 0
+    """steps between evaluations; 0: only before and after training"""
+    save_every: int = 20
+    """steps between resumable checkpoints; 0: none"""
+    output_dir: str = ""
+    """where the student, args.json, metrics.jsonl and generated data go; default runs/distill-<mode>-<timestamp>"""
+    seed: int = 0
+    """seed for data order and sampling"""
+    resume: bool = False
+    """continue from the last checkpoint in --output-dir"""
+
+
+# ───────────── divergences ─────────────
+
+
+def divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str, temperature: float = 1.0,
+               beta: float = 0.5, top_k: int = 0) -> Tensor:  # fmt: skip
+    """Per-token divergence (N,) between the next-token distributions of (N, V) logits, in float32 (or the
+    input's float64). kind: "forward" KL(p_T‖p_S), "reverse" KL(p_S‖p_T), "jsd" (generalized, β).
+    top_k > 0 (forward only): the teacher restricted to its k most likely tokens, renormalised."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    ls = torch.log_softmax(student_logits.to(dtype) / temperature, -1)
+    if top_k:
+        if kind != "forward":
+            raise ValueError("--teacher-top-k needs the forward KL: the other divergences need the whole p_T")
+        values, index = teacher_logits.to(dtype).topk(top_k, -1)
+        lt = torch.log_softmax(values / temperature, -1)
+        return (lt.exp() * (lt - ls.gather(-1, index))).sum(-1)
+    lt = torch.log_softmax(teacher_logits.to(dtype) / temperature, -1)
+    if kind == "forward":
+        return (lt.exp() * (lt - ls)).sum(-1)
+    if kind == "reverse":
+        return (ls.exp() * (ls - lt)).sum(-1)
+    if kind == "jsd":
+        if not 0 < beta < 1:
+            raise ValueError(f"jsd needs 0 < β < 1, got {beta}")
+        lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1 - beta)]), 0)  # log of the mixture m
+        return beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}")
+
+
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean over valid tokens of KL(p_T‖p_S); logits (..., V), mask (...)."""
+    return common.masked_mean(divergence(student_logits, teacher_logits, "forward", temperature), mask)
+
+
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean over valid tokens of KL(p_S‖p_T)."""
+    return common.masked_mean(divergence(student_logits, teacher_logits, "reverse", temperature), mask)
+
+
+def jsd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0, beta: float = 0.5) -> Tensor:
+    """Mean over valid tokens of the generalized JSD_β(p_T‖p_S)."""
+    return common.masked_mean(divergence(student_logits, teacher_logits, "jsd", temperature, beta), mask)
+
+
+def answer_divergence(student, teacher, batch: dict, kind: str, args: Args) -> tuple[Tensor, int]:
+    """Σ over the answer tokens of a batch of the per-token divergence, and their number. The two models'
+    (chunk, V) logits are formed --chunk tokens at a time; under autograd each chunk is recomputed in
+    backward instead of stored."""
+    with torch.no_grad():
+        ht = common.forward_hidden(teacher, batch)[:, :-1]  # position t predicts token t + 1
+    hs = common.forward_hidden(student, batch)[:, :-1]
+    at = batch["labels"][:, 1:] != common.IGNORE
+    hs, ht = hs[at], ht[at]  # (N, H) each
+    ws, wt = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
+
+    def chunk_sum(h_s, h_t):
+        return divergence(h_s @ ws.T, h_t @ wt.T, kind, args.temperature, args.jsd_beta, args.teacher_top_k).sum()
+
+    total = hs.new_zeros((), dtype=torch.float32)
+    for i in range(0, hs.shape[0], args.chunk):
+        part = (hs[i : i + args.chunk], ht[i : i + args.chunk])
+        total = total + (checkpoint(chunk_sum, *part, use_reentrant=False) if torch.is_grad_enabled() else chunk_sum(*part))
+    return total, int(at.sum())
+
+
+# ───────────── models ─────────────
+
+
+def layer_subset(teacher, n: int):
+    """A copy of the teacher keeping n of its decoder layers, evenly spaced, first and last included."""
+    student = copy.deepcopy(teacher)
+    layers = student.get_decoder().layers
+    keep = sorted({round(i * (len(layers) - 1) / max(n - 1, 1)) for i in range(n)})
+    student.get_decoder().layers = torch.nn.ModuleList(layers[i] for i in keep)
+    for new, layer in enumerate(student.get_decoder().layers):
+        layer.self_attn.layer_idx = new  # the KV cache is indexed by it
+    student.config.num_hidden_layers = len(keep)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    return student
+
+
+def check_same_vocab(teacher_tok, student_tok) -> None:
+    """Token-level divergences compare distributions over the same ids: refuse differing vocabularies."""
+    a, b = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if a != b:
+        raise ValueError(
+            f"the student's tokenizer differs from the teacher's ({len(b)} vs {len(a)} tokens, "
+            f"{len(set(a.items()) ^ set(b.items()))} entries differ): distillation needs the same vocabulary"
+        )
+
+
+# ───────────── data ─────────────
+
+
+def answer_sample(gen: dict) -> dict:
+    """A generate() result as a training sample: loss on the answer tokens only."""
+    return {"input_ids": gen["prompt_ids"] + gen["completion_ids"],
+            "labels": [common.IGNORE] * len(gen["prompt_ids"]) + gen["completion_ids"]}  # fmt: skip
+
+
+@torch.no_grad()
+def score(prompts: list[dict], texts: list[str], args: Args, reward_model, device) -> Tensor:
+    """(B,) rft rewards: the rule (right answer, plus --format-reward for the format), or the RM's score."""
+    if reward_model is None:
+        return torch.tensor([common.rule_reward(t, p["answer"]) + args.format_reward * common.format_reward(t)
+                             for p, t in zip(prompts, texts)])  # fmt: skip
+    rm, tok = reward_model
+    docs = [common.tokenize_conversation(tok, common.as_messages(p["prompt"], t)) for p, t in zip(prompts, texts)]
+    with common.autocast(device):
+        h = common.last_token_hidden(rm, common.to_device(common.collate_packed(docs), device))
+    return rm.score(h).squeeze(-1).float().cpu()
+
+
+def generated_data(path: str, make, rank: int) -> list[dict]:
+    """Generated training data, made once and kept in the output directory, so a resumed run trains on
+    the same data without generating it again. `make()` runs on every rank and returns the same list."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return [json.loads(line) for line in f]
+    rows = make()
+    if rank == 0:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(path + ".tmp", path)
+    return rows
+
+
+def seqkd_data(teacher, tokenizer, prompts: list[dict], args: Args, rank: int, world: int) -> list[dict]:
+    """The teacher's answers (seeded samples at --teacher-temperature) to the first --num-generate prompts;
+    each rank answers its share."""
+    mine = list(range(len(prompts)))[rank::world]
+    gens = common.generate(teacher, tokenizer, [prompts[i]["prompt"] for i in mine], args.max_new_tokens,
+                           temperature=args.teacher_temperature, seeds=[common.hash_int([args.seed, "seqkd", i]) for i in mine])  # fmt: skip
+    rows = common.all_gather_objects([{"i": i, **answer_sample(g), "text": g["text"]} for i, g in zip(mine, gens)])
+    return sorted(rows, key=lambda r: r["i"])
+
+
+def rft_data(student, tokenizer, prompts: list[dict], rnd: int, args: Args, reward_model, rank, world, device) -> list[dict]:
+    """One rft round: N seeded samples per prompt from the current student, the best one kept if its
+    reward reaches --rft-threshold."""
+    mine = list(range(len(prompts)))[rank::world]
+    n = args.rft_samples
+    flat = [prompts[i] for i in mine for _ in range(n)]
+    seeds = [common.hash_int([args.seed, rnd, i, j]) for i in mine for j in range(n)]
+    gens = common.generate(student, tokenizer, [p["prompt"] for p in flat], args.max_new_tokens,
+                           temperature=args.sample_temperature, seeds=seeds)  # fmt: skip
+    rewards = score(flat, [g["text"] for g in gens], args, reward_model, device).view(-1, n)
+    rows = []
+    for k, i in enumerate(mine):
+        best = int(rewards[k].argmax())
+        row = {"i": i, "reward": float(rewards[k, best]), "text": gens[k * n + best]["text"]}
+        rows.append({**row, **answer_sample(gens[k * n + best])} if row["reward"] >= args.rft_threshold else row)
+    return sorted(common.all_gather_objects(rows), key=lambda r: r["i"])
+
+
+def on_policy_samples(student, tokenizer, convs: list[list[dict]], idx: list[int], step: int, args: Args) -> list[dict]:
+    """This step's samples: for a share --on-policy-frac of the prompts (chosen by a hash, so the same on
+    any number of ranks) a fresh seeded student answer, else the data's own answer."""
+
+    def fresh(i):
+        return common.hash_int([args.seed, step, i, "λ"]) % 10_000 < args.on_policy_frac * 10_000
+
+    sampled = [i for i in idx if fresh(i)]
+    gens = common.generate(student, tokenizer, [convs[i][:-1] for i in sampled], args.max_new_tokens,
+                           temperature=args.sample_temperature, seeds=[common.hash_int([args.seed, step, i]) for i in sampled])  # fmt: skip
+    by_idx = dict(zip(sampled, gens))
+    return [answer_sample(by_idx[i]) if i in by_idx else common.tokenize_conversation(tokenizer, convs[i]) for i in idx]
+
+
+# ───────────── evaluation ─────────────
+
+
+def eval_data(teacher, tokenizer, args: Args, rank: int, world: int) -> list[dict]:
+    """The teacher's own sampled answers (τ = 1, seeded) to the held-out prompts: where the student should
+    match it. Each rank answers its share."""
+    prompts = [p["prompt"] for p in common.builtin_prompts("test", args.num_eval, args.seed)]
+    mine = list(range(len(prompts)))[rank::world]
+    gens = common.generate(teacher, tokenizer, [prompts[i] for i in mine], args.max_new_tokens, temperature=1.0,
+                           seeds=[common.hash_int([args.seed, "eval", i]) for i in mine])  # fmt: skip
+    return sorted(common.all_gather_objects([{"i": i, **answer_sample(g)} for i, g in zip(mine, gens)]), key=lambda r: r["i"])
+
+
+@torch.no_grad()
+def held_out_kl(student, teacher, samples: list[dict], args: Args, rank: int, world: int, device) -> tuple[float, float]:
+    """Forward and reverse teacher–student KL per answer token, over every rank's share of the samples."""
+    sums = torch.zeros(3, dtype=torch.float64)  # forward, reverse, tokens
+    mine = samples[rank::world]
+    for b in common.pack_bins([len(s["input_ids"]) for s in mine], args.max_tokens) if mine else []:
+        batch = common.to_device(common.collate_packed([mine[i] for i in b]), device)
+        with common.autocast(device):
+            fwd, n = answer_divergence(student, teacher, batch, "forward", args)
+            rev, _ = answer_divergence(student, teacher, batch, "reverse", args)
+        sums += torch.tensor([float(fwd), float(rev), n], dtype=torch.float64)
+    sums = common.all_reduce_sum(sums)
+    return float(sums[0] / sums[2].clamp(min=1)), float(sums[1] / sums[2].clamp(min=1))
+
+
+def evaluate(student, teacher, tokenizer, teacher_samples, data_samples, problems, args: Args, rank, world, device) -> dict:
+    """Teacher–student KL per answer token on the teacher's own answers to held-out prompts (kl_forward,
+    kl_reverse) and on the held-out reference answers (kl_forward_data), and the student's greedy accuracy."""
+    student.eval()
+    fwd, rev = held_out_kl(student, teacher, teacher_samples, args, rank, world, device)
+    out = {"eval/kl_forward": fwd, "eval/kl_reverse": rev,
+           "eval/kl_forward_data": held_out_kl(student, teacher, data_samples, args, rank, world, device)[0]}  # fmt: skip
+    if problems:
+        out["eval/accuracy"] = common.greedy_accuracy(student, tokenizer, problems, args.max_new_tokens, rank, world)
+    student.train()
+    return out
+
+
+# ───────────── training ─────────────
+
+
+def main(args: Args) -> str:
+    rank, world, device = common.init_distributed()
+    common.seed_everything(args.seed)
+    out_dir = args.output_dir or os.path.join("runs", f"distill-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        common.write_args(out_dir, args)
+    kind = args.divergence if args.divergence != "auto" else ("forward" if args.mode == "token" else "reverse")
+
+    tokenizer = common.load_tokenizer(args.teacher)
+    teacher = common.load_model(args.teacher, tokenizer, seed=args.seed).to(device).requires_grad_(False).eval()
+    if args.student:
+        check_same_vocab(tokenizer, common.load_tokenizer(args.student))
+        student = common.load_model(args.student, tokenizer, seed=args.seed).to(device)
+    else:
+        student = layer_subset(teacher, args.student_layers).requires_grad_(True)
+    student.train()
+    reward_model = None
+    if args.reward_model:
+        reward_model = (common.load_reward_model(args.reward_model).to(device), common.load_tokenizer(args.reward_model))
+
+    builtin = args.data == "builtin"
+    uses_prompts = args.mode in ("seqkd", "rft")
+    if uses_prompts:
+        prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data)
+        prompts = prompts[: args.num_generate] if args.mode == "seqkd" else prompts
+        if args.mode == "rft" and reward_model is None and not all("answer" in p for p in prompts):
+            missing = next(p for p in prompts if "answer" not in p)
+            raise common.DataError(
+                f"{missing['_where']}: missing field 'answer' (the rft rule reward needs it; or pass --reward-model)"
+            )
+    else:
+        convs = common.builtin_sft("train", args.num_train, args.seed) if builtin else common.read_sft(args.data)
+        samples = [common.tokenize_conversation(tokenizer, c) for c in convs]
+        samples, overlong, untrainable = common.fit_length(samples, args.max_tokens, "drop")
+        if rank == 0 and (overlong or untrainable):
+            print(f"skipped {overlong} samples over {args.max_tokens} tokens and {untrainable} without an answer token")
+        if not samples:
+            raise ValueError(f"{args.data}: no trainable samples left")
+    data_samples = [common.tokenize_conversation(tokenizer, c) for c in common.builtin_sft("test", args.num_eval, args.seed)]
+    teacher_samples = generated_data(os.path.join(out_dir, "eval_data.jsonl"),
+                                     functools.partial(eval_data, teacher, tokenizer, args, rank, world), rank)  # fmt: skip
+    problems = common.builtin_task("test", args.num_eval, args.seed) if builtin else []
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    scheduler = common.cosine_schedule(optimizer, args.warmup_steps, args.max_steps)
+    start = common.load_checkpoint(out_dir, student, optimizer, scheduler)[0] if args.resume else 0
+
+    log = common.MetricsLog(out_dir, args.max_steps, start, rank, keys=("loss",))
+    if start == 0:
+        teacher_acc = (
+            common.greedy_accuracy(teacher, tokenizer, problems, args.max_new_tokens, rank, world) if problems else None
+        )
+        log.log(0, evaluate(student, teacher, tokenizer, teacher_samples, data_samples, problems, args, rank, world, device)
+                | ({"teacher/accuracy": teacher_acc} if problems else {}))  # fmt: skip
+    train = None
+    if args.mode == "seqkd":
+        train = generated_data(os.path.join(out_dir, "seqkd_data.jsonl"),
+                               lambda: seqkd_data(teacher, tokenizer, prompts, args, rank, world), rank)  # fmt: skip
+    per_round = max(args.max_steps // args.rft_rounds, 1)
+    for step in range(start, args.max_steps):
+        t0, data_stats = time.time(), {}
+        # 1. this step's samples
+        if args.mode == "rft" and (train is None or step % per_round == 0):
+            rnd = min(step // per_round, args.rft_rounds - 1)
+            chosen = common.step_indices(len(prompts), args.num_generate, rnd, args.seed)
+            pool = [prompts[i] for i in chosen]
+            make = functools.partial(rft_data, student, tokenizer, pool, rnd, args, reward_model, rank, world, device)
+            rows = generated_data(os.path.join(out_dir, f"rft_round{rnd}.jsonl"), make, rank)
+            train = [r for r in rows if "input_ids" in r]
+            data_stats = {
+                "rft/kept": len(train),
+                "rft/prompts": len(rows),
+                "rft/best_reward": sum(r["reward"] for r in rows) / len(rows),
+            }
+            if not train:
+                print(f"rft round {rnd}: no answer reached --rft-threshold {args.rft_threshold}; the round trains on nothing")
+        if args.mode in ("seqkd", "rft"):
+            idx = common.step_indices(len(train), args.batch_size, step, args.seed) if train else []
+            batch_samples = [train[i] for i in idx[rank::world]]
+        elif args.mode == "token":
+            idx = common.step_indices(len(samples), args.batch_size, step, args.seed)
+            batch_samples = [samples[i] for i in idx[rank::world]]
+        else:
+            idx = common.step_indices(len(convs), args.batch_size, step, args.seed)
+            batch_samples = on_policy_samples(student, tokenizer, convs, idx[rank::world], step, args)
+        gen_s = time.time() - t0
+        # 2. loss: mean over the step's answer tokens on all ranks
+        bins = common.pack_bins([len(s["input_ids"]) for s in batch_samples], args.max_tokens)
+        batches = [common.collate_packed([batch_samples[i] for i in b]) for b in bins]
+        n_tok = float(
+            common.all_reduce_sum(torch.tensor(float(sum(int((b["labels"] != common.IGNORE).sum()) for b in batches))))
+        )
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for batch in batches if n_tok else []:
+            batch = common.to_device(batch, device)
+            with common.autocast(device):
+                if args.mode in ("seqkd", "rft"):
+                    logp, _ = common.token_logps(student, batch)
+                    total = -(logp * (batch["labels"] != common.IGNORE)).sum()
+                else:
+                    total, _ = answer_divergence(student, teacher, batch, kind, args)
+            loss = total / n_tok
+            loss.backward()
+            loss_sum += loss.detach().double().cpu()
+        loss_sum = float(common.all_reduce_sum(loss_sum))
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"step {step}: loss is {loss_sum}; stopping before the update")
+        if n_tok:
+            common.sync_grads(student)
+            grad_norm = common.clip_grad_norm(student, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        metrics = {"loss": loss_sum, "lr": scheduler.get_last_lr()[0], "answer_tokens": n_tok, **data_stats,
+                   "time/generation_s": gen_s, "time/step_s": time.time() - t0}  # fmt: skip
+        if n_tok:
+            metrics["grad_norm"] = float(grad_norm)
+        log.log(step + 1, metrics)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+            log.log(
+                step + 1,
+                evaluate(student, teacher, tokenizer, teacher_samples, data_samples, problems, args, rank, world, device),
+            )
+        if args.save_every and (step + 1) % args.save_every == 0:
+            common.save_checkpoint(out_dir, step, student, optimizer, scheduler, rank)
+
+    log.log(
+        args.max_steps,
+        evaluate(student, teacher, tokenizer, teacher_samples, data_samples, problems, args, rank, world, device),
+    )
+    log.close()
+    common.save_model(student, tokenizer, out_dir, rank)
+    return out_dir
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
