@@ -54,6 +54,8 @@ class Args:
     """sampling temperature; the training forward divides the logits by it too"""
     max_new_tokens: int = 64
     """generation budget per answer (the T of --loss-agg constant)"""
+    gen_batch_size: int = 64
+    """answers decoded together (all of a rank's groups at once by default)"""
     scale: Literal["std", "none"] = "std"
     """advantage: divide by the group's std (GRPO) or not (Dr. GRPO)"""
     clip_low: float = 0.2
@@ -206,16 +208,16 @@ def rollout(
     """Sample G answers per prompt, score them, and turn them into training samples with their advantage,
     mask, and the old / reference log-probs of their tokens. Returns (samples, stats).
 
-    A group is generated as one batch from its own seed: its answers depend on (seed, step, prompt)
-    only, not on which rank samples it or what else it is batched with, so 1 or N ranks and a resumed
-    run sample the same answers. The G prompts of a group are identical: no padding."""
+    Answer j of prompt i is sampled by its own seeded sampler (common.RowSampler, seed of (seed, step,
+    prompt i, j)), so every group of the step goes through generate as one batch, and an answer still
+    depends only on its seed, not on which rank samples it or what else is in the batch: 1 or N ranks
+    and a resumed run sample the same answers."""
     t0 = time.time()
-    gens = []
-    for p, seed in zip(prompts, seeds):
-        torch.manual_seed(seed)
-        gens += common.generate(
-            policy, tokenizer, [p["prompt"]] * args.group_size, args.max_new_tokens, temperature=args.temperature
-        )
+    gens = common.generate(
+        policy, tokenizer, [p["prompt"] for p in prompts for _ in range(args.group_size)], args.max_new_tokens,
+        temperature=args.temperature, seeds=[common.hash_int([s, j]) for s in seeds for j in range(args.group_size)],
+        batch_size=args.gen_batch_size,
+    )  # fmt: skip
     gen_s = time.time() - t0
     flat = [p for p in prompts for _ in range(args.group_size)]
     texts = [g["text"] for g in gens]

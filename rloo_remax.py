@@ -143,15 +143,15 @@ def seq_logps(model, batch: dict, temperature: float) -> Tensor:
 def rollout(
     policy, ref, tokenizer, prompts: list[dict], seeds: list[int], args: Args, reward_model, device
 ) -> tuple[list[dict], dict]:
-    """Sample G answers per prompt (each group from its own seed: 1 rank or N sample the same), score
-    them, subtract the KL penalty, and attach each answer's advantage. Returns (samples, stats)."""
+    """Sample G answers per prompt, all groups in one batch, each answer by its own seeded sampler (1 rank
+    or N sample the same), score them, subtract the KL penalty, and attach each answer's advantage.
+    Returns (samples, stats)."""
     t0 = time.time()
-    gens = []
-    for p, seed in zip(prompts, seeds):
-        torch.manual_seed(seed)
-        gens += common.generate(
-            policy, tokenizer, [p["prompt"]] * args.group_size, args.max_new_tokens, temperature=args.temperature
-        )
+    gens = common.generate(
+        policy, tokenizer, [p["prompt"] for p in prompts for _ in range(args.group_size)], args.max_new_tokens,
+        temperature=args.temperature, seeds=[common.hash_int([s, j]) for s in seeds for j in range(args.group_size)],
+        batch_size=64,
+    )  # fmt: skip
     flat = [p for p in prompts for _ in range(args.group_size)]
     task_reward = score(flat, [g["text"] for g in gens], args, reward_model, device)
     greedy_reward = None
