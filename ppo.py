@@ -114,7 +114,7 @@ class Args:
     critic_lr: float = 2e-5
     """critic AdamW learning rate (peak, cosine decay): higher, its head starts from scratch"""
     max_steps: int = 12
-    """rollout steps (12 × 16 answers: about 15 minutes on 2 CPU cores)"""
+    """rollout steps (12 × 16 answers: about 12 minutes on 2 CPU cores from the SFT model)"""
     warmup_steps: int = 0
     """linear warm-up rollout steps before the cosine decay"""
     max_grad_norm: float = 1.0
