@@ -4,7 +4,7 @@
     python tests/bench.py logps            # peak memory of per-token log-probs, T=4096, V=49152
     python tests/bench.py sft              # sft.py vs TRL SFTTrainer: tokens/s, peak RSS, FLOP/s
     python tests/bench.py dpo              # dpo.py vs TRL DPOTrainer: step time, peak RSS
-    python tests/bench.py grpo             # grpo.py vs TRL GRPOTrainer (vLLM off): generation / training time, peak RSS
+    python tests/bench.py grpo [mask|keep]  # grpo.py vs TRL GRPOTrainer (vLLM off): generation / training time, peak RSS
     python tests/bench.py plot OUT.png RUN_DIR[:label] ... --keys=loss,eval/accuracy
 
 Every measurement runs in a subprocess of its own, so its peak RSS is its alone. Both sides use the
@@ -238,12 +238,15 @@ def bench_dpo():
 GRPO_STEPS, GRPO_PROMPTS, GRPO_G, GRPO_LEN = 4, 4, 8, 64
 
 
-def worker_ours_grpo() -> dict:
+def worker_ours_grpo(truncated: str) -> dict:
+    """truncated: "mask" leaves answers cut off at the budget out of the loss (both sides skip them: we do not
+    even run them through the update), "keep" trains on every answer."""
     import grpo
 
     with tempfile.TemporaryDirectory() as out:
         args = grpo.Args(num_eval=0, prompts_per_step=GRPO_PROMPTS, group_size=GRPO_G, max_new_tokens=GRPO_LEN, lr=LR, beta=0.04,
-                         clip_high=0.28, max_grad_norm=1.0, max_steps=GRPO_STEPS, save_every=0, output_dir=out)  # fmt: skip
+                         clip_high=0.28, max_grad_norm=1.0, max_steps=GRPO_STEPS, save_every=0, output_dir=out,
+                         overlong="mask" if truncated == "mask" else "none")  # fmt: skip
         grpo.main(args)
         rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
     steps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
@@ -252,7 +255,7 @@ def worker_ours_grpo() -> dict:
             "completion_len": statistics.mean(r["response_length"] for r in rows), "peak_rss_MB": peak_rss_mb()}  # fmt: skip
 
 
-def worker_trl_grpo() -> dict:
+def worker_trl_grpo(truncated: str) -> dict:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -268,7 +271,7 @@ def worker_trl_grpo() -> dict:
         output_dir=tempfile.mkdtemp(), max_steps=GRPO_STEPS, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
         adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", per_device_train_batch_size=GRPO_PROMPTS * GRPO_G,
         num_generations=GRPO_G, max_completion_length=GRPO_LEN, temperature=1.0, beta=0.04, epsilon=0.2, epsilon_high=0.28,
-        loss_type="dapo", mask_truncated_completions=True, use_vllm=False, save_strategy="no", report_to=[], logging_steps=1,
+        loss_type="dapo", mask_truncated_completions=truncated == "mask", use_vllm=False, save_strategy="no", report_to=[], logging_steps=1,
         use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0, gradient_checkpointing=False,  # as grpo.py
     )  # fmt: skip
     timer = StepTimer()
@@ -291,12 +294,16 @@ def worker_trl_grpo() -> dict:
             "peak_rss_MB": peak_rss_mb()}  # fmt: skip
 
 
-def bench_grpo():
+def bench_grpo(*modes):
     rows = []
-    for side in ("cleanpost", "trl"):
-        rows.append({"run": side, **in_subprocess(("ours" if side == "cleanpost" else "trl") + "_grpo")})
-        print(rows[-1], flush=True)
-    rows[0]["speedup_vs_trl"], rows[1]["speedup_vs_trl"] = rows[1]["step_s"] / rows[0]["step_s"], 1.0
+    for truncated in modes or ("mask", "keep"):
+        pair = []
+        for side in ("cleanpost", "trl"):
+            pair.append({"run": f"{side}, truncated answers: {truncated}",
+                         **in_subprocess(("ours" if side == "cleanpost" else "trl") + "_grpo", truncated)})  # fmt: skip
+            print(pair[-1], flush=True)
+        pair[0]["speedup_vs_trl"], pair[1]["speedup_vs_trl"] = pair[1]["step_s"] / pair[0]["step_s"], 1.0
+        rows += pair
     print(f"SmolLM2-135M fp32, {torch.get_num_threads()} threads, {GRPO_PROMPTS} prompts x G = {GRPO_G}, {GRPO_LEN} new tokens, "
           f"{GRPO_STEPS} steps, vLLM off")  # fmt: skip
     print(table(rows, ["run", "step_s", "generation_s", "training_s", "completion_len", "speedup_vs_trl", "peak_rss_MB"]))
@@ -366,4 +373,4 @@ if __name__ == "__main__":
         keys = next((a.split("=", 1)[1] for a in rest if a.startswith("--keys=")), "loss").split(",")
         plot(rest[0], [a for a in rest[1:] if not a.startswith("--keys=")], keys)
     else:
-        {"logps": bench_logps, "sft": bench_sft, "dpo": bench_dpo, "grpo": bench_grpo}[cmd]()
+        {"logps": bench_logps, "sft": bench_sft, "dpo": bench_dpo, "grpo": bench_grpo}[cmd](*rest)
