@@ -580,14 +580,17 @@ def masked_mean(x: Tensor, mask: Tensor, dim=None) -> Tensor:
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x − mean) / std over the masked entries (unbiased variance); masked-out entries become 0."""
-    mean = masked_mean(x, mask)
-    n = mask.sum().clamp(min=2)
-    var = (((x - mean) ** 2) * mask).sum() / (n - 1)
+    """(x − mean) / std over the masked entries of every rank's x (unbiased variance), so 1 rank and N ranks
+    normalise alike; shift_mean=False adds the mean back. Masked-out entries become 0."""
+    m = mask.to(x.dtype)
+    s = all_reduce_sum(torch.stack([(x * m).sum(), m.sum()]).double())  # one mean over all ranks
+    mean = (s[0] / s[1].clamp(min=1)).to(x.dtype)
+    ss = all_reduce_sum((((x - mean) ** 2) * m).sum().double())
+    var = (ss / (s[1].clamp(min=2) - 1)).to(x.dtype)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask
+    return out * m
 
 
 # ───────────────────────────── models ─────────────────────────────
@@ -636,7 +639,11 @@ def tiny_tokenizer():
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>"
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
     )
     fast.chat_template = (
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"

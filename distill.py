@@ -171,10 +171,11 @@ def jsd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperatur
     return common.masked_mean(divergence(student_logits, teacher_logits, "jsd", temperature, beta), mask)
 
 
-def answer_divergence(student, teacher, batch: dict, kind: str, args: Args) -> tuple[Tensor, int]:
-    """Σ over the answer tokens of a batch of the per-token divergence, and their number. The two models'
-    (chunk, V) logits are formed --chunk tokens at a time; under autograd each chunk is recomputed in
-    backward instead of stored."""
+def answer_divergence(student, teacher, batch: dict, kinds: tuple[str, ...], args: Args, top_k: int = 0) -> tuple[Tensor, int]:
+    """Σ over the answer tokens of a batch of each per-token divergence in `kinds`, (len(kinds),), and their
+        number; one forward of each model serves them all. top_k: see divergence (training only; the held-out
+    KL is always over the full vocabulary). The two models' (chunk, V) logits are formed
+        --chunk tokens at a time; under autograd each chunk is recomputed in backward instead of stored."""
     with torch.no_grad():
         ht = common.forward_hidden(teacher, batch)[:, :-1]  # position t predicts token t + 1
     hs = common.forward_hidden(student, batch)[:, :-1]
@@ -183,9 +184,11 @@ def answer_divergence(student, teacher, batch: dict, kind: str, args: Args) -> t
     ws, wt = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
 
     def chunk_sum(h_s, h_t):
-        return divergence(h_s @ ws.T, h_t @ wt.T, kind, args.temperature, args.jsd_beta, args.teacher_top_k).sum()
+        s_logits, t_logits = h_s @ ws.T, h_t @ wt.T
+        return torch.stack([divergence(s_logits, t_logits, k, args.temperature, args.jsd_beta, top_k).sum()
+                            for k in kinds])  # fmt: skip
 
-    total = hs.new_zeros((), dtype=torch.float32)
+    total = hs.new_zeros(len(kinds), dtype=torch.float32)
     for i in range(0, hs.shape[0], args.chunk):
         part = (hs[i : i + args.chunk], ht[i : i + args.chunk])
         total = total + (checkpoint(chunk_sum, *part, use_reentrant=False) if torch.is_grad_enabled() else chunk_sum(*part))
@@ -255,14 +258,23 @@ def generated_data(path: str, make, rank: int) -> list[dict]:
     return rows
 
 
-def seqkd_data(teacher, tokenizer, prompts: list[dict], args: Args, rank: int, world: int) -> list[dict]:
-    """The teacher's answers (seeded samples at --teacher-temperature) to the first --num-generate prompts;
-    each rank answers its share."""
+def shared_answers(
+    model, tokenizer, prompts: list, temperature: float, tag: str, args: Args, rank: int, world: int
+) -> list[dict]:
+    """Seeded answers to all prompts as training samples with their text, in prompt order on every rank;
+    each rank generates its share (prompt i's seed is (seed, tag, i), so the split changes nothing)."""
     mine = list(range(len(prompts)))[rank::world]
-    gens = common.generate(teacher, tokenizer, [prompts[i]["prompt"] for i in mine], args.max_new_tokens,
-                           temperature=args.teacher_temperature, seeds=[common.hash_int([args.seed, "seqkd", i]) for i in mine])  # fmt: skip
+    gens = common.generate(model, tokenizer, [prompts[i] for i in mine], args.max_new_tokens, temperature=temperature,
+                           seeds=[common.hash_int([args.seed, tag, i]) for i in mine])  # fmt: skip
     rows = common.all_gather_objects([{"i": i, **answer_sample(g), "text": g["text"]} for i, g in zip(mine, gens)])
     return sorted(rows, key=lambda r: r["i"])
+
+
+def seqkd_data(teacher, tokenizer, prompts: list[dict], args: Args, rank: int, world: int) -> list[dict]:
+    """The teacher's answers (seeded samples at --teacher-temperature) to the first --num-generate prompts."""
+    return shared_answers(
+        teacher, tokenizer, [p["prompt"] for p in prompts], args.teacher_temperature, "seqkd", args, rank, world
+    )
 
 
 def rft_data(student, tokenizer, prompts: list[dict], rnd: int, args: Args, reward_model, rank, world, device) -> list[dict]:
@@ -304,34 +316,32 @@ def eval_data(teacher, tokenizer, args: Args, rank: int, world: int) -> list[dic
     """The teacher's own sampled answers (τ = 1, seeded) to the held-out prompts: where the student should
     match it. Each rank answers its share."""
     prompts = [p["prompt"] for p in common.builtin_prompts("test", args.num_eval, args.seed)]
-    mine = list(range(len(prompts)))[rank::world]
-    gens = common.generate(teacher, tokenizer, [prompts[i] for i in mine], args.max_new_tokens, temperature=1.0,
-                           seeds=[common.hash_int([args.seed, "eval", i]) for i in mine])  # fmt: skip
-    return sorted(common.all_gather_objects([{"i": i, **answer_sample(g)} for i, g in zip(mine, gens)]), key=lambda r: r["i"])
+    return shared_answers(teacher, tokenizer, prompts, 1.0, "eval", args, rank, world)
 
 
 @torch.no_grad()
-def held_out_kl(student, teacher, samples: list[dict], args: Args, rank: int, world: int, device) -> tuple[float, float]:
-    """Forward and reverse teacher–student KL per answer token, over every rank's share of the samples."""
-    sums = torch.zeros(3, dtype=torch.float64)  # forward, reverse, tokens
+def held_out_kl(
+    student, teacher, samples: list[dict], kinds: tuple[str, ...], args: Args, rank: int, world: int, device
+) -> list[float]:
+    """Each divergence in `kinds` per answer token, over every rank's share of the samples."""
+    sums = torch.zeros(len(kinds) + 1, dtype=torch.float64)  # divergences, tokens
     mine = samples[rank::world]
     for b in common.pack_bins([len(s["input_ids"]) for s in mine], args.max_tokens) if mine else []:
         batch = common.to_device(common.collate_packed([mine[i] for i in b]), device)
         with common.autocast(device):
-            fwd, n = answer_divergence(student, teacher, batch, "forward", args)
-            rev, _ = answer_divergence(student, teacher, batch, "reverse", args)
-        sums += torch.tensor([float(fwd), float(rev), n], dtype=torch.float64)
+            total, n = answer_divergence(student, teacher, batch, kinds, args)
+        sums += torch.tensor([*total.tolist(), n], dtype=torch.float64)
     sums = common.all_reduce_sum(sums)
-    return float(sums[0] / sums[2].clamp(min=1)), float(sums[1] / sums[2].clamp(min=1))
+    return (sums[:-1] / sums[-1].clamp(min=1)).tolist()
 
 
 def evaluate(student, teacher, tokenizer, teacher_samples, data_samples, problems, args: Args, rank, world, device) -> dict:
     """Teacher–student KL per answer token on the teacher's own answers to held-out prompts (kl_forward,
     kl_reverse) and on the held-out reference answers (kl_forward_data), and the student's greedy accuracy."""
     student.eval()
-    fwd, rev = held_out_kl(student, teacher, teacher_samples, args, rank, world, device)
-    out = {"eval/kl_forward": fwd, "eval/kl_reverse": rev,
-           "eval/kl_forward_data": held_out_kl(student, teacher, data_samples, args, rank, world, device)[0]}  # fmt: skip
+    fwd, rev = held_out_kl(student, teacher, teacher_samples, ("forward", "reverse"), args, rank, world, device)
+    (fwd_data,) = held_out_kl(student, teacher, data_samples, ("forward",), args, rank, world, device)
+    out = {"eval/kl_forward": fwd, "eval/kl_reverse": rev, "eval/kl_forward_data": fwd_data}
     if problems:
         out["eval/accuracy"] = common.greedy_accuracy(student, tokenizer, problems, args.max_new_tokens, rank, world)
     student.train()
@@ -442,7 +452,7 @@ def main(args: Args) -> str:
                     logp, _ = common.token_logps(student, batch)
                     total = -(logp * (batch["labels"] != common.IGNORE)).sum()
                 else:
-                    total, _ = answer_divergence(student, teacher, batch, kind, args)
+                    total = answer_divergence(student, teacher, batch, (kind,), args, args.teacher_top_k)[0][0]
             loss = total / n_tok
             loss.backward()
             loss_sum += loss.detach().double().cpu()

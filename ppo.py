@@ -212,19 +212,6 @@ def distinct_2(texts: list[list[int]]) -> float:
     return len(set(grams)) / max(len(grams), 1)
 
 
-def global_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x − mean) / std over the valid entries of every rank's x (unbiased variance), so 1 rank and N ranks
-    normalise alike; shift_mean=False adds the mean back. Masked entries become 0."""
-    mask = mask.to(x.dtype)
-    s = common.all_reduce_sum(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double())
-    mean = s[0] / s[2].clamp(min=1)
-    var = (s[1] - s[2] * mean**2) / (s[2] - 1).clamp(min=1)
-    out = (x - mean) * torch.rsqrt(var.clamp(min=0) + eps)
-    if not shift_mean:
-        out = out + mean
-    return (out * mask).to(x.dtype)
-
-
 # ───────────── models ─────────────
 
 
@@ -266,12 +253,12 @@ def score(prompts: list[dict], texts: list[str], args: Args, reward_model, devic
                              for p, t in zip(prompts, texts)])  # fmt: skip
     rm, tok = reward_model
     docs = [common.tokenize_conversation(tok, common.as_messages(p["prompt"], t)) for p, t in zip(prompts, texts)]
-    out = []
+    out = torch.empty(len(docs))
     for b in common.pack_bins([len(d["input_ids"]) for d in docs], args.max_tokens):
         with common.autocast(device):
             h = common.last_token_hidden(rm, common.to_device(common.collate_packed([docs[i] for i in b]), device))
-        out += list(zip(b, rm.score(h).squeeze(-1).float().cpu()))
-    return torch.stack([s for _, s in sorted(out, key=lambda x: x[0])])
+        out[b] = rm.score(h).squeeze(-1).float().cpu()
+    return out
 
 
 def completion_matrix(x: Tensor, batch: dict, width: int) -> Tensor:
@@ -358,10 +345,10 @@ def rollout(policy, ref, critic, tokenizer, prompts, gids, seeds, args: Args, re
     old, ref_logp, values, mask = stack("old"), stack("ref"), stack("values"), stack("mask")
     rewards = shaped_rewards(torch.tensor([s["score"] for s in samples]), old, ref_logp, mask, beta)
     if args.whiten_rewards:
-        rewards = global_whiten(rewards, mask, shift_mean=False)
+        rewards = common.masked_whiten(rewards, mask, shift_mean=False)
     adv, returns = compute_gae(rewards, values, mask, args.gamma, args.lam)
     if args.whiten_advantages:
-        adv = global_whiten(adv, mask)
+        adv = common.masked_whiten(adv, mask)
     for s, a, r in zip(samples, adv, returns):
         s["adv"], s["returns"] = a, r
     k1 = common.kl_k1(old, ref_logp) * mask

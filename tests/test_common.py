@@ -253,6 +253,8 @@ def test_masked_mean_and_whiten():
     vals = torch.tensor([1.0, 2.0, 3.0, 4.0])
     torch.testing.assert_close(w[mask], (vals - vals.mean()) / vals.std(), atol=1e-4, rtol=0)
     assert (w[~mask] == 0).all()
+    kept = common.masked_whiten(x, mask, shift_mean=False)  # scaled, mean kept
+    torch.testing.assert_close(kept[mask], (vals - vals.mean()) / vals.std() + vals.mean(), atol=1e-4, rtol=0)
 
 
 # ───────────── data readers ─────────────

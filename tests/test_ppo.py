@@ -168,12 +168,6 @@ def test_adaptive_beta_moves_towards_the_target_and_is_clipped():
     assert ppo.adaptive_beta(0.1, kl=0.0, target=6.0, n=100, horizon=1000) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
 
 
-def test_global_whiten_on_one_rank_is_the_masked_whiten():
-    x, mask = torch.randn(3, 5, dtype=torch.float64), torch.rand(3, 5) < 0.6
-    torch.testing.assert_close(ppo.global_whiten(x, mask), common.masked_whiten(x, mask))
-    torch.testing.assert_close(ppo.global_whiten(x, mask, shift_mean=False), common.masked_whiten(x, mask, shift_mean=False))
-
-
 # ───────────── the loop on the tiny model ─────────────
 
 
