@@ -42,6 +42,7 @@ import functools
 import json
 import math
 import os
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -319,7 +320,7 @@ def on_policy_samples(student, tokenizer, convs: list[list[dict]], idx: list[int
     any number of ranks) a fresh seeded student answer, else the data's own answer."""
 
     def fresh(i):
-        return common.hash_int([args.seed, step, i, "λ"]) % 10_000 < args.on_policy_frac * 10_000
+        return random.Random(common.hash_int([args.seed, step, i, "λ"])).random() < args.on_policy_frac
 
     sampled = [i for i in idx if fresh(i)]
     gens = common.generate(student, tokenizer, [convs[i][:-1] for i in sampled], args.max_new_tokens,
@@ -454,7 +455,7 @@ def cai_data(model, tokenizer, critic, critic_tokenizer, prompts: list[dict], pr
         if not live:
             break
         ids = [r["i"] for r in live]
-        picked = [principles[common.hash_int([args.seed, "principle", rnd, i]) % len(principles)] for i in ids]
+        picked = [random.Random(common.hash_int([args.seed, "principle", rnd, i])).choice(principles) for i in ids]
         chats = [critique_conversation(r["prompt"], r["final"], p) for r, p in zip(live, picked)]
         critiques = sample(critic, critic_tokenizer, chats, ids, f"cai-critique{rnd}")
         chats = [revision_conversation(r["prompt"], r["final"], p, c) for r, p, c in zip(live, picked, critiques)]

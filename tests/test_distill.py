@@ -126,6 +126,23 @@ def test_layer_subset_keeps_first_and_last_layers_and_generates(chatml):
     common.generate(student, chatml, ["hi"], 4, temperature=1.0)  # the KV cache indexes the kept layers
 
 
+def test_on_policy_frac_mixes_fresh_samples_with_the_data_answers_the_same_on_any_split(chatml):
+    model = common.tiny_model(chatml).eval()
+    convs = common.builtin_sft("train", 40, 0)
+    data = [common.tokenize_conversation(chatml, c) for c in convs]
+
+    def fresh(frac, idx):
+        args = distill.Args(on_policy_frac=frac, max_new_tokens=4)
+        return [s != data[i] for i, s in zip(idx, distill.on_policy_samples(model, chatml, convs, idx, 3, args))]
+
+    everything = list(range(40))
+    assert not any(fresh(0.0, everything))
+    assert all(fresh(1.0, everything))
+    half = fresh(0.5, everything)
+    assert 10 <= sum(half) <= 30  # about half, drawn per (step, prompt)
+    assert fresh(0.5, everything[1::2]) == half[1::2]  # a rank's share draws what the whole batch drew
+
+
 # ───────────── each mode on the tiny model ─────────────
 
 
