@@ -703,6 +703,19 @@ def load_reward_model(path: str, kind: str = "orm"):
     return model.eval()
 
 
+@torch.no_grad()
+def reward_model_scores(rm, tokenizer, prompts: list, texts: list[str], device, max_tokens: int = 4096) -> Tensor:
+    """(B,) an rm.py reward model's score of each (prompt, answer), read at the answer's last token; the
+    conversations go through packed micro-batches of at most `max_tokens` tokens."""
+    docs = [tokenize_conversation(tokenizer, as_messages(p, t)) for p, t in zip(prompts, texts)]
+    out = torch.empty(len(docs))
+    for b in pack_bins([len(d["input_ids"]) for d in docs], max_tokens):
+        with autocast(device):
+            h = last_token_hidden(rm, to_device(collate_packed([docs[i] for i in b]), device))
+        out[b] = rm.score(h.to(rm.score.weight.dtype)).squeeze(-1).float().cpu()
+    return out
+
+
 def save_model(model, tokenizer, out_dir: str, rank: int = 0):
     """A save_pretrained directory (safetensors + tokenizer + chat template) that transformers and vLLM
     load. Called on every rank (gathering FSDP shards is collective); rank 0 writes."""

@@ -235,10 +235,7 @@ def score_answers(texts: list[str], row: dict, args, scorer, device) -> list[flo
                 wins[i] += p / (n - 1)
                 wins[j] += (1 - p) / (n - 1)
         return wins
-    docs = [common.tokenize_conversation(tokenizer, common.as_messages(row["prompt"], t)) for t in texts]
-    with common.autocast(device):
-        h = common.last_token_hidden(scorer, common.to_device(common.collate_packed(docs), device))
-    return scorer.score(h.to(scorer.score.weight.dtype)).squeeze(-1).float().tolist()
+    return common.reward_model_scores(scorer, tokenizer, [row["prompt"]] * len(texts), texts, device, args.max_tokens).tolist()
 
 
 def online_pairs(policy, tokenizer, prompts: list[dict], args, scorer, device) -> tuple[list[dict], dict]:

@@ -252,13 +252,7 @@ def score(prompts: list[dict], texts: list[str], args: Args, reward_model, devic
         return torch.tensor([common.rule_reward(t, p["answer"]) + args.format_reward * common.format_reward(t)
                              for p, t in zip(prompts, texts)])  # fmt: skip
     rm, tok = reward_model
-    docs = [common.tokenize_conversation(tok, common.as_messages(p["prompt"], t)) for p, t in zip(prompts, texts)]
-    out = torch.empty(len(docs))
-    for b in common.pack_bins([len(d["input_ids"]) for d in docs], args.max_tokens):
-        with common.autocast(device):
-            h = common.last_token_hidden(rm, common.to_device(common.collate_packed([docs[i] for i in b]), device))
-        out[b] = rm.score(h).squeeze(-1).float().cpu()
-    return out
+    return common.reward_model_scores(rm, tok, [p["prompt"] for p in prompts], texts, device, args.max_tokens)
 
 
 def completion_matrix(x: Tensor, batch: dict, width: int) -> Tensor:

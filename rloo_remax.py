@@ -122,10 +122,7 @@ def score(prompts: list[dict], texts: list[str], args: Args, reward_model, devic
         return torch.tensor([common.rule_reward(t, p["answer"]) + args.format_reward * common.format_reward(t)
                              for p, t in zip(prompts, texts)])  # fmt: skip
     rm, tok = reward_model
-    docs = [common.tokenize_conversation(tok, common.as_messages(p["prompt"], t)) for p, t in zip(prompts, texts)]
-    with common.autocast(device):
-        h = common.last_token_hidden(rm, common.to_device(common.collate_packed(docs), device))
-    return rm.score(h).squeeze(-1).float().cpu()
+    return common.reward_model_scores(rm, tok, [p["prompt"] for p in prompts], texts, device, args.max_tokens)
 
 
 def micro_batches(samples: list[dict], max_tokens: int) -> list[tuple[list[int], dict]]:
