@@ -5,6 +5,7 @@ packed rows, log-probs, KL estimators and masked statistics, models, generation,
 checkpoints, metrics. Every script imports this module and no other cleanpost file.
 """
 
+import functools
 import glob
 import importlib.util
 import json
@@ -39,40 +40,65 @@ def _special_prefix(tokenizer, text: str) -> str:
     return next((s for s in specials if s and text.startswith(s)), "")
 
 
+_MARK = re.compile("[\ue000\ue002]\\d+[\ue001\ue003]")  # private-use characters: no template or text holds them
+
+
+def _marked(i: int, content: str) -> str:
+    """`content` with markers hugging its non-blank core (so a template's `| trim` still sees the same text)."""
+    core = content.strip()
+    lead, trail = content[: len(content) - len(content.lstrip())], content[len(content.rstrip()) :]
+    return f"{lead}\ue000{i}\ue001{core}\ue002{i}\ue003{trail}"
+
+
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """Render `messages` once with the tokenizer's chat template; return the text and the character
-    span of every assistant turn in it: its content plus its end-of-turn token, without the
-    template's trailing whitespace.
+    span of every assistant turn in it: its content plus the special token that ends the turn.
 
-    Each span is located in the full rendering, never assumed: first by the prefix rule (rendering
-    messages[:i] with a generation prompt must be a prefix of the full text), else, for templates
-    that render earlier turns differently once later ones exist, by finding the content in order.
-    """
+    Spans are located by markers, never by searching for the answer's text (a user may repeat it):
+    the conversation is rendered a second time with each answer between two markers, and the
+    markers' positions are the span. Removing the markers must give the first rendering exactly,
+    else the template treats answers in a way no span can describe, and that is an error. A template
+    that drops the start of an answer (Qwen3 drops earlier turns' reasoning) keeps the tail that it
+    renders."""
     text = _render(tokenizer, messages)
-    spans, cursor = [], 0
+    marked = _render(tokenizer, [{**m, "content": _marked(i, m["content"])} if m["role"] == "assistant" else m
+                                 for i, m in enumerate(messages)])  # fmt: skip
+    where, shift = {}, 0
+    for m in _MARK.finditer(marked):
+        where[m.group()] = m.start() - shift  # position in the rendering without markers
+        shift += len(m.group())
+    if _MARK.sub("", marked) != text:
+        raise ValueError("the chat template renders an answer differently depending on its text, so its tokens cannot "
+                         "be located; train on conversations split so that each ends at the answer")  # fmt: skip
+    spans = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        content, start = msg["content"], -1
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i > 0 else ""
-        upto = _render(tokenizer, messages[: i + 1])
-        if i > 0 and text.startswith(upto) and upto.startswith(before) and len(before) >= cursor:
-            end = len(upto.rstrip())
-            start = text.find(content, len(before), end) if content else -1
-            start = len(before) if start < 0 else start  # the header belongs to the prompt, even if
-            # the template ignores add_generation_prompt
-        elif content and content in text[cursor:]:
-            start = text.index(content, cursor)
-            end = start + len(content)
-            end += len(_special_prefix(tokenizer, text[end:]))
-        if start < 0 or start >= end or not text[start:end].strip():
-            raise ValueError(
-                f"assistant turn {i} cannot be located in the chat template's rendering of the conversation "
-                "(the template rewrites it); split the conversation so each sample ends at that turn"
-            )
+        start, end = where.get(f"\ue000{i}\ue001"), where.get(f"\ue002{i}\ue003")
+        if end is not None and start is None:  # the template kept only the answer's tail
+            core, n = msg["content"].strip(), 0
+            while n < len(core) and n < end and text[end - n - 1] == core[-1 - n]:
+                n += 1
+            start = end - n + (len(core[-n:]) - len(core[-n:].lstrip()) if n else 0)
+        if end is not None:
+            rest = text[end:]
+            gap = len(rest) - len(rest.lstrip())  # Llama-2 puts a space between the answer and </s>
+            eot = _special_prefix(tokenizer, rest[gap:])
+            end += gap + len(eot) if eot else 0
+        if start is None or end is None or start >= end:
+            raise ValueError(f"assistant turn {i} is not in the chat template's rendering of the conversation "
+                             "(the template drops it); split the conversation so each sample ends at that turn")  # fmt: skip
         spans.append((start, end))
-        cursor = end
     return text, spans
+
+
+def end_of_turn_token(tokenizer) -> str | None:
+    """The special token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>,
+    <end_of_turn>, <|end|>, </s>, ...), or None if it closes turns with plain text."""
+    msgs = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+    text, [(start, end)] = assistant_spans(tokenizer, msgs)
+    eot = text[start:end].removeprefix("2").strip()
+    return eot or None
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], train_from: int = 0) -> dict:
@@ -80,7 +106,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], train_from: int = 0) 
     and on assistant turns before message index `train_from` (a preference pair's prompt may hold some).
 
     The rendered text already holds the template's BOS, so tokenizing adds no special tokens
-    (no second BOS). A token is trained when it starts inside an assistant span.
+    (no second BOS). A token is trained when it overlaps an assistant span: with templates that put a
+    space before the answer, SentencePiece's "▁7" and byte-level BPE's "Ġ7" start at that space.
     """
     text, spans = assistant_spans(tokenizer, messages)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -88,7 +115,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], train_from: int = 0) 
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, labels = enc["input_ids"], []
     for tok, (a, b) in zip(ids, enc["offset_mapping"]):
-        inside = any(s <= a < e for s, e in spans) and b > a
+        inside = any(a < e and b > s for s, e in spans) and b > a
         labels.append(tok if inside else IGNORE)
     if labels and labels[0] != IGNORE:
         labels[0] = IGNORE  # the first token has no context to be predicted from
@@ -405,35 +432,84 @@ except ImportError:
 ATTN_IMPL = "cleanpost_packed"
 
 
-def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+_HARMLESS = {"position_ids", "use_cache", "output_attentions", "cache_position", "is_causal"}
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                     softcap=None, **kwargs):  # fmt: skip
     """transformers attention function. query (1, H, T, D), key/value (1, H_kv, T, D).
 
     With cu_seq_lens_q in kwargs (a packed row) each document attends only to itself: flash-attn's
-    varlen kernel on CUDA when installed, else torch's varlen_attn on CUDA, else (CPU) causal SDPA
-    over each document's slice, which does Σ L_i² work instead of the T² of a block-diagonal mask.
-    Without it, plain SDPA with the mask transformers built (generation, padded batches)."""
+    varlen kernel on CUDA when installed, else torch's varlen_attn on CUDA, else (CPU) attention over
+    each document's slice, which does Σ L_i² work instead of the T² of a block-diagonal mask.
+    Without it, plain SDPA with the mask transformers built (generation, padded batches).
+    The layer's variants are honoured everywhere: `sliding_window` W (Mistral, Qwen2, Gemma-2/3 local
+    layers: a token sees itself and the W − 1 before it) and `softcap` c (Gemma-2: scores → c·tanh(s/c)).
+    Anything else that would change the result is refused, never ignored."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.pop("cu_seq_lens_q", None)
     max_len = kwargs.pop("max_length_q", None)
     for k in ("cu_seq_lens_k", "max_length_k"):
         kwargs.pop(k, None)
+    unknown = sorted(k for k, v in kwargs.items() if k not in _HARMLESS and v is not None)
+    if unknown or kwargs.get("is_causal") is False:
+        raise NotImplementedError(f"{type(module).__name__} asks packed attention for {unknown or 'is_causal=False'}, "
+                                  "which cleanpost does not implement: this model cannot be trained exactly here")  # fmt: skip
     if cu is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if not use_varlen(query.device):
-        bounds = cu.tolist()
-        out = torch.cat([
-            F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout,
-                                           is_causal=True, scale=scaling, enable_gqa=True)
-            for a, b in zip(bounds[:-1], bounds[1:])
-        ], dim=2)  # fmt: skip
-        return out.transpose(1, 2), None  # (1, H, T, D) -> (1, T, H, D), as transformers expects
+        if softcap is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return explicit_attention(query, key, value, attention_mask, scaling, softcap, dropout), None
     q, k, v = (x.squeeze(0).transpose(0, 1) for x in (query, key, value))  # (1, H, T, D) -> (T, H, D)
-    if flash_attn_varlen_func is not None:
-        out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scaling, causal=True)
+    left = sliding_window - 1 if sliding_window else -1
+    if use_varlen(query.device) and flash_attn_varlen_func is not None:
+        out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scaling,
+                                     causal=True, window_size=(left, 0), softcap=softcap or 0.0)  # fmt: skip
+        return out.unsqueeze(0), None  # (T, H, D) -> (1, T, H, D)
+    if use_varlen(query.device) and softcap is None and dropout == 0.0:
+        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(left, 0), enable_gqa=True)
+        return out.unsqueeze(0), None
+    bounds = cu.tolist()
+    out = torch.cat([
+        document_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scaling, sliding_window, softcap, dropout)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ], dim=2)  # fmt: skip
+    return out.transpose(1, 2), None  # (1, H, T, D) -> (1, T, H, D), as transformers expects
+
+
+def document_attention(q, k, v, scaling, sliding_window=None, softcap=None, dropout=0.0) -> Tensor:
+    """Causal self-attention of one document: q (1, H, L, D), k/v (1, H_kv, L, D) -> (1, H, L, D)."""
+    n = q.shape[2]
+    if softcap is None and (not sliding_window or n <= sliding_window):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=True)
+    i = torch.arange(n, device=q.device)
+    allowed = i[:, None] >= i[None, :]  # causal: query i sees keys j ≤ i
+    if sliding_window:
+        allowed &= i[:, None] - i[None, :] < sliding_window
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling, enable_gqa=True)
+    return explicit_attention(q, k, v, allowed, scaling, softcap, dropout).transpose(1, 2)
+
+
+def explicit_attention(q, k, v, mask, scaling, softcap=None, dropout=0.0) -> Tensor:
+    """softmax(c·tanh(q·kᵀ·scale / c) + mask)·v, the scores in float32, for what SDPA cannot do (soft-capped
+    scores). q (B, H, Q, D), k/v (B, H_kv, K, D); mask: bool (True = attend) or additive, broadcastable
+    to (B, H, Q, K), or None for causal (the last query is the last key). Returns (B, Q, H, D)."""
+    rep = q.shape[1] // k.shape[1]  # grouped-query attention: each key/value head serves `rep` query heads
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, Q, K)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask is None:
+        nq, nk = scores.shape[-2:]
+        mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
     else:
-        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), enable_gqa=True)
-    return out.unsqueeze(0), None  # (T, H, D) -> (1, T, H, D)
+        scores = scores + mask[..., : scores.shape[-1]].float()
+    probs = F.dropout(scores.softmax(-1), p=dropout, training=dropout > 0).to(v.dtype)
+    return (probs @ v).transpose(1, 2).contiguous()
 
 
 def register_attention():
@@ -482,29 +558,49 @@ def selective_log_softmax(logits: Tensor, index: Tensor, chunk: int = 1024) -> T
     return out.view(index.shape)
 
 
-def _chunk_logp(hidden: Tensor, weight: Tensor, target: Tensor) -> Tensor:
-    logits = (hidden @ weight.T).float()  # (n, V), only this chunk's
+def output_logits(model, hidden: Tensor) -> Tensor:
+    """The model's own logits for hidden states (..., H), always in float32 (under bf16 autocast a logit
+    near 20 would otherwise be rounded to a multiple of 0.125): its output layer, bias included, then
+    what its forward does after it — Gemma-2/3's soft-cap c·tanh(z/c), Granite's z / logits_scaling,
+    Cohere's z · logit_scale. load_model checks the result against the model's own forward."""
+    head, cfg = model.get_output_embeddings(), model.config.get_text_config()
+    with torch.autocast(hidden.device.type, enabled=False):
+        bias = None if getattr(head, "bias", None) is None else head.bias.float()
+        z = F.linear(hidden.float(), head.weight.float(), bias)
+    if getattr(cfg, "logits_scaling", None):
+        z = z / cfg.logits_scaling
+    if getattr(cfg, "logit_scale", None):
+        z = z * cfg.logit_scale
+    if getattr(cfg, "final_logit_softcapping", None):
+        z = cfg.final_logit_softcapping * torch.tanh(z / cfg.final_logit_softcapping)
+    return z
+
+
+def _chunk_logp(logits_fn, hidden: Tensor, target: Tensor) -> Tensor:
+    logits = logits_fn(hidden)  # (n, V) float32, only this chunk's
     return logits.gather(-1, target[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def _chunk_logp_entropy(hidden: Tensor, weight: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    logits = (hidden @ weight.T).float()
+def _chunk_logp_entropy(logits_fn, hidden: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    logits = logits_fn(hidden)
     lse = logits.logsumexp(-1)
     entropy = lse - (logits.softmax(-1) * logits).sum(-1)  # H = logsumexp − E_p[logit]
     return logits.gather(-1, target[:, None]).squeeze(-1) - lse, entropy
 
 
-def hidden_logps(hidden: Tensor, weight: Tensor, target: Tensor, chunk: int = 256, entropy: bool = False):
-    """hidden (N, H), output-layer weight (V, H), target (N,) -> log π(target), (N,) float32, and the
-    entropy of each prediction (N,) when asked (else None).
+def hidden_logps(hidden: Tensor, logits_fn, target: Tensor, chunk: int = 256, entropy: bool = False):
+    """hidden (N, H), logits_fn: hidden (n, H) -> float32 logits (n, V), target (N,) -> log π(target),
+    (N,) float32, and the entropy of each prediction (N,) when asked (else None). The same numbers as
 
-    The (N, V) logits never exist at once: `chunk` rows at a time go through the output layer, and
+        logp = torch.log_softmax(logits_fn(hidden), -1).gather(-1, target[:, None]).squeeze(-1)
+
+    but the (N, V) logits never exist at once: `chunk` rows at a time go through the output layer, and
     under autograd each chunk is recomputed in backward instead of stored (peak: a few (chunk, V)
     buffers). The entropy costs a softmax more per chunk, so it is computed only when asked."""
-    fn = _chunk_logp_entropy if entropy else _chunk_logp
+    fn = functools.partial(_chunk_logp_entropy if entropy else _chunk_logp, logits_fn)
     outs = []
     for i in range(0, max(hidden.shape[0], 1), chunk):  # at least once: a 1-token row has nothing to predict
-        args = (hidden[i : i + chunk], weight, target[i : i + chunk])
+        args = (hidden[i : i + chunk], target[i : i + chunk])
         outs.append(checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
     if not entropy:
         return torch.cat(outs), None
@@ -513,16 +609,17 @@ def hidden_logps(hidden: Tensor, weight: Tensor, target: Tensor, chunk: int = 25
 
 def token_logps(model, batch: dict, chunk: int = 256, temperature: float = 1.0, entropy: bool = False):
     """Per-token log-probs of the batch's own tokens, (B, T) float32, aligned with input_ids:
-    logp[b, t] = log π(x_t | x_<t within its document); with entropy=True also the entropy of each
-    prediction, (B, T), else None. The first token of each document has no prediction: its values
-    are 0 (its label is always IGNORE). Use `batch["labels"] != IGNORE` as the mask. Memory: see
-    hidden_logps."""
+    logp[b, t] = log softmax(logits / τ)[x_t] given x_<t within its document; with entropy=True also
+    the entropy of each prediction, (B, T), else None. The first token of each document has no
+    prediction: its values are 0 (its label is always IGNORE). Use `batch["labels"] != IGNORE` as the
+    mask. Memory: see hidden_logps."""
     hidden = forward_hidden(model, batch)  # (B, T, H)
     b, t, h = hidden.shape
     hs, target = hidden[:, :-1].reshape(-1, h), batch["input_ids"][:, 1:].reshape(-1)
+    logits_fn = functools.partial(output_logits, model)
     if temperature != 1.0:
-        hs = hs / temperature  # logits / τ, since the output layer is linear without bias
-    logp, ent = hidden_logps(hs, model.get_output_embeddings().weight, target, chunk, entropy)
+        logits_fn = lambda x: output_logits(model, x) / temperature  # noqa: E731
+    logp, ent = hidden_logps(hs, logits_fn, target, chunk, entropy)
     starts = batch["position_ids"] == 0  # document starts: the previous token belongs to another document
     zero = hidden.new_zeros(b, 1, dtype=torch.float32)
     align = lambda x: torch.cat([zero, x.view(b, t - 1)], 1).masked_fill(starts, 0.0)  # noqa: E731
@@ -548,8 +645,7 @@ def last_token_hidden(model, batch: dict) -> Tensor:
 
 def next_token_logprobs(model, batch: dict) -> Tensor:
     """log π(· | document) for the token after each document -> (num_docs, V), float32."""
-    logits = last_token_hidden(model, batch) @ model.get_output_embeddings().weight.T
-    return torch.log_softmax(logits.float(), -1)
+    return torch.log_softmax(output_logits(model, last_token_hidden(model, batch)), -1)
 
 
 # ───────────────────────────── KL estimators and masked statistics ─────────────────────────────
@@ -700,19 +796,80 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_model(name: str, tokenizer=None, dtype=torch.float32, seed: int = 0):
+def load_model(name: str, tokenizer=None, dtype=torch.float32, seed: int = 0, dropout: bool = False):
     """`name`: DEFAULT_MODEL (served from the embedded GGUF, no hub), "tiny" (random, tests), any Hugging
-    Face id or local directory. The model uses packed_attention, so packed rows stay separate."""
+    Face id or local directory; then prepared by prepare_model (packed attention, dropout off unless
+    `dropout`, checked against the model's own forward)."""
     from transformers import AutoModelForCausalLM
 
-    register_attention()
     if name == "tiny":
         model = tiny_model(tokenizer or tiny_tokenizer(), seed=seed)
     else:
         path = embedded_model_dir() if name == DEFAULT_MODEL else name
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return prepare_model(model.to(dtype), dropout)
+
+
+def prepare_model(model, dropout: bool = False):
+    """Make any causal LM ready for the functions in this file (load_model calls it; call it on a model
+    you built yourself): packed_attention as its attention, dropout switched off unless `dropout` (as
+    TRL does: with dropout on, π is scored under a random mask while the reference is not, so DPO's first
+    loss is not log 2 and a PPO ratio not 1), then check_exact."""
+    register_attention()
     model.set_attn_implementation(ATTN_IMPL)
-    return model.to(dtype)
+    if not dropout:
+        n = disable_dropout(model)
+        if n:
+            print(f"dropout switched off in {n} places of {type(model).__name__} (--dropout keeps it)", flush=True)
+    check_exact(model)
+    return model
+
+
+def disable_dropout(model) -> int:
+    """Set every dropout probability in `model` to 0 (nn.Dropout modules and the attention dropout rate
+    that layers pass to the attention function); returns how many were not 0. The config is untouched."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            m.p, n = 0.0, n + 1
+        for attr in ("attention_dropout", "attn_dropout", "dropout"):
+            if isinstance(getattr(m, attr, None), float) and getattr(m, attr) > 0:
+                setattr(m, attr, 0.0)
+                n += 1
+    return n
+
+
+@torch.no_grad()
+def check_exact(model) -> None:
+    """Refuse a model whose packed per-token log-probs (token_logps: packed_attention, output_logits)
+    differ from its own forward (eager attention, its own head) on each document alone: two random
+    documents, the first longer than a short sliding window. A family whose attention or output layer
+    does something this file does not reproduce is stopped here rather than trained wrong."""
+    cfg = model.config.get_text_config()
+    window = getattr(cfg, "sliding_window", None) or 0
+    vocab = model.get_output_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    docs = [torch.randint(vocab, (n,), generator=gen).tolist() for n in (2 * window + 3 if 0 < window <= 64 else 13, 7)]
+    device = next(model.parameters()).device
+    batch = to_device(collate_packed([{"input_ids": d, "labels": d} for d in docs]), device)
+    was_training = model.training
+    model.eval()
+    try:
+        packed, _ = token_logps(model, batch)
+        model.set_attn_implementation("eager")
+        own = []
+        for d in docs:
+            logits = model(torch.tensor([d], device=device)).logits[0, :-1].float()
+            own.append(logits.log_softmax(-1).gather(-1, torch.tensor(d[1:], device=device)[:, None]).squeeze(-1))
+    finally:
+        model.set_attn_implementation(ATTN_IMPL)
+        model.train(was_training)
+    cu = batch["cu_seqlens"].tolist()
+    err = max((packed[0, a + 1 : b] - o).abs().max().item() for a, b, o in zip(cu[:-1], cu[1:], own))
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.1
+    if not err <= tol:
+        raise ValueError(f"{type(model).__name__}: packed log-probs differ from the model's own forward by {err:.3g} "
+                         "nats per token on a probe; this family is not supported exactly, so it is refused")  # fmt: skip
 
 
 def load_reward_model(path: str, kind: str = "orm"):
@@ -772,44 +929,60 @@ class RowSampler:
         return scores.float() / self.temperature + gumbel
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every token that ends an answer: the model's generation_config eos ids (Gemma's <end_of_turn>,
+    Phi-3's <|end|>, ...), the tokenizer's eos, and the token the chat template ends a turn with."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    eot = end_of_turn_token(tokenizer)
+    ids += [tokenizer.eos_token_id] + ([tokenizer.convert_tokens_to_ids(eot)] if eot else [])
+    return sorted({i for i in ids if i is not None})
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, batch_size: int = 32,
              prefill: list[str] | None = None, seeds: list[int] | None = None):  # fmt: skip
     """Sample one completion per prompt (strings or message lists), greedy when temperature == 0.
     `prefill`: per prompt, the start of the assistant's answer to continue from (e.g. the first
     steps of a solution); the returned text is the continuation only. `seeds`: per prompt, the seed of
-    its own sampler (RowSampler), so that a completion does not depend on how prompts are batched.
+    its own sampler (RowSampler), so that a completion does not depend on how prompts are batched
+    (without seeds, they are drawn from torch's global generator).
 
-    Left-padded batches with the KV cache; a completion ends at EOS. Returns a list of dicts with
-    "text", "prompt_ids" and "completion_ids" (EOS included when produced, padding removed)."""
-    from transformers import LogitsProcessorList
+    Samples come from softmax(logits / τ), the distribution token_logps scores, and from nothing else:
+    the model's generation_config (repetition_penalty, no_repeat_ngram_size, min_new_tokens, top-k/p)
+    is set aside for the call. Left-padded batches with the KV cache; an answer ends at any of
+    stop_token_ids. Returns a list of dicts with "text", "prompt_ids", "completion_ids" (the stop token
+    included when produced, padding removed) and "ended" (a stop token was produced)."""
+    from transformers import GenerationConfig, LogitsProcessorList
 
-    was_training = model.training
+    stops = stop_token_ids(model, tokenizer)
+    if temperature > 0 and seeds is None:
+        seeds = torch.randint(2**31, (len(prompts),)).tolist()
+    was_training, own_config = model.training, model.generation_config
     model.eval()
+    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        starts = prefill[i : i + batch_size] if prefill else [""] * len(chunk)
-        texts = [_render(tokenizer, as_messages(p), add_generation_prompt=True) + a for p, a in zip(chunk, starts)]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        sample = temperature > 0 and seeds is None
-        processors = LogitsProcessorList()
-        if seeds is not None and temperature > 0:  # seeded rows: Gumbel-max on top of greedy decoding
-            processors.append(RowSampler(seeds[i : i + batch_size], temperature, model.device))
-        gen = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
-            top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            logits_processor=processors,
-        )  # fmt: skip
-        for row, attn, g in zip(enc["input_ids"], enc["attention_mask"], gen[:, enc["input_ids"].shape[1] :]):
-            g = g.tolist()
-            if tokenizer.eos_token_id in g:
-                g = g[: g.index(tokenizer.eos_token_id) + 1]
-            prompt_ids = row[attn.bool()].tolist()
-            out.append({"text": tokenizer.decode(g, skip_special_tokens=True), "prompt_ids": prompt_ids, "completion_ids": g})
-    tokenizer.padding_side = side
-    model.train(was_training)
+    try:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            starts = prefill[i : i + batch_size] if prefill else [""] * len(chunk)
+            texts = [_render(tokenizer, as_messages(p), add_generation_prompt=True) + a for p, a in zip(chunk, starts)]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            processors = LogitsProcessorList()
+            if temperature > 0:  # Gumbel-max sampling on top of greedy decoding, each row with its own seed
+                processors.append(RowSampler(seeds[i : i + batch_size], temperature, model.device))
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors)
+            for row, attn, g in zip(enc["input_ids"], enc["attention_mask"], gen[:, enc["input_ids"].shape[1] :]):
+                g = g.tolist()
+                end = next((j for j, t in enumerate(g) if t in stops), None)
+                g = g if end is None else g[: end + 1]
+                out.append({"text": tokenizer.decode(g, skip_special_tokens=True), "prompt_ids": row[attn.bool()].tolist(),
+                            "completion_ids": g, "ended": end is not None})  # fmt: skip
+    finally:
+        tokenizer.padding_side = side
+        model.generation_config = own_config
+        model.train(was_training)
     return out
 
 

@@ -69,6 +69,8 @@ class Args:
     """the teacher; "tiny" for tests. A fine-tuned checkpoint (e.g. runs/sft-default) is the useful one"""
     student: str = ""
     """the student; empty: the teacher with --student-layers of its layers (cai: the teacher itself)"""
+    dropout: bool = False
+    """keep the model's dropout while training (off by default, as in TRL: a random mask makes π differ from itself)"""
     student_layers: int = 10
     """layers of the teacher the default student keeps (SmolLM2-135M has 30)"""
     data: str = "builtin"
@@ -201,10 +203,9 @@ def answer_divergence(student, teacher, batch: dict, kinds: tuple[str, ...], arg
     hs = common.forward_hidden(student, batch)[:, :-1]
     at = batch["labels"][:, 1:] != common.IGNORE
     hs, ht = hs[at], ht[at]  # (N, H) each
-    ws, wt = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
 
     def chunk_sum(h_s, h_t):
-        s_logits, t_logits = h_s @ ws.T, h_t @ wt.T
+        s_logits, t_logits = common.output_logits(student, h_s), common.output_logits(teacher, h_t)
         return torch.stack([divergence(s_logits, t_logits, k, args.temperature, args.jsd_beta, top_k).sum()
                             for k in kinds])  # fmt: skip
 
@@ -514,10 +515,10 @@ def main(args: Args) -> str:
     kind = args.divergence if args.divergence != "auto" else ("forward" if args.mode == "token" else "reverse")
 
     tokenizer = common.load_tokenizer(args.teacher)
-    teacher = common.load_model(args.teacher, tokenizer, seed=args.seed).to(device).requires_grad_(False).eval()
+    teacher = common.load_model(args.teacher, tokenizer, seed=args.seed, dropout=args.dropout).to(device).requires_grad_(False).eval()
     if args.student:
         check_same_vocab(tokenizer, common.load_tokenizer(args.student))
-        student = common.load_model(args.student, tokenizer, seed=args.seed).to(device)
+        student = common.load_model(args.student, tokenizer, seed=args.seed, dropout=args.dropout).to(device)
     elif args.mode == "cai":
         student = copy.deepcopy(teacher).requires_grad_(True)
     else:

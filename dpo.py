@@ -36,6 +36,8 @@ class Args:
     # model and data
     model: str = common.DEFAULT_MODEL
     """policy to train, and the reference unless --ref-model is set; "tiny" for tests"""
+    dropout: bool = False
+    """keep the model's dropout while training (off by default, as in TRL: a random mask makes π differ from itself)"""
     ref_model: str = ""
     """reference π_ref if it is not the starting policy (e.g. the SFT model the policy came from)"""
     data: str = "builtin"
@@ -251,7 +253,7 @@ def online_pairs(policy, tokenizer, prompts: list[dict], args, scorer, device) -
         texts = [g["text"] for g in group]
         s = score_answers(texts, p, args, scorer, device)
         scores += s
-        ended = [i for i, g in enumerate(group) if g["completion_ids"][-1:] == [tokenizer.eos_token_id]]
+        ended = [i for i, g in enumerate(group) if g["ended"]]
         truncated += len(group) - len(ended)
         if len(ended) < 2:
             continue
@@ -297,7 +299,7 @@ def main(args: Args) -> str:
             print("--online: keeping a live reference model (--no-precompute-ref)")
 
     tokenizer = common.load_tokenizer(args.model)
-    policy = common.load_model(args.model, tokenizer, seed=args.seed).to(device)
+    policy = common.load_model(args.model, tokenizer, seed=args.seed, dropout=args.dropout).to(device)
     if args.ref_model:
         ref = common.load_model(args.ref_model, tokenizer).to(device).requires_grad_(False)
     elif args.precompute_ref:

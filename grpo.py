@@ -35,6 +35,8 @@ class Args:
     # model and data
     model: str = common.DEFAULT_MODEL
     """policy to train, and the reference; "tiny" for tests"""
+    dropout: bool = False
+    """keep the model's dropout while training (off by default, as in TRL: a random mask makes π differ from itself)"""
     data: str = "builtin"
     """JSONL of {"prompt", "answer"} for the rule reward (any prompt with --reward-model), or "builtin" """
     num_train: int = 2000
@@ -110,12 +112,14 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "std") -> Te
 
     A_i = (r_i − mean_g) / std_g        GRPO, arXiv:2402.03300 (§4.1.2)
     A_i =  r_i − mean_g                 scale="none", Dr. GRPO, arXiv:2503.20783
-    A group whose rewards are all equal gets A = 0 (no NaN): it carries no signal."""
+    A group whose rewards are all equal gets exactly A = 0 (no NaN, and not the float rounding of
+    r − mean, which the clamped std would blow up): it carries no signal."""
     r = rewards.view(-1, group_size)  # (B,) -> (B/G, G)
     adv = r - r.mean(dim=1, keepdim=True)
     if scale == "std":
         adv = adv / r.std(dim=1, keepdim=True).nan_to_num(0.0).clamp(min=1e-6)
-    return adv.view(-1)
+    tied = (r == r[:, :1]).all(dim=1, keepdim=True)  # (B/G, 1)
+    return adv.masked_fill(tied, 0.0).view(-1)
 
 
 def grpo_loss(
@@ -218,7 +222,7 @@ def rollout(
     gen_s = time.time() - t0
     flat = [p for p in prompts for _ in range(args.group_size)]
     texts = [g["text"] for g in gens]
-    ended = torch.tensor([g["completion_ids"][-1:] == [tokenizer.eos_token_id] for g in gens])
+    ended = torch.tensor([g["ended"] for g in gens])
     reward = score(flat, texts, args, reward_model, device)
     if args.overlong == "penalty":
         reward = reward - (~ended).float()
@@ -281,7 +285,7 @@ def main(args: Args) -> str:
         )
 
     tokenizer = common.load_tokenizer(args.model)
-    policy = common.load_model(args.model, tokenizer, seed=args.seed).to(device)
+    policy = common.load_model(args.model, tokenizer, seed=args.seed, dropout=args.dropout).to(device)
     ref = copy.deepcopy(policy).requires_grad_(False).eval() if args.beta else None  # β = 0: no reference at all
     reward_model = None
     if args.reward_model:

@@ -54,6 +54,8 @@ class Args:
     # model and data
     model: str = common.DEFAULT_MODEL
     """actor to train, and the reference; "tiny" for tests"""
+    dropout: bool = False
+    """keep the model's dropout while training (off by default, as in TRL: a random mask makes π differ from itself)"""
     reward: Annotated[str, tyro.conf.arg(aliases=["--reward-model"])] = "rule"
     """"rule" (right answer, plus --format-reward for the format) or an rm.py output directory"""
     critic_init: Literal["policy", "reward"] = "policy"
@@ -306,7 +308,7 @@ def rollout(policy, ref, critic, tokenizer, prompts, gids, seeds, args: Args, re
                            temperature=args.temperature, seeds=seeds)  # fmt: skip
     gen_s = time.time() - t0
     texts = [g["text"] for g in gens]
-    ended = torch.tensor([g["completion_ids"][-1:] == [tokenizer.eos_token_id] for g in gens])
+    ended = torch.tensor([g["ended"] for g in gens])
     raw = score(prompts, texts, args, reward_model, device)
     bad = ~torch.isfinite(raw)
     if bad.any():
@@ -391,7 +393,7 @@ def main(args: Args) -> str:
         raise ValueError("--critic-init reward needs a reward model (--reward PATH); the rule has no backbone")
 
     tokenizer = common.load_tokenizer(args.model)
-    policy = common.load_model(args.model, tokenizer, seed=args.seed).to(device)
+    policy = common.load_model(args.model, tokenizer, seed=args.seed, dropout=args.dropout).to(device)
     ref = copy.deepcopy(policy).requires_grad_(False).eval()
     reward_model = None
     if args.reward != "rule":

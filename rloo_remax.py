@@ -38,6 +38,8 @@ class Args:
     # model and data
     model: str = common.DEFAULT_MODEL
     """policy to train, and the reference; "tiny" for tests"""
+    dropout: bool = False
+    """keep the model's dropout while training (off by default, as in TRL: a random mask makes π differ from itself)"""
     estimator: Literal["rloo", "remax"] = "rloo"
     """rloo: leave-one-out mean of the group; remax: the reward of a greedy decode"""
     data: str = "builtin"
@@ -97,7 +99,8 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
         raise ValueError("RLOO needs at least 2 answers per prompt")
     r = rewards.view(-1, group_size)  # (B,) -> (B/G, G)
     baseline = (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
-    return (r - baseline).view(-1)
+    tied = (r == r[:, :1]).all(dim=1, keepdim=True)  # all-equal group: exactly 0, not the rounding of r − baseline
+    return (r - baseline).masked_fill(tied, 0.0).view(-1)
 
 
 def remax_advantages(sample_rewards: Tensor, greedy_rewards: Tensor) -> Tensor:
@@ -177,7 +180,7 @@ def rollout(
     stats = {
         "reward/mean": float(task_reward.mean()), "reward/std": float(task_reward.std()) if len(gens) > 1 else 0.0,
         "kl": float(kl.mean()), "response_length": sum(len(g["completion_ids"]) for g in gens) / len(gens),
-        "truncated_frac": sum(g["completion_ids"][-1:] != [tokenizer.eos_token_id] for g in gens) / len(gens),
+        "truncated_frac": sum(not g["ended"] for g in gens) / len(gens),
         "time/generation_s": gen_s,
     }  # fmt: skip
     if greedy_reward is not None:
@@ -205,7 +208,7 @@ def main(args: Args) -> str:
         raise ValueError("--estimator rloo needs --group-size ≥ 2")
 
     tokenizer = common.load_tokenizer(args.model)
-    policy = common.load_model(args.model, tokenizer, seed=args.seed).to(device)
+    policy = common.load_model(args.model, tokenizer, seed=args.seed, dropout=args.dropout).to(device)
     ref = copy.deepcopy(policy).requires_grad_(False).eval() if args.beta else None  # β = 0: no reference at all
     reward_model = None
     if args.reward_model:

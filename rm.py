@@ -45,6 +45,8 @@ class Args:
     # model and data
     model: str = common.DEFAULT_MODEL
     """backbone; its language-model head is replaced by a scalar head; "tiny" for tests"""
+    dropout: bool = False
+    """keep the model's dropout while training (off by default, as in TRL: a random mask makes π differ from itself)"""
     kind: Literal["orm", "prm"] = "orm"
     """orm: one score per response, from preference pairs; prm: one score per step"""
     data: str = "builtin"
@@ -163,13 +165,13 @@ def split_steps(text: str) -> list[str]:
 # ───────────── models ─────────────
 
 
-def reward_model(name: str, tokenizer, kind: str, seed: int):
+def reward_model(name: str, tokenizer, kind: str, seed: int, dropout: bool = False):
     """The backbone of `name` with a fresh scalar head (num_labels=1) in a standard transformers class:
     sequence classification for the ORM (transformers reads it at the last non-pad token, as here), token
     classification for the PRM. The LM head is dropped; the new head starts near 0, N(0, 1/(H+1))."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    lm = common.load_model(name, tokenizer, seed=seed)
+    lm = common.load_model(name, tokenizer, seed=seed, dropout=dropout)
     config = lm.config
     config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
     cls = AutoModelForSequenceClassification if kind == "orm" else AutoModelForTokenClassification
@@ -180,7 +182,29 @@ def reward_model(name: str, tokenizer, kind: str, seed: int):
     if model.score.bias is not None:
         torch.nn.init.zeros_(model.score.bias)
     model.set_attn_implementation(common.ATTN_IMPL)
+    if not dropout:
+        common.disable_dropout(model)
     return model
+
+
+def set_scoring_pad(tokenizer) -> None:
+    """transformers' sequence classifier scores the last token that is not padding. Where the pad token
+    is also the token a sample ends with (pad = eos = <|eot_id|> and a Llama-3 template), it would read
+    one token early and score what rm.py never trained: give the tokenizer, and so the saved model, a
+    pad token that ends nothing (its unk or another unused special token)."""
+    eot = common.end_of_turn_token(tokenizer)
+    ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(eot) if eot else None}
+    if tokenizer.pad_token_id not in ends:
+        return
+    avoid = ends | {tokenizer.bos_token_id}
+    spare = [t for t in [tokenizer.unk_token, *tokenizer.all_special_tokens, *tokenizer.get_added_vocab()]
+             if t and tokenizer.convert_tokens_to_ids(t) not in avoid]  # fmt: skip
+    if not spare:
+        raise ValueError(f"the pad token {tokenizer.pad_token!r} ends every sample and the tokenizer has no other special "
+                         "token to pad with: transformers would score the wrong token of this reward model")  # fmt: skip
+    print(f"pad token {tokenizer.pad_token!r} ends samples; padding with {spare[0]!r}, so that transformers' sequence "
+          "classifier scores the same token as rm.py", flush=True)  # fmt: skip
+    tokenizer.pad_token = spare[0]
 
 
 def pair_rewards(model, batch: dict) -> tuple[Tensor, Tensor]:
@@ -473,11 +497,13 @@ def main(args: Args) -> str:
         return out_dir
 
     tokenizer = common.load_tokenizer(args.model)
+    if args.kind == "orm":
+        set_scoring_pad(tokenizer)
     train = load_data(args, tokenizer, "train", rank, world, device, out_dir)
     held_out = load_data(args, tokenizer, "test", rank, world, device, out_dir)
     if not train:
         raise ValueError(f"{args.data}: no usable training samples")
-    model = reward_model(args.model, tokenizer, args.kind, args.seed).to(device)
+    model = reward_model(args.model, tokenizer, args.kind, args.seed, args.dropout).to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = common.shard_model(model, args.fsdp)

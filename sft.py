@@ -31,6 +31,8 @@ class Args:
     # model and data
     model: str = common.DEFAULT_MODEL
     """Hugging Face id or local directory; the default is served from the embedded GGUF; "tiny" for tests"""
+    dropout: bool = False
+    """keep the model's dropout while training (off by default, as in TRL: a random mask makes π differ from itself)"""
     data: str = "builtin"
     """JSONL with "messages" or "prompt"/"completion", or "builtin" for the arithmetic task"""
     eval_data: str = ""
@@ -161,7 +163,7 @@ def main(args: Args) -> str:
         common.write_args(out_dir, args)
 
     tokenizer = common.load_tokenizer(args.model)
-    model = common.load_model(args.model, tokenizer, seed=args.seed).to(device)
+    model = common.load_model(args.model, tokenizer, seed=args.seed, dropout=args.dropout).to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = common.shard_model(model, args.fsdp)

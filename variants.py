@@ -37,6 +37,8 @@ class Args:
     # model and data
     model: str = common.DEFAULT_MODEL
     """policy to train, and the reference of IPO / KTO; "tiny" for tests"""
+    dropout: bool = False
+    """keep the model's dropout while training (off by default, as in TRL: a random mask makes π differ from itself)"""
     loss: Literal["ipo", "kto", "orpo", "simpo"] = "ipo"
     """which variant to train with"""
     data: str = "builtin"
@@ -325,7 +327,7 @@ def main(args: Args) -> str:
         common.write_args(out_dir, args)
 
     tokenizer = common.load_tokenizer(args.model)
-    policy = common.load_model(args.model, tokenizer, seed=args.seed).to(device)
+    policy = common.load_model(args.model, tokenizer, seed=args.seed, dropout=args.dropout).to(device)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

@@ -73,7 +73,7 @@ def worker_logps(method: str, grad: str) -> dict:
         elif method == "selective":  # the logits exist, their log-softmax never does
             logp = common.selective_log_softmax(hidden @ weight.T, target)
         else:  # from hidden states in chunks: neither the logits nor their log-softmax exist at once
-            logp, _ = common.hidden_logps(hidden, weight, target)
+            logp, _ = common.hidden_logps(hidden, lambda h: h @ weight.T, target)
         if grad == "grad":
             logp.sum().backward()
     return {"method": method, "mode": grad, "peak_extra_MB": peak_rss_mb() - base, "seconds": time.time() - t0}

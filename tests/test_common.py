@@ -80,13 +80,31 @@ def test_template_that_renders_turns_differently_by_position_still_masks_each_sp
     assert labelled_runs(chatml, sample) == ["hello<|im_end|>", "see you<|im_end|>"]
 
 
-def test_template_that_rewrites_an_assistant_turn_is_a_clear_error(chatml):
+def test_template_that_rewrites_an_earlier_answer_trains_the_text_it_renders(chatml):
     chatml.chat_template = (
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
         "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'] | upper }}{% else %}{{ m['content'] }}{% endif %}"
         "{{ '<|im_end|>\\n' }}{% endfor %}"
     )
-    with pytest.raises(ValueError, match="assistant turn 1 cannot be located"):
+    sample = common.tokenize_conversation(chatml, TWO_TURNS)
+    assert labelled_runs(chatml, sample) == ["HELLO<|im_end|>", "see you<|im_end|>"]
+
+
+def test_template_that_drops_an_assistant_turn_is_a_clear_error(chatml):
+    chatml.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+        "{% if m['role'] != 'assistant' or loop.last %}{{ m['content'] }}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    )
+    with pytest.raises(ValueError, match="assistant turn 1 is not in the chat template's rendering"):
+        common.tokenize_conversation(chatml, TWO_TURNS)
+
+
+def test_template_whose_rendering_depends_on_the_answer_text_is_a_clear_error(chatml):
+    chatml.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+        "{% if m['content'].startswith('h') %}{{ '[h] ' }}{% endif %}{{ m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    )
+    with pytest.raises(ValueError, match="renders an answer differently depending on its text"):
         common.tokenize_conversation(chatml, TWO_TURNS)
 
 
