@@ -505,7 +505,7 @@ def explicit_attention(q, k, v, mask, scaling, softcap=None, dropout=0.0) -> Ten
         nq, nk = scores.shape[-2:]
         mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
     if mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # not -inf: a padding row has no key
     else:
         scores = scores + mask[..., : scores.shape[-1]].float()
     probs = F.dropout(scores.softmax(-1), p=dropout, training=dropout > 0).to(v.dtype)

@@ -31,6 +31,14 @@ def test_group_advantages_by_hand_with_equal_groups_and_g_2():
     assert g2.tolist() == pytest.approx([1 / math.sqrt(2), -1 / math.sqrt(2), 0.0, 0.0])
 
 
+@pytest.mark.parametrize("scale", ["std", "none"])
+@pytest.mark.parametrize("value", [0.1, 0.3, 1 / 3, -7.7])
+def test_an_all_equal_group_gets_exactly_zero_advantage_whatever_its_float_rounding(value, scale):
+    """fp32 leaves r − mean ≈ 2e-8 for [0.1] × 8, and std = 0 clamped to 1e-6 would turn it into ±0.02."""
+    adv = grpo.group_advantages(torch.full((8,), value), 8, scale=scale)
+    assert adv.tolist() == [0.0] * 8
+
+
 # ───────────── the loss ─────────────
 
 

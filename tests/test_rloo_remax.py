@@ -41,6 +41,11 @@ def test_reinforce_loss_gradient_is_minus_advantage_times_the_score():
     assert seq.grad.tolist() == [-2.0, 0.5] and adv.grad is None  # the advantage is a constant
 
 
+@pytest.mark.parametrize("value", [0.1, 0.3, 1 / 3, -7.7])
+def test_an_all_equal_group_gets_exactly_zero_rloo_advantage(value):
+    assert rloo_remax.rloo_advantages(torch.full((8,), value), 8).tolist() == [0.0] * 8
+
+
 def test_rloo_is_unbiased_and_has_lower_variance_than_reinforce_on_a_bandit():
     # a 5-armed bandit with a softmax policy; the exact gradient of E[r] is Σ_a r(a) ∇π(a)
     g = torch.Generator().manual_seed(0)

@@ -299,3 +299,27 @@ def test_best_of_n_scores_each_response_as_it_scores_alone(chatml):
         alone = rm.score_responses(prm, chatml, "prm", prompts[i : i + 1], texts[i : i + 1], "\n", 4096, cpu)[0]
         torch.testing.assert_close(steps[i], alone, atol=1e-5, rtol=1e-5)
         assert len(steps[i]) == len(rm.split_steps(texts[i]))
+
+
+def test_transformers_scores_the_saved_reward_model_at_the_token_rm_trained_on(tmp_path, llama3):
+    """pad = eos = <|eot_id|> and a template that ends with it: transformers' sequence classifier reads
+    the last non-pad token, so rm.py must save a pad token that ends nothing."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = str(tmp_path / "base")
+    common.tiny_model(llama3).save_pretrained(base)
+    llama3.save_pretrained(base)
+    out = rm.main(rm.Args(model=base, num_train=16, num_eval=4, max_steps=3, batch_size=8, lr=3e-3, save_every=0,
+                          output_dir=str(tmp_path / "rm")))  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.pad_token_id != tok.eos_token_id
+    prompts, answers = ["2+2?", "What is 3 plus 4, please?"], ["4", "The answer is 7."]
+    ours = common.reward_model_scores(common.load_reward_model(out), tok, prompts, answers, torch.device("cpu"))
+    hf = AutoModelForSequenceClassification.from_pretrained(out).eval()  # plain transformers, its own attention
+    texts = [tok.apply_chat_template(common.as_messages(p, a), tokenize=False) for p, a in zip(prompts, answers)]
+    tok.padding_side = "right"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert enc["input_ids"][0, -1] == tok.pad_token_id  # the shorter one is padded
+    with torch.no_grad():
+        theirs = hf(**enc).logits.squeeze(-1)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
