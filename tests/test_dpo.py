@@ -182,7 +182,7 @@ def canned_generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, 
         a, b, c = map(int, re.findall(r"\d+", p)[:3])
         text = f"So {a} + {b} - {c}. The answer is {a + b - c + i % 4}."
         ids = tokenizer.encode(text, add_special_tokens=False) + ([] if i % 4 == 3 else [tokenizer.eos_token_id])
-        out.append({"text": text, "prompt_ids": [], "completion_ids": ids})
+        out.append({"text": text, "prompt_ids": [], "completion_ids": ids, "ended": i % 4 != 3})
     return out
 
 
