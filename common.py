@@ -45,9 +45,9 @@ _MARK = re.compile("[\ue000\ue002]\\d+[\ue001\ue003]")  # private-use characters
 
 def _marked(i: int, content: str) -> str:
     """`content` with markers hugging its non-blank core (so a template's `| trim` still sees the same text)."""
-    core = content.strip()
-    lead, trail = content[: len(content) - len(content.lstrip())], content[len(content.rstrip()) :]
-    return f"{lead}\ue000{i}\ue001{core}\ue002{i}\ue003{trail}"
+    rest = content.lstrip()
+    lead, core = content[: len(content) - len(rest)], rest.rstrip()
+    return f"{lead}\ue000{i}\ue001{core}\ue002{i}\ue003{rest[len(core) :]}"
 
 
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:

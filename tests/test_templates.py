@@ -190,3 +190,12 @@ def test_gemma_without_a_system_role_is_a_template_error_not_a_wrong_mask():
     tok = ZOO["gemma"][0]()
     with pytest.raises(Exception, match="System role not supported"):
         common.tokenize_conversation(tok, [{"role": "system", "content": "be brief"}] + REPEAT)
+
+
+@pytest.mark.parametrize("answer,trained", [("", "<|im_end|>"), ("\n\n\n", "<|im_end|>"), ("  7  ", " 7  <|im_end|>")])
+def test_empty_blank_and_padded_answers_train_their_text_and_the_end_of_turn(answer, trained):
+    """Blank answers train the end of turn alone; an answer's own trailing blanks come before <|im_end|>,
+    so they are trained too, and " 7" is one token ("Ġ7") that overlaps the answer."""
+    tok = ZOO["chatml"][0]()
+    sample = common.tokenize_conversation(tok, common.as_messages("2+2?", answer))
+    assert trained_runs(tok, sample) == [trained]
