@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -1163,10 +1164,20 @@ def full_state(model, optimizer=None) -> tuple[dict, dict]:
     return model_state, (get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else {})
 
 
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, rank: int, extra: dict | None = None) -> None:
-    """Atomic checkpoint, called on every rank (rank 0 writes): into a temporary directory, renamed,
-    then `latest` is switched with an atomic file replace. A kill at any point leaves the previous
-    checkpoint loadable."""
+    """Atomic checkpoint, called on every rank (rank 0 writes): written into checkpoint-N.tmp, flushed to
+    disk (fsync), marked complete, renamed, and only then pointed to by `latest` (an atomic file
+    replace). The previous checkpoint is kept as the fallback; older ones go. A kill at any point leaves
+    a complete checkpoint to resume from. Nothing in it needs unpickling: safetensors for the weights,
+    tensors, numbers and strings only in state.pt (loaded with weights_only=True)."""
     from safetensors.torch import save_file
 
     model_state, optim_state = full_state(model, optimizer)
@@ -1177,26 +1188,33 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, rank: 
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_file(dedupe_tied({k: v.contiguous() for k, v in model_state.items()}), os.path.join(tmp, "model.safetensors"))
-    torch.save(
-        {
-            "step": step,
-            "optimizer": optim_state,
-            "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            "extra": extra or {},
-        },
-        os.path.join(tmp, "state.pt"),
-    )
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng, "extra": extra or {}}
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "complete"), "w") as f:
+        f.write(f"{step}\n")
+    for name in os.listdir(tmp):
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    _fsync_dir(out_dir)
     with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
         f.write(os.path.basename(final))
         f.flush()
         os.fsync(f.fileno())
     os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
-    for old in glob.glob(os.path.join(out_dir, "checkpoint-*")):
-        if old != final and not old.endswith(".tmp"):
-            shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(out_dir)
+    for old in complete_checkpoints(out_dir)[:-2]:  # keep this one and the one before it
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_checkpoints(out_dir: str) -> list[str]:
+    """The checkpoint directories in out_dir that were finished (marked complete), oldest first."""
+    found = [p for p in glob.glob(os.path.join(out_dir, "checkpoint-*")) if os.path.exists(os.path.join(p, "complete"))]
+    return sorted(found, key=lambda p: int(p.rsplit("-", 1)[1]))
 
 
 def dedupe_tied(state: dict) -> dict:
@@ -1210,24 +1228,72 @@ def dedupe_tied(state: dict) -> dict:
     return out
 
 
+def tied_names(model) -> set[str]:
+    """Names of parameters that are another parameter under a second name (tied embeddings): a
+    checkpoint stores them once."""
+    first, tied = {}, set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied.add(name)
+        first.setdefault(id(p), name)
+    return tied
+
+
 def load_checkpoint(out_dir: str, model, optimizer, scheduler) -> tuple[int, dict]:
-    """Restore the last complete checkpoint in out_dir on every rank; returns (next step, extra),
-    or (0, {}) when there is none."""
+    """Restore the newest complete checkpoint in out_dir on every rank; returns (next step, extra).
+    `latest` names it; if that one is missing or unreadable (a kill or a full disk during the save), the
+    previous complete one is used, and says so. Leftover .tmp directories of interrupted saves go.
+    The weights load strictly: a checkpoint of another architecture is an error naming the keys.
+    No checkpoint at all is an error: --resume of nothing must not start over silently."""
+    for stale in glob.glob(os.path.join(out_dir, "checkpoint-*.tmp")):
+        shutil.rmtree(stale, ignore_errors=True)
+    pointer = os.path.join(out_dir, "latest")
+    named = os.path.join(out_dir, open(pointer).read().strip()) if os.path.exists(pointer) else None
+    candidates = complete_checkpoints(out_dir)[::-1]
+    if named in candidates:
+        candidates.remove(named)
+        candidates.insert(0, named)
+    if not candidates:
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {out_dir}")
+    errors = []
+    for path in candidates:
+        try:
+            step, extra = _restore(path, model, optimizer, scheduler)
+        except (CheckpointMismatch, pickle.UnpicklingError):  # another model, or a planted pickle: never skipped
+            raise
+        except Exception as e:  # a truncated or corrupt file
+            errors.append(f"{os.path.basename(path)}: {type(e).__name__}: {e}")
+            continue
+        if errors:
+            print(f"resumed from {os.path.basename(path)}; skipped unreadable {'; '.join(errors)}", flush=True)
+        return step + 1, extra
+    raise RuntimeError(f"--resume: no readable checkpoint in {out_dir}: {'; '.join(errors)}")
+
+
+class CheckpointMismatch(ValueError):
+    pass
+
+
+def _restore(path: str, model, optimizer, scheduler) -> tuple[int, dict]:
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    pointer = os.path.join(out_dir, "latest")
-    if not os.path.exists(pointer):
-        return 0, {}
-    path = os.path.join(out_dir, open(pointer).read().strip())
-    opts = StateDictOptions(full_state_dict=True, strict=False)  # strict=False: a tied weight is stored once
-    set_model_state_dict(model, load_file(os.path.join(path, "model.safetensors")), options=opts)
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=True)  # never unpickles code
+    want = set(model.state_dict()) - tied_names(model)
+    missing, unexpected = sorted(want - set(weights)), sorted(set(weights) - want)
+    if missing or unexpected:
+        raise CheckpointMismatch(f"{path} does not fit this model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                                 f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")  # fmt: skip
+    opts = StateDictOptions(full_state_dict=True, strict=False)  # the keys are checked above; tied ones are stored once
+    set_model_state_dict(model, weights, options=opts)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
-    return state["step"] + 1, state["extra"]
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"], state["extra"]
 
 
 # ───────────────────────────── metrics ─────────────────────────────
@@ -1239,6 +1305,21 @@ def reduce_metrics(metrics: dict, world: int) -> dict:
         return {k: float(v) for k, v in metrics.items()}
     vals = all_reduce_sum(torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64))
     return {k: v / world for k, v in zip(metrics, vals.tolist())}
+
+
+def _metric_lines(path: str) -> list[str]:
+    """The complete lines of a metrics.jsonl; a last line cut short by a kill or a full disk is dropped."""
+    lines = open(path, encoding="utf-8", errors="replace").readlines()
+    good = []
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+            good.append(line if line.endswith("\n") else line + "\n")
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not a JSON line (only the last line may be cut short)") from None
+            print(f"{path}:{i + 1}: dropping a last line cut short", flush=True)
+    return good
 
 
 class MetricsLog:
@@ -1253,7 +1334,7 @@ class MetricsLog:
 
         path = os.path.join(out_dir, "metrics.jsonl")
         if os.path.exists(path):  # a fresh run starts anew; a resumed one drops what came after its checkpoint
-            keep = [line for line in open(path) if 0 < start_step and json.loads(line)["step"] <= start_step]
+            keep = [line for line in _metric_lines(path) if 0 < start_step and json.loads(line)["step"] <= start_step]
             with open(path, "w") as f:
                 f.writelines(keep)
         self.file = open(path, "a")

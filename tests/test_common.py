@@ -5,6 +5,7 @@ masked statistics, data readers and errors, the built-in task, atomic checkpoint
 """
 
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -367,6 +368,81 @@ def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path,
     assert step == 4
     for k, v in tiny.state_dict().items():
         torch.testing.assert_close(v, before[k])
+
+
+def saved_steps(tmp_path, tiny, steps):
+    """Checkpoints of `tiny` at `steps`, the weights moved by +1 before each; returns the optimizer,
+    scheduler and each step's weights."""
+    opt = torch.optim.AdamW(tiny.parameters(), lr=1e-3)
+    sched = common.cosine_schedule(opt, 1, 10)
+    weights = {}
+    for step in steps:
+        with torch.no_grad():
+            for p in tiny.parameters():
+                p.add_(1.0)
+        common.save_checkpoint(str(tmp_path), step, tiny, opt, sched, rank=0)
+        weights[step] = {k: v.clone() for k, v in tiny.state_dict().items()}
+    return opt, sched, weights
+
+
+class Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # runs at unpickling time: creates the marker file
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_never_run(tmp_path, tiny):
+    opt, sched, _ = saved_steps(tmp_path, tiny, [1])
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "payload": Planted(str(marker))}, tmp_path / "checkpoint-1" / "state.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported"):
+        common.load_checkpoint(str(tmp_path), tiny, opt, sched)
+    assert not marker.exists()
+
+
+def test_the_previous_checkpoint_is_kept_and_used_when_the_newest_is_truncated(tmp_path, tiny, capsys):
+    opt, sched, weights = saved_steps(tmp_path, tiny, [1, 2, 3])
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3", "latest"]  # the fallback is kept
+    with open(tmp_path / "checkpoint-3" / "model.safetensors", "r+b") as f:
+        f.truncate(100)  # a full disk, or a kill the file system did not survive
+    step, _ = common.load_checkpoint(str(tmp_path), tiny, opt, sched)
+    assert step == 3 and "resumed from checkpoint-2; skipped unreadable checkpoint-3" in capsys.readouterr().out
+    for k, v in tiny.state_dict().items():
+        torch.testing.assert_close(v, weights[2][k])
+
+
+def test_a_truncated_latest_pointer_and_stale_tmp_directories_do_not_block_resume(tmp_path, tiny):
+    opt, sched, weights = saved_steps(tmp_path, tiny, [1, 2])
+    (tmp_path / "latest").write_text("")
+    (tmp_path / "checkpoint-3.tmp").mkdir()  # a save killed half-way
+    step, _ = common.load_checkpoint(str(tmp_path), tiny, opt, sched)
+    assert step == 3 and not (tmp_path / "checkpoint-3.tmp").exists()
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path, tiny):
+    opt = torch.optim.AdamW(tiny.parameters(), lr=1e-3)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        common.load_checkpoint(str(tmp_path), tiny, opt, common.cosine_schedule(opt, 1, 10))
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_not_half_loaded(tmp_path, chatml):
+    small = common.tiny_model(chatml, layers=1)
+    saved_steps(tmp_path, small, [1])
+    big = common.tiny_model(chatml, layers=3)
+    opt = torch.optim.AdamW(big.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="does not fit this model: missing .*layers.1"):
+        common.load_checkpoint(str(tmp_path), big, opt, common.cosine_schedule(opt, 1, 10))
+
+
+def test_a_metrics_line_cut_short_by_a_kill_does_not_block_resume(tmp_path, capsys):
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"step": 4, "lo')
+    log = common.MetricsLog(str(tmp_path), 10, 2, rank=0)
+    log.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(lines[:2])
+    assert "dropping a last line cut short" in capsys.readouterr().out
 
 
 # ───────────── the embedded default model ─────────────
