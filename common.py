@@ -1366,11 +1366,78 @@ class MetricsLog:
                 self.writer.close()
 
 
-def write_args(out_dir: str, args) -> None:
+# What a run writes into its output directory besides the saved model: removed by --overwrite, never
+# anything else.
+RUN_FILES = ("checkpoint-*", "latest", "latest.tmp", "metrics.jsonl", "args.json", "events.out.tfevents.*",
+             "ref_logps-*.pt", "mc_labels.jsonl", "seqkd_data.jsonl", "eval_data.jsonl", "cai_data.jsonl",
+             "cai_preferences.jsonl", "rft_round*.jsonl", "best_of_n_samples.jsonl")  # fmt: skip
+# Arguments a resumed run may change: they alter what is logged or saved, not what is trained.
+HARMLESS_ON_RESUME = {"resume", "overwrite", "eval_every", "save_every", "output_dir"}
+
+
+def _jsonable(args) -> dict:
     from dataclasses import asdict
 
-    with open(os.path.join(out_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
+    return json.loads(json.dumps(asdict(args)))  # tuples become lists, as in args.json
+
+
+def resume_defaults(args_cls, argv: list[str] | None = None):
+    """For `tyro.cli(Args, default=resume_defaults(Args))`: with --resume, the run's own arguments from
+    its args.json become the defaults, so `--output-dir X --resume` continues the run as it was started
+    and only flags given again differ (start_run then checks those). None without --resume."""
+    import sys
+    from dataclasses import fields
+
+    argv = sys.argv[1:] if argv is None else argv
+    if "--resume" not in argv and "--resume=True" not in argv:
+        return None
+    out = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--output-dir"), None)
+    out = out or next((a.split("=", 1)[1] for a in argv if a.startswith("--output-dir=")), None)
+    if not out:
+        raise SystemExit("--resume needs --output-dir: the directory of the run to continue")
+    path = os.path.join(out, "args.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"--resume: {path} does not exist, so there is no run to continue in {out}")
+    stored = json.load(open(path))
+    known = {f.name for f in fields(args_cls)}
+    return args_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in known})
+
+
+def start_run(args, name: str, rank: int) -> str:
+    """The run's output directory (--output-dir, else runs/<name>-<time>, the same on every rank), checked
+    before anything is written. A fresh run needs an empty or new directory, or --overwrite, which
+    removes only what a previous run wrote there (RUN_FILES). --resume needs the directory's args.json:
+    arguments that change what is trained must equal it (else an error naming them); the others
+    (HARMLESS_ON_RESUME) are logged. Rank 0 then writes args.json."""
+    out = args.output_dir or all_gather_objects([os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")])[0]
+    current = _jsonable(args)
+    if args.resume:
+        path = os.path.join(out, "args.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--resume: {path} does not exist, so there is no run to continue")
+        stored = json.load(open(path))
+        changed = sorted(k for k in current if k in stored and stored[k] != current[k])
+        refused = [k for k in changed if k not in HARMLESS_ON_RESUME]
+        if refused:
+            raise ValueError(f"--resume with changed arguments that alter training: "
+                             + ", ".join(f"--{k.replace('_', '-')} {stored[k]!r} -> {current[k]!r}" for k in refused))  # fmt: skip
+        if changed and rank == 0:
+            print("resuming with " + ", ".join(f"{k}={current[k]!r} (was {stored[k]!r})" for k in changed), flush=True)
+    elif os.path.isdir(out) and os.listdir(out):
+        if not getattr(args, "overwrite", False):
+            raise FileExistsError(f"{out} is not empty: continue that run with --resume, start over with --overwrite "
+                                  "(removes that run's checkpoints, metrics and caches), or choose another --output-dir")  # fmt: skip
+    if dist.is_initialized():
+        dist.barrier()  # every rank has checked before rank 0 changes anything
+    if rank == 0:
+        if not args.resume and getattr(args, "overwrite", False):
+            for pattern in RUN_FILES:
+                for p in glob.glob(os.path.join(out, pattern)):
+                    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "args.json"), "w") as f:
+            json.dump(current, f, indent=2)
+    return out
 
 
 def pyplot(what: str):

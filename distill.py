@@ -147,6 +147,8 @@ class Args:
     """seed for data order and sampling"""
     resume: bool = False
     """continue from the last checkpoint in --output-dir"""
+    overwrite: bool = False
+    """start over in a used --output-dir (removes that run's checkpoints, metrics and caches)"""
 
 
 # ───────────── divergences ─────────────
@@ -508,10 +510,7 @@ def evaluate(student, teacher, tokenizer, teacher_samples, data_samples, problem
 def main(args: Args) -> str:
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)
-    out_dir = args.output_dir or os.path.join("runs", f"distill-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        common.write_args(out_dir, args)
+    out_dir = common.start_run(args, f"distill-{args.mode}", rank)
     kind = args.divergence if args.divergence != "auto" else ("forward" if args.mode == "token" else "reverse")
 
     tokenizer = common.load_tokenizer(args.teacher)
@@ -668,4 +667,4 @@ def main(args: Args) -> str:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, default=common.resume_defaults(Args)))

@@ -104,6 +104,8 @@ class Args:
     """seed for data order, sampling and initialisation"""
     resume: bool = False
     """continue from the last checkpoint in --output-dir"""
+    overwrite: bool = False
+    """start over in a used --output-dir (removes that run's checkpoints, metrics and caches)"""
     fsdp: bool = False
     """shard parameters, gradients and optimizer state across ranks (FSDP2) instead of replicating"""
 
@@ -289,10 +291,7 @@ def evaluate(model, tokenizer, eval_pairs, eval_ref, problems, args, rank, world
 def main(args: Args) -> str:
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)
-    out_dir = args.output_dir or os.path.join("runs", f"dpo-{time.strftime('%Y%m%d-%H%M%S')}")
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        common.write_args(out_dir, args)
+    out_dir = common.start_run(args, "dpo", rank)
     if args.online and args.precompute_ref:
         args.precompute_ref = False  # fresh pairs every round: the reference must stay live
         if rank == 0:
@@ -411,4 +410,4 @@ def main(args: Args) -> str:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, default=common.resume_defaults(Args)))

@@ -134,6 +134,8 @@ class Args:
     """seed for prompt order, sampling and minibatch shuffling"""
     resume: bool = False
     """continue from the last checkpoint in --output-dir"""
+    overwrite: bool = False
+    """start over in a used --output-dir (removes that run's checkpoints, metrics and caches)"""
 
 
 # ───────────── advantages and loss ─────────────
@@ -383,10 +385,7 @@ def evaluate(policy, tokenizer, problems: list[dict], args: Args, reward_model, 
 def main(args: Args) -> str:
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)
-    out_dir = args.output_dir or os.path.join("runs", f"ppo-{time.strftime('%Y%m%d-%H%M%S')}")
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        common.write_args(out_dir, args)
+    out_dir = common.start_run(args, "ppo", rank)
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} ranks")
     if args.critic_init == "reward" and args.reward == "rule":
@@ -531,4 +530,4 @@ def main(args: Args) -> str:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, default=common.resume_defaults(Args)))

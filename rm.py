@@ -105,6 +105,8 @@ class Args:
     """seed for data order, sampling and the head's initialisation"""
     resume: bool = False
     """continue from the last checkpoint in --output-dir"""
+    overwrite: bool = False
+    """start over in a used --output-dir (removes that run's checkpoints, metrics and caches)"""
     fsdp: bool = False
     """shard parameters, gradients and optimizer state across ranks (FSDP2) instead of replicating"""
 
@@ -488,10 +490,7 @@ def mc_labelled(rows: list[dict], args: Args, rank: int, world: int, device, out
 def main(args: Args) -> str:
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)
-    out_dir = args.output_dir or os.path.join("runs", f"rm-{time.strftime('%Y%m%d-%H%M%S')}")
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        common.write_args(out_dir, args)
+    out_dir = common.start_run(args, "rm", rank)
     if args.best_of_n:
         run_best_of_n(args, out_dir, rank, world, device)
         return out_dir
@@ -576,4 +575,4 @@ def main(args: Args) -> str:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, default=common.resume_defaults(Args)))

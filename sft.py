@@ -78,6 +78,8 @@ class Args:
     """seed for data order and initialisation"""
     resume: bool = False
     """continue from the last checkpoint in --output-dir"""
+    overwrite: bool = False
+    """start over in a used --output-dir (removes that run's checkpoints, metrics and caches)"""
     fsdp: bool = False
     """shard parameters, gradients and optimizer state across ranks (FSDP2) instead of replicating"""
 
@@ -157,10 +159,7 @@ def evaluate(model, tokenizer, eval_samples, problems, args, rank, world, device
 def main(args: Args) -> str:
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)
-    out_dir = args.output_dir or os.path.join("runs", f"sft-{time.strftime('%Y%m%d-%H%M%S')}")
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        common.write_args(out_dir, args)
+    out_dir = common.start_run(args, "sft", rank)
 
     tokenizer = common.load_tokenizer(args.model)
     model = common.load_model(args.model, tokenizer, seed=args.seed, dropout=args.dropout).to(device)
@@ -234,4 +233,4 @@ def main(args: Args) -> str:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, default=common.resume_defaults(Args)))
