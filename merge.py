@@ -48,6 +48,8 @@ class Args:
     """the base checkpoint the others were fine-tuned from"""
     out: str = ""
     """output directory; default runs/merge-<method>-<timestamp>"""
+    overwrite: bool = False
+    """replace --out even if it holds files merge.py did not write"""
     alpha: float = 0.5
     """linear: weight of the base, θ = (1 − α) θ_aligned + α θ_base; slerp: the same t along the arc"""
     weights: list[float] = field(default_factory=list)
@@ -253,12 +255,30 @@ def write_merged(args: Args, base: Checkpoint, models: list[Checkpoint], names: 
             json.dump({**config, "tie_word_embeddings": False}, f, indent=2)
 
 
+MARK = "merge.json"  # what merge.py writes into every output: how it was made, and that merge.py made it
+
+
+def check_out(out: str, overwrite: bool) -> None:
+    """Refuse an --out that merge.py would have to delete without having written it: a file, or a
+    non-empty directory that is not a previous merge output (no merge.json), unless --overwrite."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--out {out} is a file, not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARK)) and not overwrite:
+        raise FileExistsError(f"--out {out} holds files merge.py did not write; choose another --out, or pass "
+                              "--overwrite to replace it")  # fmt: skip
+
+
 def merge(args: Args, out: str) -> str:
     """Stream the merge into `out` (atomically). Returns out."""
     if args.method in ("linear", "slerp") and len(args.models) != 1:
         raise ValueError(f"--method {args.method} merges one model with the base; got {len(args.models)}")
     if args.weights and len(args.weights) != len(args.models):
         raise ValueError(f"--weights has {len(args.weights)} values for {len(args.models)} models")
+    if not 0 <= args.drop_p < 1:
+        raise ValueError(f"--drop-p {args.drop_p}: DARE drops a fraction p ∈ [0, 1) (p = 1 divides by 0)")
+    if not 0 < args.density <= 1:
+        raise ValueError(f"--density {args.density}: TIES keeps a fraction ∈ (0, 1]")
+    check_out(out, args.overwrite)
     base, models = Checkpoint(args.base), [Checkpoint(m) for m in args.models]
     names = check_compatible(base, models)
     tmp = f"{out.rstrip('/')}.tmp{os.getpid()}"
@@ -266,6 +286,8 @@ def merge(args: Args, out: str) -> str:
     os.makedirs(tmp)
     try:
         write_merged(args, base, models, names, tmp)
+        with open(os.path.join(tmp, MARK), "w") as f:
+            json.dump(vars(args), f, indent=1)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
         raise
@@ -300,7 +322,10 @@ def sweep(args: Args, out: str) -> list[dict]:
         prose = f.read()
     problems = common.builtin_task("test", args.num_eval)
     rows = []
+    check_out(out, args.overwrite)
     os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, MARK), "w") as f:
+        json.dump(vars(args), f, indent=1)
     for alpha in args.sweep:
         path = merge(Args(**{**vars(args), "alpha": alpha, "sweep": []}), os.path.join(out, "current"))
         tokenizer = common.load_tokenizer(path)

@@ -173,3 +173,33 @@ def test_sweep_writes_the_alignment_tax_table_and_the_plot_when_matplotlib_is_th
     assert all(r["prose_nll"] > 0 for r in rows) and rows[0]["prose_nll"] != rows[2]["prose_nll"]
     assert os.path.exists(os.path.join(out, "sweep.png")) == matplotlib_installed
     assert ("matplotlib is not installed" in capsys.readouterr().out) != matplotlib_installed
+
+
+def test_merge_never_deletes_a_directory_it_did_not_write(tmp_path):
+    base, a = save_tiny(tmp_path / "base", 0), save_tiny(tmp_path / "a", 1)
+    foreign = tmp_path / "work"
+    (foreign / "notes").mkdir(parents=True)
+    (foreign / "notes" / "thesis.tex").write_text("\\section{Results}")
+    with pytest.raises(FileExistsError, match="holds files merge.py did not write"):
+        merge.main(merge.Args(models=[a], base=base, out=str(foreign)))
+    assert (foreign / "notes" / "thesis.tex").read_text() == "\\section{Results}"
+    with pytest.raises(FileExistsError, match="holds files merge.py did not write"):  # an input run is foreign too
+        merge.main(merge.Args(models=[a], base=base, out=a))
+    assert os.path.exists(os.path.join(a, "model.safetensors"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        merge.main(merge.Args(models=[a], base=base, out=str(tmp_path / "file")))
+    assert sorted(os.listdir(tmp_path)) == ["a", "base", "file", "work"]  # no stray .old / .tmp
+    out = merge.main(merge.Args(models=[a], base=base, out=str(tmp_path / "m")))  # a previous merge is replaced
+    merge.main(merge.Args(models=[a], base=base, alpha=0.2, out=out))
+    merge.main(merge.Args(models=[a], base=base, out=str(foreign), overwrite=True))  # asked for explicitly
+    assert not (foreign / "notes").exists() and (foreign / "merge.json").exists()
+
+
+@pytest.mark.parametrize("bad", [{"method": "dare", "drop_p": 1.0}, {"method": "dare", "drop_p": -0.5},
+                                 {"method": "ties", "density": 0.0}, {"method": "ties", "density": 1.5}])  # fmt: skip
+def test_out_of_range_drop_rate_or_density_is_an_error_before_anything_is_written(tmp_path, bad):
+    base, a = save_tiny(tmp_path / "base", 0), save_tiny(tmp_path / "a", 1)
+    with pytest.raises(ValueError, match="drop-p|density"):
+        merge.main(merge.Args(models=[a], base=base, out=str(tmp_path / "m"), **bad))
+    assert not (tmp_path / "m").exists()
