@@ -1,6 +1,7 @@
 """Process helpers for the script tests: run a script (under torchrun for nproc > 1), or start it and
 SIGKILL it as soon as its first checkpoint is complete."""
 
+import glob
 import json
 import os
 import random
@@ -77,3 +78,46 @@ def check_resume_matches_uninterrupted(script: str, args: list[str], tmp_path, s
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_weights(full, cut, atol=1e-6)
     assert [m["step"] for m in read_metrics(cut) if key in m] == list(range(1, steps + 1))
+
+
+def check_kill_anywhere(script: str, args: list[str], tmp_path, kills: int = 10, seed: int = 0) -> list[str]:
+    """SIGKILL a run at `kills` random moments (uniform over an uninterrupted run's wall time: during
+    start-up, steps and checkpoint writes alike), continuing it each time as a user would — `--resume`
+    when a complete checkpoint exists, else `--overwrite` — and finally let it finish. It must end with
+    the weights and the metrics (every step once, the same values) of the uninterrupted run. Returns
+    what each kill interrupted, for the assertion message."""
+    import torch  # noqa: F401
+    from safetensors.torch import load_file
+
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    t0 = time.time()
+    r = run_script(script, args + ["--output-dir", full])
+    assert r.returncode == 0, r.stderr[-2000:]
+    wall = time.time() - t0
+    rng, seen = random.Random(seed), []
+
+    def next_args():
+        done = os.path.isdir(cut) and any(os.path.exists(os.path.join(p, "complete")) for p in glob.glob(os.path.join(cut, "checkpoint-*")))
+        return args + ["--output-dir", cut] + (["--resume"] if done else ["--overwrite"])  # fmt: skip
+
+    for _ in range(kills):
+        if os.path.exists(os.path.join(cut, "model.safetensors")):
+            break
+        launch = next_args()
+        proc = subprocess.Popen([sys.executable, script] + launch, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        time.sleep(rng.uniform(0.5, wall))
+        proc.send_signal(signal.SIGKILL)
+        err = proc.communicate()[1]
+        assert proc.returncode in (-signal.SIGKILL, 0), err[-2000:]
+        steps = [p for p in glob.glob(os.path.join(cut, "checkpoint-*"))]
+        seen.append(f"{launch[-1]} -> {sorted(os.path.basename(p) for p in steps)}")
+    r = run_script(script, next_args())
+    assert r.returncode == 0, r.stderr[-2000:] + "\n" + "\n".join(seen)
+    w_full, w_cut = load_file(os.path.join(full, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
+    for k in w_full:
+        torch.testing.assert_close(w_cut[k], w_full[k], atol=1e-6, rtol=0, msg=lambda m: m + "\n" + "\n".join(seen))
+    a, b = [m for m in read_metrics(full) if "loss" in m], [m for m in read_metrics(cut) if "loss" in m]
+    assert [m["step"] for m in b] == [m["step"] for m in a], "\n".join(seen)
+    assert [m["loss"] for m in b] == [m["loss"] for m in a]
+    return seen
