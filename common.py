@@ -7,6 +7,7 @@ checkpoints, metrics. Every script imports this module and no other cleanpost fi
 
 import functools
 import glob
+import hashlib
 import importlib.util
 import json
 import math
@@ -532,6 +533,9 @@ def forward_hidden(model, batch: dict) -> Tensor:
     mask reaches the attention function untouched, so transformers never builds a (T, T) mask nor
     guesses packing from position_ids. Padded batches use the usual 2D attention_mask."""
     kwargs, mask = {}, batch.get("attention_mask")
+    if "cu_seqlens" in batch and model.config._attn_implementation != ATTN_IMPL:
+        raise ValueError(f"{type(model).__name__} uses {model.config._attn_implementation!r} attention, which would let "
+                         "packed documents see each other: call common.prepare_model(model) first")  # fmt: skip
     if "cu_seqlens" in batch:
         device = batch["input_ids"].device
         cu, m = batch["cu_seqlens"].to(device), int(batch["max_seqlen"])
@@ -906,6 +910,42 @@ def reward_model_scores(rm, tokenizer, prompts: list, texts: list[str], device, 
     return out
 
 
+def weights_fingerprint(model) -> str:
+    """sha256 of the model's weights (names, shapes, dtypes and bytes): a cache keyed by it is recomputed
+    when the weights change, even if the directory they were loaded from has the same name (~1 s for 135M)."""
+    h = hashlib.sha256()
+    for name, t in sorted(dedupe_tied(model.state_dict()).items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_key(*parts) -> str:
+    """A short sha256 of everything a cached result depends on (fingerprints, token ids, arguments)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached(path: str, key: str, what: str, rank: int) -> bool:
+    """Whether `path` holds `what` computed under `key` (recorded in path + ".key"); rank 0 decides for
+    every rank, so all take the same branch. Says which it is."""
+    hit = all_gather_objects([os.path.exists(path) and os.path.exists(path + ".key") and open(path + ".key").read() == key])[0]
+    if rank == 0:
+        print(f"{what}: {'reusing' if hit else 'computing'} {path} (key {key})", flush=True)
+    return hit
+
+
+def write_cached(path: str, key: str, write) -> None:
+    """Rank 0: write(tmp_path), then move it and its key into place (the key last: a kill in between
+    leaves a key that does not match, so the next run recomputes)."""
+    if os.path.exists(path + ".key"):
+        os.remove(path + ".key")
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    with open(path + ".key", "w") as f:
+        f.write(key)
+
+
 def save_model(model, tokenizer, out_dir: str, rank: int = 0):
     """A save_pretrained directory (safetensors + tokenizer + chat template) that transformers and vLLM
     load. Called on every rank (gathering FSDP shards is collective); rank 0 writes."""
@@ -1039,6 +1079,17 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     if dist.is_initialized():
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def check_finite(x: Tensor, what: str, step: int) -> None:
+    """Raise FloatingPointError on every rank together when `x` is not finite on any rank: a collective,
+    because one rank raising alone before the gradient all-reduce leaves the others waiting forever."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
+    local = not bool(torch.isfinite(x).all())
+    bad = int(all_reduce_sum(torch.tensor([float(local)], device=device)).item())
+    if bad:
+        here = f"{x.tolist()} on this rank" if x.numel() == 1 else ("not finite on this rank" if local else "finite on this rank")
+        raise FloatingPointError(f"step {step}: {what} is not finite on {bad} rank(s) ({here}); stopping before the update")
 
 
 def all_gather_objects(items: list) -> list:
@@ -1369,8 +1420,8 @@ class MetricsLog:
 # What a run writes into its output directory besides the saved model: removed by --overwrite, never
 # anything else.
 RUN_FILES = ("checkpoint-*", "latest", "latest.tmp", "metrics.jsonl", "args.json", "events.out.tfevents.*",
-             "ref_logps-*.pt", "mc_labels.jsonl", "seqkd_data.jsonl", "eval_data.jsonl", "cai_data.jsonl",
-             "cai_preferences.jsonl", "rft_round*.jsonl", "best_of_n_samples.jsonl")  # fmt: skip
+             "ref_logps-*.pt*", "mc_labels.jsonl*", "seqkd_data.jsonl*", "eval_data.jsonl*", "cai_data.jsonl*",
+             "cai_preferences.jsonl", "rft_round*.jsonl*", "best_of_n_samples.jsonl")  # fmt: skip
 # Arguments a resumed run may change: they alter what is logged or saved, not what is trained.
 HARMLESS_ON_RESUME = {"resume", "overwrite", "eval_every", "save_every", "output_dir"}
 
@@ -1379,6 +1430,11 @@ def _jsonable(args) -> dict:
     from dataclasses import asdict
 
     return json.loads(json.dumps(asdict(args)))  # tuples become lists, as in args.json
+
+
+def training_args(args) -> dict:
+    """The arguments that decide what a run trains (all but HARMLESS_ON_RESUME), for cache keys."""
+    return {k: v for k, v in _jsonable(args).items() if k not in HARMLESS_ON_RESUME}
 
 
 def resume_defaults(args_cls, argv: list[str] | None = None):
@@ -1423,7 +1479,7 @@ def start_run(args, name: str, rank: int) -> str:
                              + ", ".join(f"--{k.replace('_', '-')} {stored[k]!r} -> {current[k]!r}" for k in refused))  # fmt: skip
         if changed and rank == 0:
             print("resuming with " + ", ".join(f"{k}={current[k]!r} (was {stored[k]!r})" for k in changed), flush=True)
-    elif os.path.isdir(out) and os.listdir(out):
+    elif os.path.isdir(out) and set(os.listdir(out)) - {"args.json"}:  # a run that stopped before writing anything else is not in the way
         if not getattr(args, "overwrite", False):
             raise FileExistsError(f"{out} is not empty: continue that run with --resume, start over with --overwrite "
                                   "(removes that run's checkpoints, metrics and caches), or choose another --output-dir")  # fmt: skip

@@ -264,17 +264,17 @@ def score(prompts: list[dict], texts: list[str], args: Args, reward_model, devic
     return common.reward_model_scores(rm, tok, [p["prompt"] for p in prompts], texts, device, args.max_tokens)
 
 
-def generated_data(path: str, make, rank: int) -> list[dict]:
-    """Generated training data, made once and kept in the output directory, so a resumed run trains on
-    the same data without generating it again. `make()` runs on every rank and returns the same list."""
-    if os.path.exists(path):
+def generated_data(path: str, make, rank: int, key: str) -> list[dict]:
+    """Generated training data, made once and kept in the output directory under `key` (what it depends
+    on: the generating model's weights, the prompts, the arguments), so a resumed run trains on the same
+    data without generating it again, and data from another teacher is never reused. `make()` runs on
+    every rank and returns the same list."""
+    if common.cached(path, key, os.path.basename(path), rank):
         with open(path) as f:
             return [json.loads(line) for line in f]
     rows = make()
     if rank == 0:
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(path + ".tmp", path)
+        common.write_cached(path, key, lambda tmp: open(tmp, "w").writelines(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
@@ -546,8 +546,11 @@ def main(args: Args) -> str:
         if not samples:
             raise ValueError(f"{args.data}: no trainable samples left")
     data_samples = [common.tokenize_conversation(tokenizer, c) for c in common.builtin_sft("test", args.num_eval, args.seed)]
+    # what generated data depends on: the teacher's weights (not its path), the prompts, the arguments
+    data_key = common.cache_key(common.weights_fingerprint(teacher), prompts if uses_prompts else samples,
+                                common.training_args(args))
     teacher_samples = generated_data(os.path.join(out_dir, "eval_data.jsonl"),
-                                     functools.partial(eval_data, teacher, tokenizer, args, rank, world), rank)  # fmt: skip
+                                     functools.partial(eval_data, teacher, tokenizer, args, rank, world), rank, data_key)  # fmt: skip
     problems = common.builtin_task("test", args.num_eval, args.seed) if builtin else []
 
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -562,7 +565,7 @@ def main(args: Args) -> str:
             critic = common.load_model(args.critic, critic_tok, seed=args.seed).to(device).requires_grad_(False)
         make = functools.partial(cai_data, student, tokenizer, critic.eval(), critic_tok, prompts,
                                  read_constitution(args.constitution), args, reward_model, rank, world, device)  # fmt: skip
-        rows = generated_data(os.path.join(out_dir, "cai_data.jsonl"), make, rank)
+        rows = generated_data(os.path.join(out_dir, "cai_data.jsonl"), make, rank, data_key)
         del critic
         student.train()
         train = [common.tokenize_conversation(tokenizer, common.as_messages(r["prompt"], r["final"]))
@@ -588,7 +591,7 @@ def main(args: Args) -> str:
                 | ({"teacher/accuracy": teacher_acc} if problems else {}) | first_stats)  # fmt: skip
     if args.mode == "seqkd":
         train = generated_data(os.path.join(out_dir, "seqkd_data.jsonl"),
-                               lambda: seqkd_data(teacher, tokenizer, prompts, args, rank, world), rank)  # fmt: skip
+                               lambda: seqkd_data(teacher, tokenizer, prompts, args, rank, world), rank, data_key)  # fmt: skip
     per_round = max(args.max_steps // args.rft_rounds, 1)
     for step in range(start, args.max_steps):
         t0, data_stats = time.time(), {}
@@ -598,7 +601,7 @@ def main(args: Args) -> str:
             chosen = common.step_indices(len(prompts), args.num_generate, rnd, args.seed)
             pool = [prompts[i] for i in chosen]
             make = functools.partial(rft_data, student, tokenizer, pool, rnd, args, reward_model, rank, world, device)
-            rows = generated_data(os.path.join(out_dir, f"rft_round{rnd}.jsonl"), make, rank)
+            rows = generated_data(os.path.join(out_dir, f"rft_round{rnd}.jsonl"), make, rank, data_key)
             train = [r for r in rows if "input_ids" in r]
             data_stats = {
                 "rft/kept": len(train),

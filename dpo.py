@@ -16,7 +16,6 @@ policy samples --num-samples answers per prompt, a rule, a reward model or an LL
 """
 
 import copy
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -186,18 +185,17 @@ def all_pair_logps(model, pairs, max_tokens, rank, world, device) -> Tensor:
     return common.all_reduce_sum(out).float()
 
 
-def cached_reference_logps(model, pairs, args, ref_name, out_dir, rank, world, device) -> Tensor:
-    """all_pair_logps of the reference, cached in out_dir under a key of the reference model and the token ids."""
-    h = hashlib.sha256(ref_name.encode())
-    for p in pairs:
-        h.update(str((p["chosen"]["input_ids"], p["rejected"]["input_ids"])).encode())
-    path = os.path.join(out_dir, f"ref_logps-{h.hexdigest()[:16]}.pt")
-    if os.path.exists(path):
-        return torch.load(path)
+def cached_reference_logps(model, pairs, tag: str, args, out_dir, rank, world, device) -> Tensor:
+    """all_pair_logps of the reference, cached in out_dir under a key of the reference's weights (their
+    content: a model retrained into the same directory is recomputed) and the pairs' token ids."""
+    ids = [(p["chosen"]["input_ids"], p["rejected"]["input_ids"]) for p in pairs]
+    key = common.cache_key(common.weights_fingerprint(model), ids)
+    path = os.path.join(out_dir, f"ref_logps-{tag}.pt")
+    if common.cached(path, key, "reference log-probs", rank):
+        return torch.load(path, weights_only=True)
     ref = all_pair_logps(model, pairs, args.max_tokens, rank, world, device)
     if rank == 0:
-        torch.save(ref, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        common.write_cached(path, key, lambda tmp: torch.save(ref, tmp))
     return ref
 
 
@@ -324,10 +322,9 @@ def main(args: Args) -> str:
         common.read_preferences(args.eval_data) if args.eval_data else [])  # fmt: skip
     eval_pairs = tokenize_pairs(eval_rows, tokenizer, args.max_tokens)[0]
     problems = common.builtin_task("test", args.num_eval, args.seed) if builtin else []
-    ref_name = args.ref_model or args.model
-    eval_ref = cached_reference_logps(ref, eval_pairs, args, ref_name, out_dir, rank, world, device) if eval_pairs else None
+    eval_ref = cached_reference_logps(ref, eval_pairs, "eval", args, out_dir, rank, world, device) if eval_pairs else None
     if args.precompute_ref:
-        ref_logps = cached_reference_logps(ref, pairs, args, ref_name, out_dir, rank, world, device)
+        ref_logps = cached_reference_logps(ref, pairs, "train", args, out_dir, rank, world, device)
         del ref  # the reference is not needed again: training holds one model
     scorer = None  # (model, its tokenizer) for online scoring; None: the rule reward
     if args.online and args.judge:
@@ -380,8 +377,7 @@ def main(args: Args) -> str:
             cols = [loss.detach(), r_w, r_l, (r_w > r_l).float(), pi_w, pi_l, pi_w - ref_w, pi_l - ref_l]
             sums += torch.stack([c.double().sum().cpu() for c in cols])
             tokens += common.num_tokens(batch)
-        if not torch.isfinite(sums[0]):
-            raise FloatingPointError(f"step {step}: loss is {sums[0].item()}; stopping before the update")
+        common.check_finite(sums[0], "the loss", step)
         # 3. sum gradients over ranks, clip, step
         common.sync_grads(policy)
         grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)

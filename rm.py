@@ -464,14 +464,16 @@ def mc_labelled(rows: list[dict], args: Args, rank: int, world: int, device, out
     """The rows with Monte Carlo step labels from --policy, computed once (split across ranks) and kept
     in out_dir/mc_labels.jsonl, a PRM file that --resume and later runs reuse."""
     path = os.path.join(out_dir, "mc_labels.jsonl")
-    if os.path.exists(path):
-        return common.read_prm(path)
     for r in rows:
         if "answer" not in r:
             raise common.DataError(f"{r.get('_where', 'builtin')}: missing field 'answer' (needed by --prm-labels mc)")
     name = args.policy or args.model
     tokenizer = common.load_tokenizer(name)
     policy = common.load_model(name, tokenizer, seed=args.seed).to(device)
+    key = common.cache_key(common.weights_fingerprint(policy), [{k: v for k, v in r.items() if k != "_where"} for r in rows],
+                           common.training_args(args))  # the policy's weights, not its path  # fmt: skip
+    if common.cached(path, key, "Monte Carlo step labels", rank):
+        return common.read_prm(path)
     mine = mc_step_labels(policy, tokenizer, rows[rank::world], args.mc_samples, args.max_new_tokens, args.temperature)
     labelled = [None] * len(rows)
     for r, i in zip(common.all_gather_objects(mine), [i for q in range(world) for i in range(q, len(rows), world)]):
@@ -480,10 +482,8 @@ def mc_labelled(rows: list[dict], args: Args, rank: int, world: int, device, out
     mc = [x > 0.5 for r in labelled for x in r["labels"]]
     if rank == 0:
         print(f"MC labels agree with the data's labels on {sum(a == b for a, b in zip(exact, mc)) / len(mc):.3f} of the steps")
-        with open(path + ".tmp", "w") as f:
-            for r in labelled:
-                f.write(json.dumps({k: v for k, v in r.items() if k != "_where"}) + "\n")
-        os.replace(path + ".tmp", path)
+        common.write_cached(path, key, lambda tmp: open(tmp, "w").writelines(
+            json.dumps({k: v for k, v in r.items() if k != "_where"}) + "\n" for r in labelled))  # fmt: skip
     return labelled
 
 
@@ -546,8 +546,7 @@ def main(args: Args) -> str:
             (loss / total.to(device)).backward()
             sums += torch.stack([x.detach().double().sum().cpu() for x in stats])
             tokens += common.num_tokens(batch)
-        if not torch.isfinite(sums[0]):
-            raise FloatingPointError(f"step {step}: loss is {sums[0].item()}; stopping before the update")
+        common.check_finite(sums[0], "the loss", step)
         # 3. sum gradients over ranks, clip, step
         common.sync_grads(model)
         grad_norm = common.clip_grad_norm(model, args.max_grad_norm)

@@ -204,8 +204,7 @@ def main(args: Args) -> str:
             loss.backward()
             loss_sum += loss.detach().cpu()
             tokens += common.num_tokens(batch)
-        if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"step {step}: loss is {loss_sum.item()}; stopping before the update")
+        common.check_finite(loss_sum, "the loss", step)
         # 3. sum gradients over ranks, clip, step
         common.sync_grads(model)
         grad_norm = common.clip_grad_norm(model, args.max_grad_norm)

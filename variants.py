@@ -417,8 +417,7 @@ def main(args: Args) -> str:
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v.double().sum().cpu()
             tokens += common.num_tokens(batch)
-        if not torch.isfinite(sums["loss"]):
-            raise FloatingPointError(f"step {step}: loss is {sums['loss'].item()}; stopping before the update")
+        common.check_finite(sums["loss"], "the loss", step)
         # 3. sum gradients over ranks, clip, step
         common.sync_grads(policy)
         grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)

@@ -199,7 +199,7 @@ def test_online_dpo_with_the_rule_reward_judge_and_reward_model_pairs_and_trains
     base = dict(model="tiny", online=True, num_train=16, num_eval=4, max_steps=4, online_every=2, batch_size=4,
                 num_samples=4, max_new_tokens=6, lr=1e-3, save_every=0)  # fmt: skip
     for name, extra in (("rule", {}), ("judge", {"judge": "tiny"}), ("rm", {"reward_model": rm_dir})):
-        rows = metrics(dpo.main(dpo.Args(**base, **extra, output_dir=str(tmp_path / name))))
+        rows = metrics(dpo.main(dpo.Args(**base, **extra, output_dir=str(tmp_path / f"run-{name}"))))
         rounds = [r for r in rows if "online/pairs" in r]
         # a round samples batch_size × online_every = 8 prompts; each yields one pair and one cut-off answer
         assert len(rounds) == 2 and all(r["online/pairs"] == 8 and r["online/truncated"] == 8 for r in rounds)
