@@ -143,14 +143,20 @@ def read_jsonl(path: str, required: dict[str, type | tuple]) -> list[dict]:
     """Read a JSONL file; every line must be an object holding `required` fields of the given types.
     Errors name the file, the line number and the field."""
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid UTF-8 (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, parse_constant=_no_nan)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            except ValueError as e:
+                raise DataError(f"{path}:{n}: {e}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             for field, kind in required.items():
@@ -158,6 +164,10 @@ def read_jsonl(path: str, required: dict[str, type | tuple]) -> list[dict]:
                     raise DataError(f"{path}:{n}: missing field {field!r}")
                 if not isinstance(row[field], kind):
                     raise DataError(f"{path}:{n}: field {field!r} has type {type(row[field]).__name__}")
+                if isinstance(row[field], list) and kind == (str, list):  # a message list
+                    check_turns(row[field], f"{path}:{n}", field)
+            if "answer" in row:
+                row["answer"] = check_answer(row["answer"], f"{path}:{n}")
             row["_where"] = f"{path}:{n}"
             rows.append(row)
     if not rows:
@@ -165,12 +175,40 @@ def read_jsonl(path: str, required: dict[str, type | tuple]) -> list[dict]:
     return rows
 
 
-def check_messages(messages, where: str) -> list[dict]:
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _no_nan(constant: str):
+    raise ValueError(f"{constant} is not a number a sample may hold")
+
+
+def check_turns(messages, where: str, field: str) -> list[dict]:
+    """A message list: objects with a known string 'role' and a string 'content'. Errors name the turn."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: field 'messages' needs objects with string 'role' and 'content'")
+        raise DataError(f"{where}: field {field!r} must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: field {field!r}, message {i}: expected an object, got {type(m).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                got = "missing" if key not in m else f"a {type(m[key]).__name__}"
+                raise DataError(f"{where}: field {field!r}, message {i}: {key!r} must be a string, is {got}")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: field {field!r}, message {i}: unknown role {m['role']!r} (one of {', '.join(ROLES)})")
+    return messages
+
+
+def check_answer(answer, where: str) -> int:
+    """An answer for the rule reward: an integer, or a string holding one ("7"); 7.9 or "seven" is an error."""
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        return answer
+    if isinstance(answer, str) and re.fullmatch(r"\s*-?\d+\s*", answer):
+        return int(answer)
+    raise DataError(f"{where}: field 'answer' must be an integer, got {answer!r}")
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    check_turns(messages, where, "messages")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: field 'messages' has no assistant turn, so nothing to train on")
     return messages
@@ -183,6 +221,9 @@ def read_sft(path: str) -> list[list[dict]]:
         if "messages" in row:
             convs.append(check_messages(row["messages"], row["_where"]))
         elif "prompt" in row and "completion" in row:
+            for field in ("prompt", "completion"):
+                if not isinstance(row[field], (str, list)):
+                    raise DataError(f"{row['_where']}: field {field!r} has type {type(row[field]).__name__}")
             convs.append(check_messages(as_messages(row["prompt"], row["completion"]), row["_where"]))
         else:
             raise DataError(f"{row['_where']}: missing field 'messages' (or 'prompt' and 'completion')")
@@ -248,11 +289,20 @@ def _wrong_steps(p: dict, rng: random.Random) -> tuple[list[str], int, int]:
     return [p["steps"][0], p["steps"][1], f"{a + b} - {c} = {a + b - c + slip}."], a + b - c + slip, 2
 
 
+@functools.lru_cache(maxsize=None)
+def builtin_size(split: str) -> int:
+    """How many distinct problems the split has (make_problem's (a, b, c) combinations on that side)."""
+    combos = [(a, b, c) for a in range(2, 21) for b in range(2, 21) for c in range(1, a + b)]
+    return sum((hash_int(k) % 5 == 0) == (split != "train") for k in combos)
+
+
 def builtin_task(split: str, n: int, seed: int = 0) -> list[dict]:
     """`n` problems of the train or test split; same seed, same problems. The splits are disjoint:
     a problem's (a, b, c) decides its split, so no test problem is ever trained on."""
     rng, out, seen = random.Random(f"{seed}-{split}"), [], set()
     want = 0 if split == "train" else 1
+    if n > builtin_size(split):
+        raise ValueError(f"the built-in task has {builtin_size(split)} {split} problems; {n} were asked for")
     while len(out) < n:
         p = make_problem(rng)
         key = p["abc"]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from helpers import ENV, ROOT, check_kill_anywhere, read_metrics, run_script
 from test_grpo import tiny_reward_model
@@ -135,3 +136,39 @@ def test_a_nan_on_one_rank_stops_both_gloo_ranks_within_seconds(tmp_path):
     assert "rank 0 stopped: step 3: the loss is not finite on 1 rank(s) (0.699999988079071 on this rank)" in r.stdout
     assert "rank 1 stopped: step 3: the loss is not finite on 1 rank(s) (nan on this rank)" in r.stdout
     assert time.time() - t0 < 60
+
+
+# ───────────── bad input names file, line and field ─────────────
+
+
+@pytest.mark.parametrize("line,reader,message", [
+    (b'{"prompt": "p", "chosen": "a", "rejected": "\xff"}', "read_preferences", r"x.jsonl:2: not valid UTF-8"),
+    (b'{"prompt": 5, "completion": "a"}', "read_sft", r"x.jsonl:2: field 'prompt' has type int"),
+    (b'{"prompt": "p", "completion": ["a"]}', "read_sft", r"x.jsonl:2: field 'messages', message 1: expected an object"),
+    (b'{"prompt": "p", "chosen": [{"role": "assistant"}], "rejected": "b"}', "read_preferences",
+     r"x.jsonl:2: field 'chosen', message 0: 'content' must be a string, is missing"),
+    (b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": NaN}', "read_preferences", r"x.jsonl:2: NaN is not a number"),
+    (b'{"messages": [{"role": "usr", "content": "hi"}, {"role": "assistant", "content": "a"}]}', "read_sft",
+     r"x.jsonl:2: field 'messages', message 0: unknown role 'usr'"),
+    (b'{"prompt": "p", "answer": 7.9}', "read_prompts", r"x.jsonl:2: field 'answer' must be an integer, got 7.9"),
+    (b'{"prompt": "p", "answer": "seven"}', "read_prompts", r"x.jsonl:2: field 'answer' must be an integer, got 'seven'"),
+])  # fmt: skip
+def test_bad_input_is_an_error_naming_file_line_and_field(tmp_path, line, reader, message):
+    good = {"read_preferences": b'{"prompt": "p", "chosen": "a", "rejected": "b"}',
+            "read_sft": b'{"prompt": "p", "completion": "a"}', "read_prompts": b'{"prompt": "p", "answer": "7"}'}[reader]  # fmt: skip
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(good + b"\n" + line + b"\n")
+    with pytest.raises(common.DataError, match=message):
+        getattr(common, reader)(str(path))
+
+
+def test_an_integer_answer_given_as_a_string_is_read_as_that_integer(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"prompt": "p", "answer": " -12 "}\n')
+    assert common.read_prompts(str(path))[0]["answer"] == -12
+
+
+def test_asking_the_builtin_task_for_more_problems_than_it_has_is_an_error_not_a_hang():
+    with pytest.raises(ValueError, match=f"has {common.builtin_size('test')} test problems; 100000 were asked for"):
+        common.builtin_task("test", 100000)
+    assert len(common.builtin_task("test", common.builtin_size("test"))) == common.builtin_size("test")
