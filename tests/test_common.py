@@ -295,7 +295,7 @@ def write(tmp_path, text, name="d.jsonl"):
         ('{"text": "hello"}\n', ":1: missing field 'messages'"),
         ('{"messages": [{"role": "user", "content": "only a question"}]}\n', ":1: field 'messages' has no assistant turn"),
         ("", "no samples (empty file)"),
-        ('{"messages": [{"role": "user"}]}\n', ":1: field 'messages' needs objects"),
+        ('{"messages": [{"role": "user"}]}\n', ":1: field 'messages', message 0: 'content' must be a string, is missing"),
         ("[1, 2]\n", ":1: expected a JSON object"),
     ],
 )
