@@ -11,7 +11,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+IGNORE = -100  # common.IGNORE: the label of an untrained token  # two processes on two cores
 
 
 def run_script(script: str, args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
@@ -121,3 +122,17 @@ def check_kill_anywhere(script: str, args: list[str], tmp_path, kills: int = 10,
     assert [m["step"] for m in b] == [m["step"] for m in a], "\n".join(seen)
     assert [m["loss"] for m in b] == [m["loss"] for m in a]
     return seen
+
+
+def labelled_runs(tok, sample):
+    """Decoded text of each maximal run of consecutive labelled tokens."""
+    runs, cur = [], []
+    for t, l in zip(sample["input_ids"], sample["labels"]):
+        if l != IGNORE:
+            assert l == t
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    runs += [cur] if cur else []
+    return [tok.decode(r) for r in runs]

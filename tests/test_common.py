@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import common
-from helpers import ROOT
+from helpers import ROOT, labelled_runs
 
 CONV = [
     {"role": "user", "content": "What is 2 + 3?"},
@@ -28,20 +28,6 @@ CONV = [
 ]
 TWO_TURNS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
              {"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}]  # fmt: skip
-
-
-def labelled_runs(tok, sample):
-    """Decoded text of each maximal run of consecutive labelled tokens."""
-    runs, cur = [], []
-    for t, l in zip(sample["input_ids"], sample["labels"]):
-        if l != common.IGNORE:
-            assert l == t
-            cur.append(t)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    runs += [cur] if cur else []
-    return [tok.decode(r) for r in runs]
 
 
 # ───────────── masking ─────────────

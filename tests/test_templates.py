@@ -6,6 +6,7 @@ answers that start after a space (SentencePiece "▁7", byte-level "Ġ7") and wi
 """
 
 import pytest
+from helpers import labelled_runs
 
 import common
 
@@ -127,24 +128,12 @@ ZOO = {  # name: (tokenizer, the text that ends each trained answer)
 }
 
 
-def trained_runs(tok, sample) -> list[str]:
-    """Decoded text of each maximal run of trained tokens."""
-    runs, cur = [], []
-    for t, label in zip(sample["input_ids"], sample["labels"]):
-        if label != common.IGNORE:
-            assert label == t
-            cur.append(t)
-        elif cur:
-            runs, cur = runs + [cur], []
-    return [tok.decode(r) for r in runs + ([cur] if cur else [])]
-
-
 @pytest.mark.parametrize("name", ZOO)
 def test_each_answer_and_its_end_of_turn_are_trained_and_nothing_the_user_repeats(name):
     make, eot = ZOO[name]
     tok = make()
     sample = common.tokenize_conversation(tok, REPEAT)
-    runs = trained_runs(tok, sample)
+    runs = labelled_runs(tok, sample)
     # the first answer token is trained even where it carries the space before the answer ("Ġ7", "▁7")
     assert [r.strip() for r in runs] == [m["content"] + eot for m in REPEAT if m["role"] == "assistant"]
     assert tok.decode(sample["input_ids"]) == tok.apply_chat_template(REPEAT, tokenize=False)
@@ -172,7 +161,7 @@ def test_qwen3_trains_the_last_answers_reasoning_and_what_earlier_answers_render
         {"role": "user", "content": "and 4+3?"},
         {"role": "assistant", "content": "<think>\n4 and 3 make 7\n</think>\n\n7"},
     ]
-    runs = trained_runs(tok, common.tokenize_conversation(tok, conv))
+    runs = labelled_runs(tok, common.tokenize_conversation(tok, conv))
     assert runs == ["4<|im_end|>", "<think>\n4 and 3 make 7\n</think>\n\n7<|im_end|>"]
 
 
@@ -182,7 +171,7 @@ def test_a_conversation_that_starts_with_the_assistant_masks_each_turn():
     conv = [{"role": "assistant", "content": "a helpful assistant."}, {"role": "user", "content": "2+2?"},
             {"role": "assistant", "content": "4"}]  # fmt: skip
     sample = common.tokenize_conversation(tok, conv)
-    assert trained_runs(tok, sample) == ["a helpful assistant.<|im_end|>", "4<|im_end|>"]
+    assert labelled_runs(tok, sample) == ["a helpful assistant.<|im_end|>", "4<|im_end|>"]
     assert "You are a helpful assistant." in tok.decode(sample["input_ids"])
 
 
@@ -198,4 +187,4 @@ def test_empty_blank_and_padded_answers_train_their_text_and_the_end_of_turn(ans
     so they are trained too, and " 7" is one token ("Ġ7") that overlaps the answer."""
     tok = ZOO["chatml"][0]()
     sample = common.tokenize_conversation(tok, common.as_messages("2+2?", answer))
-    assert trained_runs(tok, sample) == [trained]
+    assert labelled_runs(tok, sample) == [trained]
