@@ -17,8 +17,9 @@ import random
 import re
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
+import jinja2
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -103,15 +104,29 @@ def end_of_turn_token(tokenizer) -> str | None:
     return eot or None
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], train_from: int = 0) -> dict:
+@contextmanager
+def template_errors(where: str | None):
+    """Name the sample (`where`: "file:line") in an error the chat template raises on it, such as
+    Gemma's "System role not supported", so bad data stops before training with its location."""
+    try:
+        yield
+    except (jinja2.TemplateError, ValueError, TypeError) as e:
+        if where is None or isinstance(e, DataError):
+            raise
+        raise DataError(f"{where}: the chat template refuses this sample: {e}") from e
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], train_from: int = 0, where: str | None = None) -> dict:
     """Conversation -> {"input_ids", "labels"} (lists), labels = IGNORE on every non-assistant token
     and on assistant turns before message index `train_from` (a preference pair's prompt may hold some).
+    A template error names `where` (the sample's "file:line").
 
     The rendered text already holds the template's BOS, so tokenizing adds no special tokens
     (no second BOS). A token is trained when it overlaps an assistant span: with templates that put a
     space before the answer, SentencePiece's "▁7" and byte-level BPE's "Ġ7" start at that space.
     """
-    text, spans = assistant_spans(tokenizer, messages)
+    with template_errors(where):
+        text, spans = assistant_spans(tokenizer, messages)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     spans = [span for i, span in zip(turns, spans) if i >= train_from]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -214,17 +229,18 @@ def check_messages(messages, where: str) -> list[dict]:
     return messages
 
 
-def read_sft(path: str) -> list[list[dict]]:
-    """SFT JSONL: {"messages": [...]} or {"prompt": ..., "completion": ...} -> conversations."""
+def read_sft(path: str) -> list[dict]:
+    """SFT JSONL: {"messages": [...]} or {"prompt": ..., "completion": ...} -> {"messages", "_where"}."""
     convs = []
     for row in read_jsonl(path, {}):
         if "messages" in row:
-            convs.append(check_messages(row["messages"], row["_where"]))
+            convs.append({"messages": check_messages(row["messages"], row["_where"]), "_where": row["_where"]})
         elif "prompt" in row and "completion" in row:
             for field in ("prompt", "completion"):
                 if not isinstance(row[field], (str, list)):
                     raise DataError(f"{row['_where']}: field {field!r} has type {type(row[field]).__name__}")
-            convs.append(check_messages(as_messages(row["prompt"], row["completion"]), row["_where"]))
+            messages = check_messages(as_messages(row["prompt"], row["completion"]), row["_where"])
+            convs.append({"messages": messages, "_where": row["_where"]})
         else:
             raise DataError(f"{row['_where']}: missing field 'messages' (or 'prompt' and 'completion')")
     return convs
@@ -241,9 +257,14 @@ def read_unpaired(path: str) -> list[dict]:
     return read_jsonl(path, {"prompt": (str, list), "completion": (str, list), "label": bool})
 
 
-def read_prompts(path: str) -> list[dict]:
-    """RL prompt JSONL: {"prompt", "answer"?}."""
-    return read_jsonl(path, {"prompt": (str, list)})
+def read_prompts(path: str, tokenizer=None) -> list[dict]:
+    """RL prompt JSONL: {"prompt", "answer"?}. Given the tokenizer, every prompt is rendered with its chat
+    template once, so a prompt the template refuses is an error naming its line before training starts."""
+    rows = read_jsonl(path, {"prompt": (str, list)})
+    for row in rows if tokenizer is not None else []:
+        with template_errors(row["_where"]):
+            _render(tokenizer, as_messages(row["prompt"]), add_generation_prompt=True)
+    return rows
 
 
 def read_prm(path: str) -> list[dict]:
@@ -514,11 +535,11 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         return explicit_attention(query, key, value, attention_mask, scaling, softcap, dropout), None
     q, k, v = (x.squeeze(0).transpose(0, 1) for x in (query, key, value))  # (1, H, T, D) -> (T, H, D)
     left = sliding_window - 1 if sliding_window else -1
-    if use_varlen(query.device) and flash_attn_varlen_func is not None:
+    if use_varlen(query) and flash_attn_varlen_func is not None:
         out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scaling,
                                      causal=True, window_size=(left, 0), softcap=softcap or 0.0)  # fmt: skip
         return out.unsqueeze(0), None  # (T, H, D) -> (1, T, H, D)
-    if use_varlen(query.device) and softcap is None and dropout == 0.0:
+    if use_varlen(query) and softcap is None and dropout == 0.0:
         out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(left, 0), enable_gqa=True)
         return out.unsqueeze(0), None
     bounds = cu.tolist()
@@ -572,8 +593,11 @@ def register_attention():
     AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)  # unpacked calls (generation, padding) get SDPA's mask
 
 
-def use_varlen(device: torch.device) -> bool:
-    return device.type == "cuda" and (flash_attn_varlen_func is not None or varlen_attn is not None)
+def use_varlen(x: Tensor) -> bool:
+    """A CUDA varlen kernel serves `x`: both take half precision only, so float32 rows on CUDA (no
+    autocast) go document by document, exactly."""
+    kernel = flash_attn_varlen_func is not None or varlen_attn is not None
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and kernel
 
 
 def forward_hidden(model, batch: dict) -> Tensor:

@@ -245,6 +245,15 @@ def check_same_vocab(teacher_tok, student_tok) -> None:
         )
 
 
+def check_same_outputs(teacher, student) -> None:
+    """The two models' logits must have the same width (a checkpoint may pad its embedding beyond the
+    tokenizer, e.g. to a multiple of 64): say so at the start rather than fail at the first divergence."""
+    t, s = (m.get_output_embeddings().weight.shape[0] for m in (teacher, student))
+    if t != s:
+        raise ValueError(f"the student's output layer has {s} rows and the teacher's {t}: token-level distillation "
+                         f"compares logits id by id, so resize one (model.resize_token_embeddings({t})) and save it")  # fmt: skip
+
+
 # ───────────── data ─────────────
 
 
@@ -518,6 +527,7 @@ def main(args: Args) -> str:
     if args.student:
         check_same_vocab(tokenizer, common.load_tokenizer(args.student))
         student = common.load_model(args.student, tokenizer, seed=args.seed, dropout=args.dropout).to(device)
+        check_same_outputs(teacher, student)
     elif args.mode == "cai":
         student = copy.deepcopy(teacher).requires_grad_(True)
     else:
@@ -530,7 +540,7 @@ def main(args: Args) -> str:
     builtin = args.data == "builtin"
     uses_prompts = args.mode in ("seqkd", "rft", "cai")
     if uses_prompts:
-        prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data)
+        prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data, tokenizer)
         prompts = prompts[: args.num_generate] if args.mode in ("seqkd", "cai") else prompts
         if args.mode == "rft" and reward_model is None and not all("answer" in p for p in prompts):
             missing = next(p for p in prompts if "answer" not in p)
@@ -538,8 +548,10 @@ def main(args: Args) -> str:
                 f"{missing['_where']}: missing field 'answer' (the rft rule reward needs it; or pass --reward-model)"
             )
     else:
-        convs = common.builtin_sft("train", args.num_train, args.seed) if builtin else common.read_sft(args.data)
-        samples = [common.tokenize_conversation(tokenizer, c) for c in convs]
+        rows = ([{"messages": c} for c in common.builtin_sft("train", args.num_train, args.seed)] if builtin
+                else common.read_sft(args.data))  # fmt: skip
+        convs = [r["messages"] for r in rows]
+        samples = [common.tokenize_conversation(tokenizer, r["messages"], where=r.get("_where")) for r in rows]
         samples, overlong, untrainable = common.fit_length(samples, args.max_tokens, "drop")
         if rank == 0 and (overlong or untrainable):
             print(f"skipped {overlong} samples over {args.max_tokens} tokens and {untrainable} without an answer token")

@@ -145,7 +145,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_tokens: int) -> tuple[list[d
         if any(not "".join(m["content"] for m in a).strip() for a in answers):
             skipped["empty"] += 1
             continue
-        chosen, rejected = (common.tokenize_conversation(tokenizer, prompt + a, train_from=len(prompt)) for a in answers)
+        chosen, rejected = (common.tokenize_conversation(tokenizer, prompt + a, len(prompt), row.get("_where")) for a in answers)
         if len(chosen["input_ids"]) + len(rejected["input_ids"]) > max_tokens:
             skipped["too_long"] += 1
             continue
@@ -309,7 +309,7 @@ def main(args: Args) -> str:
     # data: fixed pairs (offline) or prompts to sample from (online)
     builtin = args.data == "builtin"
     if args.online:
-        prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data)
+        prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data, tokenizer)
         pairs, ref_logps = [], None
     else:
         rows = common.builtin_preferences("train", args.num_train, args.seed) if builtin else common.read_preferences(args.data)

@@ -294,7 +294,7 @@ def main(args: Args) -> str:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     builtin = args.data == "builtin"
-    prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data)
+    prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data, tokenizer)
     if not args.reward_model and not all("answer" in p for p in prompts):
         missing = next(p for p in prompts if "answer" not in p)
         raise common.DataError(

@@ -403,7 +403,7 @@ def main(args: Args) -> str:
     critic = critic.to(device)
 
     builtin = args.data == "builtin"
-    prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data)
+    prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data, tokenizer)
     if reward_model is None and not all("answer" in p for p in prompts):
         missing = next(p for p in prompts if "answer" not in p)
         raise common.DataError(f"{missing['_where']}: missing field 'answer' (the rule reward needs it; or pass --reward PATH)")

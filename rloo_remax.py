@@ -215,7 +215,7 @@ def main(args: Args) -> str:
         reward_model = (rm, common.load_tokenizer(args.reward_model))
 
     builtin = args.data == "builtin"
-    prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data)
+    prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data, tokenizer)
     if not args.reward_model and not all("answer" in p for p in prompts):
         missing = next(p for p in prompts if "answer" not in p)
         raise common.DataError(

@@ -243,7 +243,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_tokens: int) -> tuple[list[d
         margin = row.get("margin", 0.0)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
             raise common.DataError(f"{row.get('_where', 'builtin')}: field 'margin' must be a finite number")
-        docs = [common.tokenize_conversation(tokenizer, prompt + a, train_from=len(prompt)) for a in answers]
+        docs = [common.tokenize_conversation(tokenizer, prompt + a, len(prompt), row.get("_where")) for a in answers]
         if sum(len(d["input_ids"]) for d in docs) > max_tokens:
             skipped["too_long"] += 1
             continue
@@ -278,7 +278,8 @@ def prm_samples(rows: list[dict], tokenizer, sep: str, max_tokens: int) -> tuple
         if not row["completions"] or any(not s.strip() for s in row["completions"]):
             skipped["empty"] += 1
             continue
-        sample = tokenize_steps(tokenizer, row["prompt"], row["completions"], row["labels"], sep)
+        with common.template_errors(row.get("_where")):
+            sample = tokenize_steps(tokenizer, row["prompt"], row["completions"], row["labels"], sep)
         if len(sample["input_ids"]) > max_tokens:
             skipped["too_long"] += 1
             continue

@@ -107,8 +107,10 @@ def sft_loss(logp: Tensor, mask: Tensor, normalize: str = "token", doc: Tensor =
 
 def load_samples(path: str, tokenizer, max_tokens: int, overlong: str, split: str, n: int, seed: int):
     """Tokenised, masked samples, the number over max_tokens and the number without a trainable token."""
-    convs = common.builtin_sft(split, n, seed) if path == "builtin" else common.read_sft(path)
-    samples = [common.tokenize_conversation(tokenizer, c) for c in convs]
+    if path == "builtin":
+        samples = [common.tokenize_conversation(tokenizer, c) for c in common.builtin_sft(split, n, seed)]
+    else:
+        samples = [common.tokenize_conversation(tokenizer, r["messages"], where=r["_where"]) for r in common.read_sft(path)]
     return common.fit_length(samples, max_tokens, overlong)
 
 

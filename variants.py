@@ -191,7 +191,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_tokens: int) -> tuple[list[d
         if any(not "".join(m["content"] for m in a).strip() for a in answers):
             skipped["empty"] += 1
             continue
-        chosen, rejected = (common.tokenize_conversation(tokenizer, prompt + a, train_from=len(prompt)) for a in answers)
+        chosen, rejected = (common.tokenize_conversation(tokenizer, prompt + a, len(prompt), row.get("_where")) for a in answers)
         if len(chosen["input_ids"]) + len(rejected["input_ids"]) > max_tokens:
             skipped["too_long"] += 1
             continue
@@ -220,12 +220,12 @@ def tokenize_unpaired(rows: list[dict], tokenizer, max_tokens: int, seed: int) -
         if not "".join(m["content"] for m in answer).strip():
             skipped["empty"] += 1
             continue
-        kept.append((common.as_messages(row["prompt"]), answer, bool(row["label"])))
+        kept.append((common.as_messages(row["prompt"]), answer, bool(row["label"]), row.get("_where")))
     partners = mismatched_partners(len(kept), seed)
     out = []
-    for (prompt, answer, label), j in zip(kept, partners):
-        doc = common.tokenize_conversation(tokenizer, prompt + answer, train_from=len(prompt))
-        mismatch = common.tokenize_conversation(tokenizer, prompt + kept[j][1], train_from=len(prompt))
+    for (prompt, answer, label, where), j in zip(kept, partners):
+        doc = common.tokenize_conversation(tokenizer, prompt + answer, len(prompt), where)
+        mismatch = common.tokenize_conversation(tokenizer, prompt + kept[j][1], len(prompt), where)
         if len(doc["input_ids"]) + len(mismatch["input_ids"]) > max_tokens:
             skipped["too_long"] += 1
             continue

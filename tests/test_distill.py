@@ -210,6 +210,20 @@ def test_a_student_with_another_vocabulary_is_refused(tmp_path, teacher, llama3)
         distill.main(tiny_args(tmp_path, teacher, student=str(other)))
 
 
+def test_a_student_whose_embedding_is_padded_beyond_the_tokenizer_is_refused_at_the_start(tmp_path, teacher):
+    """Same tokenizer, 64 more output rows (as checkpoints padded to a multiple of 64 have): a clear error
+    before any data is generated or step taken, instead of a shape error at the first evaluation."""
+    padded = tmp_path / "padded"
+    tok = common.load_tokenizer(teacher)
+    model = common.load_model(teacher, tok)
+    model.resize_token_embeddings(model.get_output_embeddings().weight.shape[0] + 64)
+    model.save_pretrained(padded)
+    tok.save_pretrained(padded)
+    with pytest.raises(ValueError, match=r"the student's output layer has \d+ rows and the teacher's \d+"):
+        distill.main(tiny_args(tmp_path, teacher, student=str(padded), mode="seqkd"))
+    assert not (tmp_path / "run" / "seqkd_data.jsonl").exists()
+
+
 # ───────────── processes: torchrun, kill and resume ─────────────
 
 

@@ -19,6 +19,8 @@ import common
 import distill
 import dpo
 import rm
+import sft
+import variants
 
 SFT = ["--model", "tiny", "--num-train", "64", "--num-eval", "2", "--batch-size", "8", "--lr", "3e-3",
        "--max-new-tokens", "2", "--warmup-steps", "1", "--max-steps", "12", "--save-every", "1"]  # fmt: skip
@@ -160,6 +162,36 @@ def test_bad_input_is_an_error_naming_file_line_and_field(tmp_path, line, reader
     path.write_bytes(good + b"\n" + line + b"\n")
     with pytest.raises(common.DataError, match=message):
         getattr(common, reader)(str(path))
+
+
+NO_SYSTEM = (  # Gemma's rule, as its chat template states it
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ '<start_of_turn>' + m['role'] + '\n' + m['content'] + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>assistant\n' }}{% endif %}"
+)
+SYSTEM = '[{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]'
+
+
+@pytest.mark.parametrize("line,read", [
+    (f'{{"messages": {SYSTEM[:-1]}, {{"role": "assistant", "content": "4"}}]}}',
+     lambda path, tok: sft.load_samples(path, tok, 512, "drop", "train", 0, 0)),
+    (f'{{"prompt": {SYSTEM}, "chosen": "4", "rejected": "5"}}',
+     lambda path, tok: dpo.tokenize_pairs(common.read_preferences(path), tok, 512)),
+    (f'{{"prompt": {SYSTEM}, "chosen": "4", "rejected": "5"}}',
+     lambda path, tok: rm.tokenize_pairs(common.read_preferences(path), tok, 512)),
+    (f'{{"prompt": {SYSTEM}, "completion": "4", "label": true}}',
+     lambda path, tok: variants.tokenize_unpaired(variants.read_unpaired(path), tok, 512, 0)),
+    (f'{{"prompt": {SYSTEM}, "answer": 4}}', lambda path, tok: common.read_prompts(path, tok)),
+])  # fmt: skip
+def test_a_sample_the_chat_template_refuses_is_an_error_naming_its_line_before_training(tmp_path, line, read):
+    from conftest import byte_tokenizer
+
+    tok = byte_tokenizer(["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", NO_SYSTEM)
+    good = line.replace('{"role": "system", "content": "be brief"}, ', "")
+    path = tmp_path / "x.jsonl"
+    path.write_text(good + "\n" + line + "\n")
+    with pytest.raises(common.DataError, match="x.jsonl:2: the chat template refuses this sample: System role not supported"):
+        read(str(path), tok)
 
 
 def test_an_integer_answer_given_as_a_string_is_read_as_that_integer(tmp_path):
