@@ -73,6 +73,13 @@ class Clock:
             torch.cuda.synchronize(self.device)
 
 
+def matmul_precision(device, level: str) -> None:
+    """float32 matrix products on CUDA: "highest" (IEEE float32) or "high" (TF32, what the scripts set).
+    CPU keeps its default."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision(level)
+
+
 def peak_memory_gb(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -86,17 +93,11 @@ def reset_peak_memory(device) -> None:
 # ───────────── 1. attention: packed rows against each document alone ─────────────
 
 
-def attention_path(model, half: bool) -> str:
-    """Which kernel packed_attention takes for this model's packed rows."""
-    cfg = model.config.get_text_config()
-    softcap = getattr(cfg, "attn_logit_softcapping", None)
-    if not half or next(model.parameters()).device.type != "cuda":
-        return "per-document SDPA"
-    if common.flash_attn_varlen_func is not None:
-        return "flash-attn varlen"
-    if common.varlen_attn is not None and softcap is None:
-        return "torch varlen_attn"
-    return "per-document SDPA" + (" (soft-capped scores)" if softcap else "")
+def attention_path(model, device, half: bool) -> str:
+    """Which kernel packed_attention takes for this model's packed rows (common.packed_kernel decides)."""
+    softcap = getattr(model.config.get_text_config(), "attn_logit_softcapping", None)
+    with common.autocast(device) if half else torch.autocast(device.type, enabled=False):
+        return common.packed_kernel(torch.zeros(1, device=device), softcap) + (" (soft-capped scores)" if softcap else "")
 
 
 def logps_and_grads(model, batches: list[dict], device, half: bool) -> tuple[Tensor, list]:
@@ -128,7 +129,7 @@ def check_attention(device, families: list[str]) -> list[dict]:
         model = common.prepare_model(tiny_family(name, tokenizer).to(device))
         model.train()  # dropout is off (prepare_model); train mode is how the scripts take gradients
         for precision, half in (("float32", False), ("bf16", True)):
-            row = {"check": "attention", "family": name, "precision": precision, "path": attention_path(model, half)}
+            row = {"check": "attention", "family": name, "precision": precision, "path": attention_path(model, device, half)}
             try:
                 lp, gp = logps_and_grads(model, packed, device, half)
                 lr, gr = logps_and_grads(model, alone, device, half)
@@ -319,38 +320,64 @@ def check_speed(device, cpu: bool) -> tuple[list[dict], object]:
     info = {"check": "speed-info", "device": name, "bf16_peak_datasheet": peak, "bf16_peak_measured": measured,
             "shape": "Qwen2.5-0.5B" if not cpu else "tiny", "tokens_per_row": row_tokens}  # fmt: skip
     rows, trained = [info], None
-    for packing in (True, False):
-        for ckpt in (False, True):
-            row = {"check": "speed", "what": "sft", "packing": packing, "grad_ckpt": ckpt}
-            try:
-                reset_peak_memory(device)
-                model = shaped_model(shape, device)
-                if ckpt:
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                model.train()
-                batches = sft.micro_batches(samples, row_tokens, packing, tokenizer.pad_token_id)
-                n = rows_per_step
-                steps = [batches[i * n : (i + 1) * n] for i in range(warmup + timed)]
-                times = sft_steps(model, steps, device)[warmup:]
-                tokens = sum(common.num_tokens(b) for s in steps[warmup:] for b in s)
-                flops = sum(training_flops(model, s) for s in steps[warmup:])
-                seconds = sum(times)
-                row.update(tokens_per_s=tokens / seconds, tflops=flops / seconds / 1e12, step_s=seconds / timed,
-                           peak_gb=peak_memory_gb(device), ok=True)  # fmt: skip
-                if peak:
-                    row["mfu"] = flops / seconds / peak
-                if measured:
-                    row["of_measured_peak"] = flops / seconds / measured
-            except Exception as e:
-                row.update(ok=False, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc(limit=6))
-            rows.append(row)
-            if packing and not ckpt and row["ok"]:
-                trained = model  # trained a few steps: the DPO, generation and precision checks go on with it
-            model = None
+    # (packed, gradient checkpointing, tokens per micro-batch, float32 matmuls): the scripts' CUDA setting
+    # is TF32 ("high", init_distributed); "highest" shows the output layer in true float32
+    configs = [(True, False, row_tokens, "high"), (True, True, row_tokens, "high"), (False, False, row_tokens, "high"),
+               (False, True, row_tokens, "high"), (True, False, row_tokens, "highest"), (True, False, 4 * row_tokens, "high")]  # fmt: skip
+    for packing, ckpt, width, matmul in configs:
+        row = {"check": "speed", "what": "sft", "packing": packing, "grad_ckpt": ckpt, "tokens_per_row": width,
+               "fp32_matmul": matmul}  # fmt: skip
+        try:
+            reset_peak_memory(device)
+            matmul_precision(device, matmul)
+            model = shaped_model(shape, device)
+            if ckpt:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
+            batches = sft.micro_batches(samples, width, packing, tokenizer.pad_token_id)
+            n = max(1, rows_per_step * row_tokens // width)  # the same tokens per step in every configuration
+            steps = [batches[i * n : (i + 1) * n] for i in range(warmup + timed)]
+            times = sft_steps(model, steps, device)[warmup:]
+            tokens = sum(common.num_tokens(b) for s in steps[warmup:] for b in s)
+            flops = sum(training_flops(model, s) for s in steps[warmup:])
+            seconds = sum(times)
+            row.update(tokens_per_s=tokens / seconds, tflops=flops / seconds / 1e12, step_s=seconds / timed,
+                       peak_gb=peak_memory_gb(device), ok=True)  # fmt: skip
+            if peak:
+                row["mfu"] = flops / seconds / peak
+            if measured:
+                row["of_measured_peak"] = flops / seconds / measured
+        except Exception as e:
+            row.update(ok=False, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc(limit=6))
+        rows.append(row)
+        matmul_precision(device, "high")
+        if (packing, ckpt, width, matmul) == configs[0] and row["ok"]:
+            trained = model  # the DPO, generation and precision checks go on with it, trained some more steps
+            more = sft.micro_batches(samples[::-1], width, packing, tokenizer.pad_token_id)[: (2 if cpu else 30) * n]
+            sft_steps(trained, [more[i : i + n] for i in range(0, len(more), n)], device)
+        model = None
+    if trained is not None and device.type == "cuda":
+        rows.append(profile_sft_step(trained, more[:n], device))
     if trained is not None:
         rows += check_dpo_speed(trained, tokenizer, device, cpu, 4096)
         rows += check_generation_speed(trained, tokenizer, device, cpu)
     return rows, trained
+
+
+def profile_sft_step(model, batches: list[dict], device) -> dict:
+    """Where one SFT step's time goes: the CUDA kernels and operators taking the most time."""
+    row = {"check": "profile", "what": "one packed sft step"}
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            sft_steps(model, [batches], device)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+        row.update(ok=None, table=table)
+        print(table)
+    except Exception as e:
+        row.update(ok=False, error=f"{type(e).__name__}: {e}")
+    return row
 
 
 def check_dpo_speed(model, tokenizer, device, cpu: bool, row_tokens: int) -> list[dict]:
@@ -407,30 +434,41 @@ def check_generation_speed(model, tokenizer, device, cpu: bool) -> list[dict]:
 
 
 @torch.no_grad()
+def labelled_logps(model, batches: list[dict], device, half: bool) -> Tensor:
+    out = []
+    for batch in batches:
+        batch = common.to_device(batch, device)
+        with common.autocast(device) if half else torch.autocast(device.type, enabled=False):
+            logp, _ = common.token_logps(model, batch)
+        out.append(logp[batch["labels"] != common.IGNORE].float())
+    return torch.cat(out)
+
+
 def check_precision(model, device, cpu: bool) -> list[dict]:
-    row = {"check": "precision", "what": "token_logps bf16 autocast vs float32"}
+    """token_logps as the scripts run it on CUDA (bf16 autocast, the output layer in TF32) and with the
+    output layer in true float32, each against everything in float32."""
+    rows = []
     try:
         tokenizer = common.tiny_tokenizer()
         if model is None:
             model = shaped_model(TINY_SHAPE if cpu else QWEN25_05B, device)
         model.eval()
         samples = [common.tokenize_conversation(tokenizer, c) for c in common.builtin_sft("test", 16 if cpu else 128)]
-        d16, d32 = [], []
-        for batch in sft.micro_batches(samples, 4096, True, tokenizer.pad_token_id):
-            batch = common.to_device(batch, device)
-            mask = batch["labels"] != common.IGNORE
-            with common.autocast(device):
-                lp16, _ = common.token_logps(model, batch)
-            lp32, _ = common.token_logps(model, batch)
-            d16.append(lp16[mask].float())
-            d32.append(lp32[mask].float())
-        lp16, lp32 = torch.cat(d16), torch.cat(d32)
-        delta = (lp16 - lp32).abs()
-        row.update(tokens=lp32.numel(), mean_logp=float(lp32.mean()), mean_abs=float(delta.mean()),
-                   max_abs=float(delta.max()), ok=float(delta.mean()) <= 0.01 and bool(torch.isfinite(lp16).all()))  # fmt: skip
+        batches = sft.micro_batches(samples, 4096, True, tokenizer.pad_token_id)
+        matmul_precision(device, "highest")
+        exact = labelled_logps(model, batches, device, half=False)
+        for head in ("high", "highest"):
+            matmul_precision(device, head)
+            lp = labelled_logps(model, batches, device, half=True)
+            delta = (lp - exact).abs()
+            rows.append({"check": "precision", "what": "token_logps, bf16 autocast vs float32", "fp32_matmul": head,
+                         "tokens": exact.numel(), "mean_logp": float(exact.mean()), "mean_abs": float(delta.mean()),
+                         "max_abs": float(delta.max()), "ok": float(delta.mean()) <= 0.01 and bool(torch.isfinite(lp).all())})  # fmt: skip
     except Exception as e:
-        row.update(ok=False, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc(limit=6))
-    return [row]
+        rows.append({"check": "precision", "ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=6)})
+    finally:
+        matmul_precision(device, "high")
+    return rows
 
 
 # ───────────── report ─────────────
@@ -446,7 +484,7 @@ def table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         status = {True: "ok  ", False: "FAIL", None: "    "}[r.get("ok")]
-        rest = ", ".join(f"{k}={fmt(v)}" for k, v in r.items() if k not in ("check", "ok", "trace", "error"))
+        rest = ", ".join(f"{k}={fmt(v)}" for k, v in r.items() if k not in ("check", "ok", "trace", "error", "table"))
         lines.append(f"{status} {r['check']:<10} {rest}" + (f"\n      error: {r['error'][:600]}" if "error" in r else ""))
     return "\n".join(lines)
 
