@@ -657,12 +657,13 @@ def selective_log_softmax(logits: Tensor, index: Tensor, chunk: int = 1024) -> T
 
 
 def output_logits(model, hidden: Tensor) -> Tensor:
-    """The model's own logits for hidden states (..., H), always in float32 (under bf16 autocast a logit
-    near 20 would otherwise be rounded to a multiple of 0.125; on CUDA the scripts let this product use
-    TF32, float32's range with a 10-bit mantissa: on an H200 it made SFT steps 1.8x faster and moved
-    bf16 log-probs' mean error from 0.00097 to 0.00101 nats/token, tests/gpu_check.py): its output layer, bias included, then
-    what its forward does after it — Gemma-2/3's soft-cap c·tanh(z/c), Granite's z / logits_scaling,
-    Cohere's z · logit_scale. load_model checks the result against the model's own forward."""
+    """The model's own logits for hidden states (..., H), always in float32: its output layer, bias
+    included, then what its forward does after it — Gemma-2/3's soft-cap c·tanh(z/c), Granite's
+    z / logits_scaling, Cohere's z · logit_scale. load_model checks the result against the model's own
+    forward. Under bf16 autocast a logit near 20 would otherwise be rounded to a multiple of 0.125. On
+    CUDA the scripts let this product use TF32 (float32's range, a 10-bit mantissa): on an H200 that
+    made an SFT step 1.8x faster and moved the bf16 log-probs' mean error from 0.00097 to 0.00101
+    nats/token (tests/gpu_check.py)."""
     head, cfg = model.get_output_embeddings(), model.config.get_text_config()
     with torch.autocast(hidden.device.type, enabled=False):
         bias = None if getattr(head, "bias", None) is None else head.bias.float()
