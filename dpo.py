@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import tyro
 from torch import Tensor
 
 import common
@@ -95,6 +94,8 @@ class Args:
     """steps between evaluations; 0: evaluate only before and after training"""
     save_every: int = 10
     """steps between resumable checkpoints; 0: none"""
+    keep_checkpoints: bool = False
+    """keep the checkpoints after the final save (by default they go: the saved model is the result)"""
     max_new_tokens: int = 64
     """generation budget for sampling and greedy-accuracy evaluation"""
     output_dir: str = ""
@@ -171,13 +172,14 @@ def pair_logps(model, batch: dict) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def all_pair_logps(model, pairs, max_tokens, rank, world, device) -> Tensor:
-    """(N, 2) chosen/rejected log-probs of every pair under `model`: one eval-mode pass split across ranks."""
+def all_pair_logps(model, pairs, max_tokens, rank, world, device, what: str = "log-probs") -> Tensor:
+    """(N, 2) chosen/rejected log-probs of every pair under `model`: one eval-mode pass split across ranks
+    (a progress bar named `what`)."""
     was_training = model.training
     model.eval()  # no dropout, exactly like the policy's evaluation
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
     mine = list(range(rank, len(pairs), world))
-    for idx, batch in pair_batches([pairs[i] for i in mine], max_tokens) if mine else []:
+    for idx, batch in common.progress(pair_batches([pairs[i] for i in mine], max_tokens) if mine else [], what):
         with common.autocast(device):
             c, r = pair_logps(model, common.to_device(batch, device))
         out[[mine[i] for i in idx]] = torch.stack([c, r], 1).double().cpu()
@@ -193,7 +195,7 @@ def cached_reference_logps(model, pairs, tag: str, args, out_dir, rank, world, d
     path = os.path.join(out_dir, f"ref_logps-{tag}.pt")
     if common.cached(path, key, "reference log-probs", rank):
         return torch.load(path, weights_only=True)
-    ref = all_pair_logps(model, pairs, args.max_tokens, rank, world, device)
+    ref = all_pair_logps(model, pairs, args.max_tokens, rank, world, device, f"reference log-probs ({tag})")
     if rank == 0:
         common.write_cached(path, key, lambda tmp: torch.save(ref, tmp))
     return ref
@@ -246,7 +248,7 @@ def online_pairs(policy, tokenizer, prompts: list[dict], args, scorer, device) -
     close it with an end-of-turn token the policy never produced. Each rank samples its share of the
     prompts; the caller gathers the pairs."""
     gens = common.generate(policy, tokenizer, [p["prompt"] for p in prompts for _ in range(args.num_samples)],
-                           args.max_new_tokens, temperature=args.temperature)  # fmt: skip
+                           args.max_new_tokens, temperature=args.temperature, what="online: sampling answers")  # fmt: skip
     rows, scores, truncated = [], [], 0
     for k, p in enumerate(prompts):
         group = gens[k * args.num_samples : (k + 1) * args.num_samples]
@@ -271,13 +273,15 @@ def online_pairs(policy, tokenizer, prompts: list[dict], args, scorer, device) -
 
 @torch.no_grad()
 def evaluate(model, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device) -> dict:
-    """Held-out preference accuracy (implicit reward of chosen > rejected) and greedy task accuracy."""
+    """Held-out preference accuracy (implicit reward of chosen > rejected; the fraction of exact ties, as
+    every pair is before the first step, beside it) and greedy task accuracy."""
     model.eval()
     out = {}
     if eval_pairs:
-        pi = all_pair_logps(model, eval_pairs, args.max_tokens, rank, world, device)
+        pi = all_pair_logps(model, eval_pairs, args.max_tokens, rank, world, device, "held-out log-probs")
         _, r_w, r_l = dpo_loss(pi[:, 0], pi[:, 1], eval_ref[:, 0], eval_ref[:, 1], args.beta)
         out["eval/rewards/accuracies"] = float((r_w > r_l).float().mean())
+        out["eval/rewards/ties"] = float((r_w == r_l).float().mean())
         out["eval/rewards/margins"] = float((r_w - r_l).mean())
         out["eval/logps/chosen_drift"] = float((pi[:, 0] - eval_ref[:, 0]).mean())
     if problems:
@@ -317,7 +321,7 @@ def main(args: Args) -> str:
         if rank == 0:
             print(f"{len(pairs)} training pairs; skipped: {skipped}")
         if not pairs:
-            raise ValueError(f"{args.data}: no usable preference pairs ({skipped})")
+            raise common.UserError(f"{args.data}: no usable preference pairs ({skipped})")
     eval_rows = common.builtin_preferences("test", args.num_eval, args.seed) if builtin else (
         common.read_preferences(args.eval_data) if args.eval_data else [])  # fmt: skip
     eval_pairs = tokenize_pairs(eval_rows, tokenizer, args.max_tokens)[0]
@@ -397,13 +401,11 @@ def main(args: Args) -> str:
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             log.log(step + 1, evaluate(policy, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device))
         if args.save_every and (step + 1) % args.save_every == 0:
-            common.save_checkpoint(out_dir, step, policy, optimizer, scheduler, rank, {"pairs": pairs} if args.online else None)
+            common.save_checkpoint(out_dir, step + 1, policy, optimizer, scheduler, rank, {"pairs": pairs} if args.online else None)
 
     log.log(args.max_steps, evaluate(policy, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device))
-    log.close()
-    common.save_model(policy, tokenizer, out_dir, rank)
-    return out_dir
+    return common.finish_run(log, policy, tokenizer, out_dir, rank, args.keep_checkpoints)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, default=common.resume_defaults(Args)))
+    common.cli(main, Args)

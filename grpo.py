@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import tyro
 from torch import Tensor
 
 import common
@@ -94,6 +93,8 @@ class Args:
     """steps between greedy evaluations (also before and after training); 0: only those"""
     save_every: int = 10
     """steps between resumable checkpoints; 0: none"""
+    keep_checkpoints: bool = False
+    """keep the checkpoints after the final save (by default they go: the saved model is the result)"""
     output_dir: str = ""
     """where the model, args.json and metrics.jsonl go; default runs/grpo-<timestamp>"""
     seed: int = 0
@@ -279,7 +280,7 @@ def main(args: Args) -> str:
     common.seed_everything(args.seed)
     out_dir = common.start_run(args, "grpo", rank)
     if args.prompts_per_step % world:
-        raise ValueError(
+        raise common.UserError(
             f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} ranks (whole groups per rank)"
         )
 
@@ -375,17 +376,15 @@ def main(args: Args) -> str:
                 {"eval/accuracy": common.greedy_accuracy(policy, tokenizer, problems, args.max_new_tokens, rank, world)},
             )
         if args.save_every and (step + 1) % args.save_every == 0:
-            common.save_checkpoint(out_dir, step, policy, optimizer, scheduler, rank)
+            common.save_checkpoint(out_dir, step + 1, policy, optimizer, scheduler, rank)
 
     if problems:
         log.log(
             args.max_steps,
             {"eval/accuracy": common.greedy_accuracy(policy, tokenizer, problems, args.max_new_tokens, rank, world)},
         )
-    log.close()
-    common.save_model(policy, tokenizer, out_dir, rank)
-    return out_dir
+    return common.finish_run(log, policy, tokenizer, out_dir, rank, args.keep_checkpoints)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, default=common.resume_defaults(Args)))
+    common.cli(main, Args)

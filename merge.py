@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import tyro
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -42,8 +41,8 @@ class Args:
 
     method: Literal["linear", "slerp", "task-arithmetic", "ties", "dare", "dare-ties"] = "linear"
     """how to combine the models"""
-    models: list[str] = field(default_factory=lambda: ["runs/sft-default"])
-    """the fine-tuned / aligned checkpoints (linear and slerp take one)"""
+    models: list[str] = field(default_factory=list)
+    """required: the fine-tuned / aligned checkpoints (linear and slerp take one)"""
     base: str = common.DEFAULT_MODEL
     """the base checkpoint the others were fine-tuned from"""
     out: str = ""
@@ -176,7 +175,7 @@ class Checkpoint:
                 if pickles
                 else "no model.safetensors"
             )
-            raise ValueError(f"{name}: {what}; convert the checkpoint to safetensors first")
+            raise common.UserError(f"{name}: {what}; convert the checkpoint to safetensors first")
         with open(os.path.join(path, "config.json")) as f:
             self.config = json.load(f)
         self.tied = self.config.get("tie_word_embeddings", False)
@@ -204,18 +203,18 @@ def check_compatible(base: Checkpoint, models: list[Checkpoint]) -> list[str]:
         if m.config.get("architectures") != base.config.get("architectures") or m.config.get("model_type") != base.config.get(
             "model_type"
         ):
-            raise ValueError(
+            raise common.UserError(
                 f"{m.name}: architecture {m.config.get('architectures')} differs from the base's {base.config.get('architectures')}"
             )
         for n in names:
             if n not in m.names() and not (n == "lm_head.weight" and m.tied):
-                raise ValueError(f"{m.name}: missing tensor {n!r}")
+                raise common.UserError(f"{m.name}: missing tensor {n!r}")
             mine, theirs = (c.shape(n if n in c.names() else "model.embed_tokens.weight") for c in (m, base))
             if mine != theirs:
-                raise ValueError(f"{m.name}: tensor {n!r} has shape {mine}, the base has {theirs}")
+                raise common.UserError(f"{m.name}: tensor {n!r} has shape {mine}, the base has {theirs}")
         extra = m.names() - set(names)
         if extra:
-            raise ValueError(f"{m.name}: tensor {min(extra)!r} is not in the base")
+            raise common.UserError(f"{m.name}: tensor {min(extra)!r} is not in the base")
     return names
 
 
@@ -231,7 +230,7 @@ def write_merged(args: Args, base: Checkpoint, models: list[Checkpoint], names: 
         weight_map.update({k: fname for k in shard})
         shard, size = {}, 0
 
-    for n in names:
+    for n in common.progress(names, "merging tensors"):
         b = base.get(n)
         t = merge_tensor(args, n, [m.get(n) for m in models], b).to(b.dtype).contiguous()
         if size and size + t.numel() * t.element_size() > args.shard_mb * 2**20:
@@ -270,14 +269,16 @@ def check_out(out: str, overwrite: bool) -> None:
 
 def merge(args: Args, out: str) -> str:
     """Stream the merge into `out` (atomically). Returns out."""
+    if not args.models:
+        raise common.UserError("--models is required: the fine-tuned checkpoint(s) to merge, e.g. --models runs/sft-...")
     if args.method in ("linear", "slerp") and len(args.models) != 1:
-        raise ValueError(f"--method {args.method} merges one model with the base; got {len(args.models)}")
+        raise common.UserError(f"--method {args.method} merges one model with the base; got {len(args.models)}")
     if args.weights and len(args.weights) != len(args.models):
-        raise ValueError(f"--weights has {len(args.weights)} values for {len(args.models)} models")
+        raise common.UserError(f"--weights has {len(args.weights)} values for {len(args.models)} models")
     if not 0 <= args.drop_p < 1:
-        raise ValueError(f"--drop-p {args.drop_p}: DARE drops a fraction p ∈ [0, 1) (p = 1 divides by 0)")
+        raise common.UserError(f"--drop-p {args.drop_p}: DARE drops a fraction p ∈ [0, 1) (p = 1 divides by 0)")
     if not 0 < args.density <= 1:
-        raise ValueError(f"--density {args.density}: TIES keeps a fraction ∈ (0, 1]")
+        raise common.UserError(f"--density {args.density}: TIES keeps a fraction ∈ (0, 1]")
     check_out(out, args.overwrite)
     base, models = Checkpoint(args.base), [Checkpoint(m) for m in args.models]
     names = check_compatible(base, models)
@@ -358,7 +359,7 @@ def main(args: Args) -> str:
     out = args.out or os.path.join("runs", f"merge-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.sweep:
         if args.method != "linear":
-            raise ValueError("--sweep is the WiSE-FT curve: it needs --method linear")
+            raise common.UserError("--sweep is the WiSE-FT curve: it needs --method linear")
         sweep(args, out)
         return out
     merge(args, out)
@@ -367,4 +368,4 @@ def main(args: Args) -> str:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    common.cli(main, Args)

@@ -128,6 +128,8 @@ class Args:
     """steps between greedy evaluations (also before and after training); 0: only those"""
     save_every: int = 6
     """steps between resumable checkpoints; 0: none"""
+    keep_checkpoints: bool = False
+    """keep the checkpoints after the final save (by default they go: the saved model is the result)"""
     output_dir: str = ""
     """where the model, args.json and metrics.jsonl go; default runs/ppo-<timestamp>"""
     seed: int = 0
@@ -240,7 +242,7 @@ def check_same_vocab(tokenizer, rm_tokenizer, path: str) -> None:
     a, b = tokenizer.get_vocab(), rm_tokenizer.get_vocab()
     if a != b:
         differ = len(set(a.items()) ^ set(b.items()))
-        raise ValueError(
+        raise common.UserError(
             f"--reward {path}: its tokenizer differs from the policy's ({len(b)} vs {len(a)} tokens, {differ} entries "
             "differ). Train the reward model from the policy's tokenizer (rm.py --model <the policy>)."
         )
@@ -387,9 +389,9 @@ def main(args: Args) -> str:
     common.seed_everything(args.seed)
     out_dir = common.start_run(args, "ppo", rank)
     if args.prompts_per_step % world:
-        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} ranks")
+        raise common.UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} ranks")
     if args.critic_init == "reward" and args.reward == "rule":
-        raise ValueError("--critic-init reward needs a reward model (--reward PATH); the rule has no backbone")
+        raise common.UserError("--critic-init reward needs a reward model (--reward PATH); the rule has no backbone")
 
     tokenizer = common.load_tokenizer(args.model)
     policy = common.load_model(args.model, tokenizer, seed=args.seed, dropout=args.dropout).to(device)
@@ -518,16 +520,14 @@ def main(args: Args) -> str:
         if args.save_every and (step + 1) % args.save_every == 0:
             extra = {"critic": critic.state_dict(), "critic_optimizer": critic_opt.state_dict(),
                      "critic_scheduler": critic_sched.state_dict(), "beta": beta}  # fmt: skip
-            common.save_checkpoint(out_dir, step, policy, optimizer, scheduler, rank, extra)
+            common.save_checkpoint(out_dir, step + 1, policy, optimizer, scheduler, rank, extra)
 
     if problems:
         log.log(args.max_steps, evaluate(policy, tokenizer, problems, args, reward_model, rank, world, device))
-    log.close()
-    common.save_model(policy, tokenizer, out_dir, rank)
     if rank == 0:
         critic.save_pretrained(os.path.join(out_dir, "critic"))
-    return out_dir
+    return common.finish_run(log, policy, tokenizer, out_dir, rank, args.keep_checkpoints)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, default=common.resume_defaults(Args)))
+    common.cli(main, Args)

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import tyro
 from torch import Tensor
 
 import common
@@ -79,6 +78,8 @@ class Args:
     """steps between greedy evaluations (also before and after training); 0: only those"""
     save_every: int = 10
     """steps between resumable checkpoints; 0: none"""
+    keep_checkpoints: bool = False
+    """keep the checkpoints after the final save (by default they go: the saved model is the result)"""
     output_dir: str = ""
     """where the model, args.json and metrics.jsonl go; default runs/<estimator>-<timestamp>"""
     seed: int = 0
@@ -200,11 +201,11 @@ def main(args: Args) -> str:
     common.seed_everything(args.seed)
     out_dir = common.start_run(args, args.estimator, rank)
     if args.prompts_per_step % world:
-        raise ValueError(
+        raise common.UserError(
             f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} ranks (whole groups per rank)"
         )
     if args.estimator == "rloo" and args.group_size < 2:
-        raise ValueError("--estimator rloo needs --group-size ≥ 2")
+        raise common.UserError("--estimator rloo needs --group-size ≥ 2")
 
     tokenizer = common.load_tokenizer(args.model)
     policy = common.load_model(args.model, tokenizer, seed=args.seed, dropout=args.dropout).to(device)
@@ -267,17 +268,15 @@ def main(args: Args) -> str:
                 {"eval/accuracy": common.greedy_accuracy(policy, tokenizer, problems, args.max_new_tokens, rank, world)},
             )
         if args.save_every and (step + 1) % args.save_every == 0:
-            common.save_checkpoint(out_dir, step, policy, optimizer, scheduler, rank)
+            common.save_checkpoint(out_dir, step + 1, policy, optimizer, scheduler, rank)
 
     if problems:
         log.log(
             args.max_steps,
             {"eval/accuracy": common.greedy_accuracy(policy, tokenizer, problems, args.max_new_tokens, rank, world)},
         )
-    log.close()
-    common.save_model(policy, tokenizer, out_dir, rank)
-    return out_dir
+    return common.finish_run(log, policy, tokenizer, out_dir, rank, args.keep_checkpoints)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, default=common.resume_defaults(Args)))
+    common.cli(main, Args)

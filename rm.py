@@ -32,7 +32,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import tyro
 from torch import Tensor
 
 import common
@@ -62,8 +61,9 @@ class Args:
     # algorithm
     center_coef: float = 0.0
     """η of the reward-centering term η·(r_w + r_l)² (arXiv:2312.09244 uses 0.01); 0: off"""
-    step_sep: str = "\n"
-    """PRM: the text written after every step; the score of a step is read at its token"""
+    step_sep: str = "\\n"
+    """PRM: the text written after every step (\\n and \\t as typed: a line break, a tab); a step's score
+    is read at its token"""
     prm_labels: Literal["data", "mc"] = "data"
     """PRM step labels: the data's, or Monte Carlo estimates from --policy rollouts (needs "answer")"""
     mc_samples: int = 4
@@ -99,6 +99,8 @@ class Args:
     """steps between held-out evaluations (also run before and after training); 0: only those"""
     save_every: int = 20
     """steps between resumable checkpoints; 0: none"""
+    keep_checkpoints: bool = False
+    """keep the checkpoints after the final save (by default they go: the saved model is the result)"""
     output_dir: str = ""
     """where the model, args.json and metrics.jsonl go; default runs/rm-<timestamp>"""
     seed: int = 0
@@ -202,7 +204,7 @@ def set_scoring_pad(tokenizer) -> None:
     spare = [t for t in [tokenizer.unk_token, *tokenizer.all_special_tokens, *tokenizer.get_added_vocab()]
              if t and tokenizer.convert_tokens_to_ids(t) not in avoid]  # fmt: skip
     if not spare:
-        raise ValueError(f"the pad token {tokenizer.pad_token!r} ends every sample and the tokenizer has no other special "
+        raise common.UserError(f"the pad token {tokenizer.pad_token!r} ends every sample and the tokenizer has no other special "
                          "token to pad with: transformers would score the wrong token of this reward model")  # fmt: skip
     print(f"pad token {tokenizer.pad_token!r} ends samples; padding with {spare[0]!r}, so that transformers' sequence "
           "classifier scores the same token as rm.py", flush=True)  # fmt: skip
@@ -258,7 +260,7 @@ def tokenize_steps(tokenizer, prompt, steps: list[str], labels: list, sep: str) 
     text, spans = common.assistant_spans(tokenizer, common.as_messages(prompt, content))
     start = spans[-1][0]
     if text[start : start + len(content)] != content:
-        raise ValueError(f"the chat template rewrites the answer, so the step separator {sep!r} cannot be located")
+        raise common.UserError(f"the chat template rewrites the answer, so the step separator {sep!r} cannot be located")
     sample = common.tokenize_conversation(tokenizer, common.as_messages(prompt, content))
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     step_labels, at = [-1.0] * len(offsets), start
@@ -308,7 +310,8 @@ def mc_step_labels(policy, tokenizer, rows: list[dict], k: int, max_new_tokens: 
     prefixes = [(r, t) for r in rows for t in range(len(r["completions"]))]
     prefill = [" ".join(r["completions"][: t + 1]) + " " for r, t in prefixes]
     gens = common.generate(policy, tokenizer, [r["prompt"] for r, _ in prefixes for _ in range(k)], max_new_tokens,
-                           temperature=temperature, prefill=[p for p in prefill for _ in range(k)])  # fmt: skip
+                           temperature=temperature, prefill=[p for p in prefill for _ in range(k)],
+                           what="Monte Carlo step labels")  # fmt: skip
     hits = [common.rule_reward(prefill[i // k] + g["text"], prefixes[i // k][0]["answer"]) for i, g in enumerate(gens)]
     out, j = [], 0
     for r in rows:
@@ -328,7 +331,7 @@ def evaluate(model, samples: list[dict], kind: str, max_tokens: int, rank: int, 
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # orm: right, margin, pairs; prm: right steps, steps, right solutions, solutions
     mine = samples[rank::world]
-    for _, batch in micro_batches(mine, kind, max_tokens) if mine else []:
+    for _, batch in common.progress(micro_batches(mine, kind, max_tokens) if mine else [], "held-out rewards"):
         batch = common.to_device(batch, device)
         with common.autocast(device):
             if kind == "orm":
@@ -344,6 +347,8 @@ def evaluate(model, samples: list[dict], kind: str, max_tokens: int, rank: int, 
         sums += torch.tensor([right_steps.item(), len(logits), right_solutions.item(), n], dtype=torch.float64)
     model.train()
     s = common.all_reduce_sum(sums).tolist()
+    if s[2 if kind == "orm" else 1] == 0:
+        return {}  # nothing held out: no metric rather than a 0 measured on nothing
     if kind == "orm":
         return {"eval/accuracy": s[0] / max(s[2], 1), "eval/margin": s[1] / max(s[2], 1)}
     return {"eval/step_accuracy": s[0] / max(s[1], 1), "eval/solution_accuracy": s[2] / max(s[3], 1)}
@@ -392,9 +397,9 @@ def run_best_of_n(args: Args, out_dir: str, rank: int, world: int, device) -> di
         problems = common.read_jsonl(args.eval_data or args.data, {"prompt": (str, list), "answer": (str, int, float)})
     mine, m = problems[rank::world], max(args.best_of_n)
     t0 = time.time()
-    greedy = common.generate(policy, tokenizer, [p["prompt"] for p in mine], args.max_new_tokens)
+    greedy = common.generate(policy, tokenizer, [p["prompt"] for p in mine], args.max_new_tokens, what="best-of-N: greedy")
     samples = common.generate(policy, tokenizer, [p["prompt"] for p in mine for _ in range(m)], args.max_new_tokens,
-                              temperature=args.temperature)  # fmt: skip
+                              temperature=args.temperature, what=f"best-of-N: {m} samples per prompt")  # fmt: skip
     gen_s = time.time() - t0
     del policy
     prompts, texts = [p["prompt"] for p in mine for _ in range(m)], [g["text"] for g in samples]
@@ -405,7 +410,7 @@ def run_best_of_n(args: Args, out_dir: str, rank: int, world: int, device) -> di
             continue
         rm_tok = common.load_tokenizer(path)
         per = score_responses(
-            common.load_reward_model(path, kind).to(device), rm_tok, kind, prompts, texts, args.step_sep, args.max_tokens, device
+            common.load_reward_model(path, kind).to(device), rm_tok, kind, prompts, texts, step_separator(args), args.max_tokens, device
         )
         ways = ["min", "product"] if kind == "prm" else ["score"]
         for how in ways:
@@ -455,7 +460,7 @@ def load_data(args: Args, tokenizer, split: str, rank: int, world: int, device, 
         rows = common.builtin_prm(split, n, args.seed) if builtin else common.read_prm(path)
         if split == "train" and args.prm_labels == "mc":
             rows = mc_labelled(rows, args, rank, world, device, out_dir)
-        samples, skipped = prm_samples(rows, tokenizer, args.step_sep, args.max_tokens)
+        samples, skipped = prm_samples(rows, tokenizer, step_separator(args), args.max_tokens)
     if rank == 0:
         print(f"{split}: {len(samples)} {'pairs' if args.kind == 'orm' else 'solutions'}; skipped: {skipped}")
     return samples
@@ -488,6 +493,11 @@ def mc_labelled(rows: list[dict], args: Args, rank: int, world: int, device, out
     return labelled
 
 
+def step_separator(args: Args) -> str:
+    """--step-sep as typed on a command line ("\\n") -> the text it stands for (a line break)."""
+    return args.step_sep.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def main(args: Args) -> str:
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)
@@ -502,7 +512,7 @@ def main(args: Args) -> str:
     train = load_data(args, tokenizer, "train", rank, world, device, out_dir)
     held_out = load_data(args, tokenizer, "test", rank, world, device, out_dir)
     if not train:
-        raise ValueError(f"{args.data}: no usable training samples")
+        raise common.UserError(f"{args.data}: no usable training samples")
     model = reward_model(args.model, tokenizer, args.kind, args.seed, args.dropout).to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -566,13 +576,12 @@ def main(args: Args) -> str:
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             log.log(step + 1, evaluate(model, held_out, args.kind, args.max_tokens, rank, world, device))
         if args.save_every and (step + 1) % args.save_every == 0:
-            common.save_checkpoint(out_dir, step, model, optimizer, scheduler, rank)
+            common.save_checkpoint(out_dir, step + 1, model, optimizer, scheduler, rank)
 
     log.log(args.max_steps, evaluate(model, held_out, args.kind, args.max_tokens, rank, world, device))
-    log.close()
-    common.save_model(model, tokenizer, out_dir, rank)
-    return out_dir
+    load = f"common.load_reward_model({{!r}}, kind={args.kind!r})  # cleanpost's common.py"
+    return common.finish_run(log, model, tokenizer, out_dir, rank, args.keep_checkpoints, load)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, default=common.resume_defaults(Args)))
+    common.cli(main, Args)

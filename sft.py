@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import tyro
 from torch import Tensor
 
 import common
@@ -70,6 +69,8 @@ class Args:
     """steps between evaluations; 0: evaluate only before and after training"""
     save_every: int = 20
     """steps between resumable checkpoints; 0: none"""
+    keep_checkpoints: bool = False
+    """keep the checkpoints after the final save (by default they go: the saved model is the result)"""
     max_new_tokens: int = 64
     """generation budget for greedy-accuracy evaluation"""
     output_dir: str = ""
@@ -144,7 +145,7 @@ def evaluate(model, tokenizer, eval_samples, problems, args, rank, world, device
     model.eval()
     mine = eval_samples[rank::world]
     nll, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    for batch in micro_batches(mine, args.max_tokens, True, tokenizer.pad_token_id) if mine else []:
+    for batch in common.progress(micro_batches(mine, args.max_tokens, True, tokenizer.pad_token_id) if mine else [], "held-out loss"):
         batch = common.to_device(batch, device)
         with common.autocast(device):
             logp, _ = common.token_logps(model, batch)
@@ -177,7 +178,7 @@ def main(args: Args) -> str:
     if rank == 0:
         print(f"{len(train)} training samples; {overlong} over {args.max_tokens} tokens ({'dropped' if args.overlong == 'drop' else 'truncated'}), {untrainable} without a trainable token (skipped)")
     if not train:
-        raise ValueError(f"{args.data}: no trainable samples left")
+        raise common.UserError(f"{args.data}: no trainable samples left")
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -225,13 +226,11 @@ def main(args: Args) -> str:
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             log.log(step + 1, evaluate(model, tokenizer, eval_samples, problems, args, rank, world, device))
         if args.save_every and (step + 1) % args.save_every == 0:
-            common.save_checkpoint(out_dir, step, model, optimizer, scheduler, rank)
+            common.save_checkpoint(out_dir, step + 1, model, optimizer, scheduler, rank)
 
     log.log(args.max_steps, evaluate(model, tokenizer, eval_samples, problems, args, rank, world, device))
-    log.close()
-    common.save_model(model, tokenizer, out_dir, rank)
-    return out_dir
+    return common.finish_run(log, model, tokenizer, out_dir, rank, args.keep_checkpoints)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, default=common.resume_defaults(Args)))
+    common.cli(main, Args)

@@ -24,7 +24,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import tyro
 from torch import Tensor
 
 import common
@@ -84,6 +83,8 @@ class Args:
     """steps between evaluations; 0: evaluate only before and after training"""
     save_every: int = 10
     """steps between resumable checkpoints; 0: none"""
+    keep_checkpoints: bool = False
+    """keep the checkpoints after the final save (by default they go: the saved model is the result)"""
     max_new_tokens: int = 64
     """generation budget of the greedy-accuracy evaluation"""
     output_dir: str = ""
@@ -166,7 +167,7 @@ def mismatched_partners(n: int, seed: int) -> list[int]:
     size or split: odd batches and a batch of one get a mismatched answer too, and the reference log-probs
     of the mismatched pairs are computed once, like the matched ones."""
     if n < 2:
-        raise ValueError("KTO's KL baseline needs at least 2 examples, to pair a prompt with another's answer")
+        raise common.UserError("KTO's KL baseline needs at least 2 examples, to pair a prompt with another's answer")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     partners = [0] * n
@@ -202,7 +203,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_tokens: int) -> tuple[list[d
 def read_unpaired(path: str) -> list[dict]:
     """KTO rows {"prompt", "completion", "label"}; a preference file is split, each pair giving one
     desirable (chosen) and one undesirable (rejected) example."""
-    rows = common.read_jsonl(path, {"prompt": (str, list)})
+    rows = common.read_jsonl(path, {})
     if all("chosen" in r for r in rows):
         rows = common.read_preferences(path)
         return [
@@ -238,7 +239,7 @@ def check_kto_balance(examples: list[dict], lambda_d: float, lambda_u: float, ra
     n_d = sum(e["desirable"] for e in examples)
     n_u = len(examples) - n_d
     if n_d == 0 or n_u == 0:
-        raise ValueError(f"KTO needs desirable and undesirable examples; the data has {n_d} desirable and {n_u} undesirable")
+        raise common.UserError(f"KTO needs desirable and undesirable examples; the data has {n_d} desirable and {n_u} undesirable")
     ratio = lambda_d * n_d / (lambda_u * n_u)
     if rank == 0 and not 1 <= ratio <= 4 / 3:
         print(
@@ -266,7 +267,7 @@ def unit_logps(model, units: list[dict], keys: tuple[str, ...], max_tokens: int,
     was_training = model.training
     model.eval()
     out = torch.zeros(len(units), len(keys), 2, dtype=torch.float64)
-    for idx, batch in unit_batches(units, keys, max_tokens) if units else []:
+    for idx, batch in common.progress(unit_batches(units, keys, max_tokens) if units else [], "log-probs"):
         with common.autocast(device):
             seq, lengths = doc_logps(model, common.to_device(batch, device), len(keys))
         out[idx] = torch.stack([seq, lengths], -1).double().cpu()
@@ -344,7 +345,7 @@ def main(args: Args) -> str:
     if rank == 0:
         print(f"{len(train)} training examples; skipped: {skipped}")
     if not train:
-        raise ValueError(f"{args.data}: no usable training examples ({skipped})")
+        raise common.UserError(f"{args.data}: no usable training examples ({skipped})")
     eval_rows = common.builtin_preferences("test", args.num_eval, args.seed) if builtin else (
         common.read_preferences(args.eval_data) if args.eval_data else [])  # fmt: skip
     eval_pairs = tokenize_pairs(eval_rows, tokenizer, args.max_tokens)[0]
@@ -444,13 +445,11 @@ def main(args: Args) -> str:
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             log.log(step + 1, evaluate(policy, tokenizer, eval_pairs, start_logps, problems, args, rank, world, device))
         if args.save_every and (step + 1) % args.save_every == 0:
-            common.save_checkpoint(out_dir, step, policy, optimizer, scheduler, rank)
+            common.save_checkpoint(out_dir, step + 1, policy, optimizer, scheduler, rank)
 
     log.log(args.max_steps, evaluate(policy, tokenizer, eval_pairs, start_logps, problems, args, rank, world, device))
-    log.close()
-    common.save_model(policy, tokenizer, out_dir, rank)
-    return out_dir
+    return common.finish_run(log, policy, tokenizer, out_dir, rank, args.keep_checkpoints)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, default=common.resume_defaults(Args)))
+    common.cli(main, Args)

@@ -183,7 +183,7 @@ def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path):
 def test_fsdp_two_processes_give_the_weights_of_one_unsharded_process(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "fsdp")
     r1 = run(["--max-steps", "3", "--output-dir", one, "--max-tokens", "400"])
-    r2 = run(["--max-steps", "3", "--output-dir", two, "--max-tokens", "400", "--fsdp", "--save-every", "2"], nproc=2)
+    r2 = run(["--max-steps", "3", "--output-dir", two, "--max-tokens", "400", "--fsdp", "--save-every", "2", "--keep-checkpoints"], nproc=2)
     assert r1.returncode == 0, r1.stderr[-2000:]
     assert r2.returncode == 0, r2.stderr[-2000:]
     w1, w2 = weights(one), weights(two)
@@ -191,7 +191,7 @@ def test_fsdp_two_processes_give_the_weights_of_one_unsharded_process(tmp_path):
     for k in w1:  # tolerance as in the DDP test above
         torch.testing.assert_close(w2[k], w1[k], atol=0.05 * 3e-3, rtol=0)
         assert (w2[k] - w1[k]).abs().mean() < 1e-7
-    assert os.path.exists(os.path.join(two, "checkpoint-1", "model.safetensors"))  # gathered from the shards
+    assert os.path.exists(os.path.join(two, "checkpoint-2", "model.safetensors"))  # gathered from the shards
 
 
 def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path):
