@@ -823,8 +823,10 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 
 
 def cache_dir() -> str:
-    """Where converted models are kept: $CLEANPOST_CACHE, else ~/.cache/cleanpost."""
-    return os.environ.get("CLEANPOST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cleanpost")
+    """Where converted models are kept: $CLEANPOST_CACHE, else $XDG_CACHE_HOME/cleanpost, else
+    ~/.cache/cleanpost (the conventions of Hugging Face's own cache)."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("CLEANPOST_CACHE") or os.path.join(xdg, "cleanpost")
 
 
 def embedded_model_dir() -> str:

@@ -1,4 +1,4 @@
-"""Distillation from a teacher into a smaller student, and rejection-sampling fine-tuning (seed §14).
+"""Distillation from a teacher into a smaller student, and rejection-sampling fine-tuning.
 
     --mode seqkd      sequence-level KD (Kim & Rush 2016, arXiv:1606.07947): the teacher answers the
                       prompts (sampled; --teacher-temperature 0: greedy, as beam search), the student is fine-tuned on those
@@ -13,7 +13,7 @@
                       samples the answers and the teacher scores every sampled prefix; the default
                       divergence is the reverse KL(p_S‖p_T), GKD with λ = 1 (--on-policy-frac < 1 mixes
                       in the data's own answers)
-    --mode cai        Constitutional AI's supervised stage (Bai et al. 2022, arXiv:2212.08073; seed §13):
+    --mode cai        Constitutional AI's supervised stage (Bai et al. 2022, arXiv:2212.08073):
                       the model answers (y0), a critic (--critic, default the model itself) critiques
                       the answer against a principle drawn from --constitution and revises it, --revisions
                       rounds; the model is fine-tuned on (prompt, final revision) with the SFT loss.
@@ -23,7 +23,7 @@
 
 Divergences over the full vocabulary, at temperature τ (both distributions from logits / τ):
     forward  KL(p_T‖p_S) = Σ_v p_T (log p_T − log p_S)     mean-seeking: the student covers every mode
-    reverse  KL(p_S‖p_T) = Σ_v p_S (log p_S − log p_T)     mode-seeking: it may drop modes (seed §14.3)
+    reverse  KL(p_S‖p_T) = Σ_v p_S (log p_S − log p_T)     mode-seeking: it may drop modes (MiniLLM, arXiv:2306.08543)
     jsd      β KL(p_T‖m) + (1 − β) KL(p_S‖m),  m = β p_T + (1 − β) p_S   (GKD's generalized JSD; → β·forward
              as β → 0 and → (1 − β)·reverse as β → 1)
 The logits of both models are formed chunk by chunk (--chunk answer tokens at a time, recomputed in
@@ -145,6 +145,8 @@ class Args:
     """steps between resumable checkpoints; 0: none"""
     keep_checkpoints: bool = False
     """keep the checkpoints after the final save (by default they go: the saved model is the result)"""
+    fsdp: bool = False
+    """shard the student's decoder layers across ranks (FSDP2); the teacher stays replicated"""
     output_dir: str = ""
     """where the student, args.json, metrics.jsonl and generated data go; default runs/distill-<mode>-<timestamp>"""
     seed: int = 0
@@ -527,7 +529,8 @@ def held_out_kl(
     """Each divergence in `kinds` per answer token, over every rank's share of the samples."""
     sums = torch.zeros(len(kinds) + 1, dtype=torch.float64)  # divergences, tokens
     mine = samples[rank::world]
-    for b in common.pack_bins([len(s["input_ids"]) for s in mine], args.max_tokens) if mine else []:
+    bins = common.pack_bins([len(s["input_ids"]) for s in mine], args.max_tokens) if mine else []
+    for b in common.progress(bins, "held-out KL"):
         batch = common.to_device(common.collate_packed([mine[i] for i in b]), device)
         with common.autocast(device):
             total, n = answer_divergence(student, teacher, batch, kinds, args)
@@ -569,6 +572,7 @@ def main(args: Args) -> str:
         student = copy.deepcopy(teacher).requires_grad_(True)
     else:
         student = layer_subset(teacher, args.student_layers).requires_grad_(True)
+    student = common.shard_model(student, args.fsdp)
     student.train()
     reward_model = None
     if args.reward_model:

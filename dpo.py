@@ -1,14 +1,15 @@
 """Direct Preference Optimization (DPO), Rafailov et al. 2023, arXiv:2305.18290.
 
 Trains on (prompt x, chosen y_w, rejected y_l) pairs against a frozen reference π_ref; no reward
-model, no sampling (seed §6):
+model, no sampling (eq. 7 of the paper):
     lr_w = log π(y_w|x) − log π_ref(y_w|x)          (summed over completion tokens; lr_l likewise)
     L    = −log σ(β · (lr_w − lr_l))
 β·lr_w and β·lr_l are the implicit rewards. DPO can lower log π(y_w|x) as long as the margin grows
-(likelihood displacement, seed §6.8); --dpop-lambda adds the DPO-Positive anchor (Pal et al. 2024,
+(likelihood displacement: Pal et al. 2024, arXiv:2402.13228, §3; Razin et al. 2024, arXiv:2410.08847); --dpop-lambda adds the DPO-Positive anchor (Pal et al. 2024,
 arXiv:2402.13228) that penalises the chosen log-prob for falling below the reference's:
     L    = −log σ(β · (lr_w − lr_l) − λ · max(0, log π_ref(y_w|x) − log π(y_w|x)))
---online turns it into online / iterative DPO (seed §7.5): every --online-every steps the current
+--online turns it into online / iterative DPO (Xiong et al. 2024, arXiv:2312.11456; with an LLM judge,
+online AI feedback, Guo et al. 2024, arXiv:2402.04792): every --online-every steps the current
 policy samples --num-samples answers per prompt, a rule, a reward model or an LLM judge ranks them
 (RLAIF with a written --principle), and the (best, worst) pairs become the next training pairs.
 

@@ -1,6 +1,6 @@
 """Group Relative Policy Optimization (GRPO), Shao et al. 2024 (DeepSeekMath), arXiv:2402.03300,
 with the refinements of DAPO (Yu et al. 2025, arXiv:2503.14476) and Dr. GRPO (Liu et al. 2025,
-arXiv:2503.20783) as options. RL from verifiable rewards, no critic (seed §8).
+arXiv:2503.20783) as options. RL from verifiable rewards, no critic.
 
 Each step samples G answers per prompt from the current policy, scores them (the rule reward: right
 answer, plus a little for the answer format; or a reward model) and gives every token of answer i
@@ -10,7 +10,8 @@ Then, per answer token t, with ρ_t = π(y_t|·) / π_old(y_t|·):
     ℓ_t = −min(ρ_t A_i, clip(ρ_t, 1 − ε_low, 1 + ε_high) A_i) + β k3_t,   k3 = (π_ref/π − 1) − log(π_ref/π)
 averaged over tokens (--loss-agg token, DAPO), over each answer then over answers (sequence, the
 original GRPO) or summed over a fixed budget (constant, Dr. GRPO). ε_high > ε_low is DAPO's
-clip-higher. The KL term sits in the loss (Style B, seed §9.4.4); --beta 0 drops the reference model.
+clip-higher. The KL term sits in the loss, as in GRPO's eq. 3 (not in the reward, as PPO-RLHF puts it);
+--beta 0 drops the reference model.
 
     torchrun --nproc_per_node 2 grpo.py
 """
@@ -139,7 +140,8 @@ def grpo_loss(
         constant: Σ ℓ·mask / (B · T), T = mask.shape[-1]     Dr. GRPO (T: the generation budget)
 
     The KL term: k3 = (π_ref/π − 1) − log(π_ref/π) is an unbiased estimate of KL(π‖π_ref), but in the
-    loss its expected gradient is that of KL(π_ref‖π), the forward KL (seed §9.4.2; tested exactly).
+    loss its expected gradient is that of KL(π_ref‖π), the forward KL (k3 is from Schulman's note on KL
+    approximations, http://joschu.net/blog/kl-approx.html; the gradient is checked exactly in tests/test_grpo.py).
     Masked tokens (padding, cut-off answers) are out of both numerator and denominator."""
     mask = mask.float()
     ratio = torch.exp(logp - old_logp)

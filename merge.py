@@ -1,4 +1,4 @@
-"""Model merging on safetensors checkpoints, streamed tensor by tensor (seed §11).
+"""Model merging on safetensors checkpoints, streamed tensor by tensor.
 
     linear (WiSE-FT, Wortsman et al. 2022, arXiv:2109.01903):  θ = (1 − α) θ_aligned + α θ_base
     slerp:            along the great circle between the two weight vectors of each tensor

@@ -2,7 +2,7 @@
 arXiv:1707.06347) with GAE (Schulman et al. 2015, arXiv:1506.02438), a per-token KL penalty in the reward
 and the adaptive KL controller of Ziegler et al. 2019 (arXiv:1909.08593). Every detail listed by Huang et
 al., "The N Implementation Details of RLHF with PPO" (arXiv:2403.17031) is an Args field below, with its
-default and the reason for it (seed §4).
+default and the reason for it.
 
 Four models:
     actor      π_θ    trained: the policy gradient             --model
@@ -21,7 +21,7 @@ One step:
     --missing-eos-penalty when it was cut off before EOS
  2. old log-probs of the actor, of the reference and the old values, in fp32 from logits / τ, through
     the same packed forward as the update's first minibatch, so the first PPO ratio is exactly 1
- 3. per-token reward, Style A (seed §9.4.4):  r_t = −β k1_t  (k1 = log π_old − log π_ref)  on every
+ 3. per-token reward, the KL in the reward (InstructGPT eq. 2):  r_t = −β k1_t  (k1 = log π_old − log π_ref)  on every
     answer token, plus r(x, y) at the last one
  4. GAE:  δ_t = r_t + γ V_{t+1} − V_t,  A_t = δ_t + γλ A_{t+1}  (V and A are 0 past the answer's end);
     returns R_t = A_t + V_t; A whitened over the valid tokens of the whole rollout
@@ -130,6 +130,8 @@ class Args:
     """steps between resumable checkpoints; 0: none"""
     keep_checkpoints: bool = False
     """keep the checkpoints after the final save (by default they go: the saved model is the result)"""
+    fsdp: bool = False
+    """shard the policy's decoder layers across ranks (FSDP2); the critic, reference and reward model stay replicated"""
     output_dir: str = ""
     """where the model, args.json and metrics.jsonl go; default runs/ppo-<timestamp>"""
     seed: int = 0
@@ -196,7 +198,7 @@ def ppo_loss(
 
 
 def shaped_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, beta: float) -> Tensor:
-    """Per-token rewards (B, T), Style A: −β·k1 on every valid answer token, and the score of the whole
+    """Per-token rewards (B, T), the KL in the reward (InstructGPT, arXiv:2203.02155 eq. 2): −β·k1 on every valid answer token, and the score of the whole
     answer (B,) added at its last valid token. An answer with no valid token gets nothing."""
     mask = mask.to(logp.dtype)
     rewards = -beta * common.kl_k1(logp, ref_logp) * mask
@@ -411,6 +413,7 @@ def main(args: Args) -> str:
         raise common.DataError(f"{missing['_where']}: missing field 'answer' (the rule reward needs it; or pass --reward PATH)")
     problems = common.builtin_task("test", args.num_eval, args.seed) if builtin else []
 
+    policy = common.shard_model(policy, args.fsdp)  # after the reference and the critic copied it whole
     policy.train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)

@@ -1,4 +1,4 @@
-"""REINFORCE with a sampled baseline, no critic and no clipping (seed §8.5):
+"""REINFORCE with a sampled baseline, no critic and no clipping (Williams 1992; the two baselines below):
 
 RLOO (REINFORCE Leave-One-Out, Ahmadian et al. 2024, arXiv:2402.14740): G answers per prompt, and
 answer i's baseline is the mean reward of the other G − 1:
@@ -12,7 +12,7 @@ ReMax (Li et al. 2024, arXiv:2310.10505): the baseline is the reward of one gree
 Both take the plain policy gradient of the whole answer (on-policy: one update per rollout, so no
 ratio and nothing to clip):
     L = −(1/N) Σ_i A_i · log π(y_i | x)          log π(y|x) summed over the answer's tokens
-With --beta > 0 the KL to the reference enters the reward (Style A, seed §9.4.4), per answer as the
+With --beta > 0 the KL to the reference enters the reward (as InstructGPT puts it, arXiv:2203.02155 eq. 2), per answer as the
 summed k1 of its tokens: r_i ← r_i − β Σ_t (log π(y_t|·) − log π_ref(y_t|·)).
 
     torchrun --nproc_per_node 2 rloo_remax.py --estimator rloo
@@ -61,7 +61,7 @@ class Args:
     max_new_tokens: int = 64
     """generation budget per answer"""
     beta: float = 0.05
-    """β of the k1 KL penalty in the reward (Style A); 0 loads no reference model"""
+    """β of the k1 KL penalty in the reward; 0 loads no reference model"""
     # optimisation
     lr: float = 1e-6
     """peak AdamW learning rate"""
@@ -167,7 +167,7 @@ def rollout(
     samples = [{"input_ids": g["prompt_ids"] + g["completion_ids"], "labels": [common.IGNORE] * len(g["prompt_ids"]) + g["completion_ids"]}
                for g in gens]  # fmt: skip
     kl = torch.zeros(len(samples))
-    if ref is not None:  # Style A: the summed k1 of each answer comes off its reward
+    if ref is not None:  # KL in the reward: the summed k1 of each answer comes off its reward
         for idx, batch in micro_batches(samples, args.max_tokens):
             batch = common.to_device(batch, device)
             with torch.no_grad(), common.autocast(device):

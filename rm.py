@@ -1,6 +1,6 @@
 """Reward models: a Bradley-Terry outcome reward model (ORM), a process reward model (PRM), best-of-N.
 
-ORM (seed §5; the RM stage of InstructGPT, Ouyang et al. 2022, arXiv:2203.02155). A scalar head on
+ORM (the RM stage of InstructGPT, Ouyang et al. 2022, arXiv:2203.02155, eq. 1). A scalar head on
 the backbone reads the hidden state of the last token of (prompt, response) and gives r(x, y). Under
 the Bradley-Terry model P(y_w ≻ y_l | x) = σ(r(x, y_w) − r(x, y_l)), so the pairs are fitted by
     L = −log σ(r_w − r_l − m)
@@ -8,14 +8,15 @@ with m an optional per-pair margin from the data (a "margin" field: how much bet
 Touvron et al. 2023, arXiv:2307.09288) and an optional centering term η·(r_w + r_l)² that pins the
 free offset of r near 0 (Eisenstein et al. 2023, arXiv:2312.09244).
 
-PRM (seed §10; Lightman et al. 2023, arXiv:2305.20050). The response is a list of steps, each
+PRM (Lightman et al. 2023, arXiv:2305.20050). The response is a list of steps, each
 followed by --step-sep; the head reads the hidden state at every separator token and is trained with
 binary cross-entropy against that step's label (labels nowhere else). Labels come from the data, or
 (--prm-labels mc, Math-Shepherd, Wang et al. 2023, arXiv:2312.08935) from Monte Carlo rollouts:
     label(s_t) = (1/K) Σ_k 1[a completion sampled from s_1..s_t reaches the right answer]
 
 Best-of-N (--best-of-n 4 16): sample N answers per held-out problem, keep the one the ORM scores
-highest, or the one whose steps the PRM scores best by min_t r_t or by Π_t σ(r_t) (seed §10.4).
+highest, or the one whose steps the PRM scores best by min_t r_t (Math-Shepherd) or by Π_t σ(r_t)
+(Lightman et al.).
 
     torchrun --nproc_per_node 2 rm.py                                   # ORM on the built-in pairs
     python rm.py --kind prm                                             # PRM on the built-in steps
@@ -119,7 +120,7 @@ class Args:
 def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | None = None, center_coef: float = 0.0) -> Tensor:
     """Mean over pairs of −log σ(r_w − r_l − m) + η (r_w + r_l)²; all inputs (B,).
 
-    Bradley-Terry: P(y_w ≻ y_l) = σ(r_w − r_l) (seed §5). m: the pair's margin (Llama 2, arXiv:2307.09288),
+    Bradley-Terry: P(y_w ≻ y_l) = σ(r_w − r_l) (InstructGPT eq. 1). m: the pair's margin (Llama 2, arXiv:2307.09288),
     so a pair labelled "much better" must be won by more. η: reward centering (arXiv:2312.09244); BT
     sees only differences, so without it the mean reward drifts freely."""
     h = r_chosen - r_rejected - (margin if margin is not None else 0.0)
@@ -136,7 +137,7 @@ def prm_loss(step_logits: Tensor, step_labels: Tensor) -> Tensor:
 
 
 def aggregate_steps(step_scores: Tensor, how: Literal["min", "product"]) -> Tensor:
-    """PRM score of a whole solution from its steps' logits (T,) (seed §10.4): a weak step pulls it down.
+    """PRM score of a whole solution from its steps' logits (T,): a weak step pulls it down.
         min:      min_t r_t
         product:  log Π_t σ(r_t) = Σ_t log σ(r_t)   (the log of the product: same argmax, no underflow)
     A solution with no steps scores −inf."""

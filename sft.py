@@ -2,11 +2,11 @@
 InstructGPT recipe, Ouyang et al. 2022, arXiv:2203.02155.
 
 Trains log π(y|x) up on demonstrations: only assistant tokens (and their end-of-turn token) carry a
-loss, every system and user token is masked (seed §2). With A the assistant tokens of a batch:
+loss, every system and user token is masked (TRL's assistant_only_loss). With A the assistant tokens of a batch:
     token    normalisation:  L = −(1/|A|) Σ_{t∈A} log π(x_t | x_<t)
     sequence normalisation:  L = −(1/N) Σ_n (1/|A_n|) Σ_{t∈A_n} log π(x_t | x_<t)
 Samples are packed best-fit-decreasing into rows of --max-tokens; attention stays inside each
-sample (seed §3). The denominators are those of the whole optimizer step (all micro-batches and
+sample (packing without cross-contamination, Krell et al. 2021, arXiv:2107.02027). The denominators are those of the whole optimizer step (all micro-batches and
 ranks), so 4 micro-batches of 1 give exactly the loss and gradient of 1 batch of 4.
 
     torchrun --nproc_per_node 2 sft.py
@@ -48,7 +48,7 @@ class Args:
     """pack samples into rows; --no-packing pads each micro-batch instead"""
     # algorithm
     loss_normalization: Literal["token", "sequence"] = "token"
-    """"token": every assistant token weighs the same (seed §2, TRL's default); "sequence": every sample does"""
+    """"token": every assistant token weighs the same (TRL's default); "sequence": every sample does"""
     # optimisation
     lr: float = 1e-4
     """peak AdamW learning rate"""

@@ -1,4 +1,4 @@
-"""DPO variants: IPO, KTO, ORPO, SimPO (seed §7). Read dpo.py first; each loss changes one thing:
+"""DPO variants: IPO, KTO, ORPO, SimPO. Read dpo.py first; each loss changes one thing:
 
     loss   paired?  π_ref?  loss of a pair / an example                         fixes, in DPO
     DPO    yes      yes     −log σ(β(lr_w − lr_l))                              (the baseline)

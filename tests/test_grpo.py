@@ -1,5 +1,5 @@
 """grpo.py: group advantages (equal rewards, G = 2, Dr. GRPO), grpo_loss against the formula for every
-aggregation with clip-higher checked on both sides and masked tokens left out, seed §9.4.2 made exact
+aggregation with clip-higher checked on both sides and masked tokens left out, the KL term's gradient made exact
 (the expected gradient of k3 in the loss is that of the forward KL, k2's that of the reverse KL), the
 ratio being exactly 1 on the first inner step, learning on the tiny model, 2 gloo processes vs 1, kill
 and --resume, bad input.
