@@ -1,8 +1,25 @@
-"""Shared plumbing for the cleanpost scripts: nothing here is an algorithm.
+"""What the cleanpost scripts share. No algorithm lives here, but the first five sections define what
+every loss computes; read them with the script you are learning. Every script imports this module and
+no other cleanpost file.
 
-Sections: chat templates and masks, data readers and the built-in task, packing, attention for
-packed rows, log-probs, KL estimators and masked statistics, models, generation, distributed,
-checkpoints, metrics. Every script imports this module and no other cleanpost file.
+Reading guide, what each script takes from the maths:
+    every script      token_logps: log π(x_t | x_<t) per token of a packed row (the chunked equal of
+                      log_softmax(logits).gather(...)); collate_packed and doc_ids: several documents
+                      in one row, each attending only to itself (packed_attention);
+                      tokenize_conversation: labels on the assistant's tokens only
+    sft.py            + fit_length, pack_bins, collate_padded (--no-packing)
+    dpo.py, variants  + sequence_logps: a document's summed completion log-prob
+    grpo.py           + completion_matrix (each answer's tokens of a packed row), kl_k3, generate
+    rloo_remax.py     + sequence_logps, generate
+    ppo.py            + completion_matrix, kl_k1, masked_whiten, forward_hidden (the critic), generate
+    rm.py             + forward_hidden, last_token_hidden (a scalar head on the last token)
+    distill.py        + output_logits and hidden_logps (both models' logits, chunk by chunk)
+    merge.py          none: it streams safetensors; load_model and greedy_accuracy for its sweep
+
+Sections, the maths first: log-probs; KL estimators and masked statistics; packing; attention for packed
+rows; chat templates and assistant-only masks. Then the plumbing: models; generation; distributed;
+training (precision, seeds, schedule, data order); checkpoints; metrics and runs; data readers; the
+built-in task.
 """
 
 import functools
@@ -32,126 +49,6 @@ IGNORE = -100
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-# ───────────────────────────── chat templates and assistant-only masks ─────────────────────────────
-
-
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def _special_prefix(tokenizer, text: str) -> str:
-    """The special token (e.g. <|im_end|>, <|eot_id|>) that `text` starts with, or ""."""
-    specials = sorted(tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()), key=len, reverse=True)
-    return next((s for s in specials if s and text.startswith(s)), "")
-
-
-_MARK = re.compile("[\ue000\ue002]\\d+[\ue001\ue003]")  # private-use characters: no template or text holds them
-
-
-def _marked(i: int, content: str) -> str:
-    """`content` with markers hugging its non-blank core (so a template's `| trim` still sees the same text)."""
-    rest = content.lstrip()
-    lead, core = content[: len(content) - len(rest)], rest.rstrip()
-    return f"{lead}\ue000{i}\ue001{core}\ue002{i}\ue003{rest[len(core) :]}"
-
-
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Render `messages` once with the tokenizer's chat template; return the text and the character
-    span of every assistant turn in it: its content plus the special token that ends the turn.
-
-    Spans are located by markers, never by searching for the answer's text (a user may repeat it):
-    the conversation is rendered a second time with each answer between two markers, and the
-    markers' positions are the span. Removing the markers must give the first rendering exactly,
-    else the template treats answers in a way no span can describe, and that is an error. A template
-    that drops the start of an answer (Qwen3 drops earlier turns' reasoning) keeps the tail that it
-    renders."""
-    text = _render(tokenizer, messages)
-    marked = _render(tokenizer, [{**m, "content": _marked(i, m["content"])} if m["role"] == "assistant" else m
-                                 for i, m in enumerate(messages)])  # fmt: skip
-    where, shift = {}, 0
-    for m in _MARK.finditer(marked):
-        where[m.group()] = m.start() - shift  # position in the rendering without markers
-        shift += len(m.group())
-    if _MARK.sub("", marked) != text:
-        raise ValueError("the chat template renders an answer differently depending on its text, so its tokens cannot "
-                         "be located; train on conversations split so that each ends at the answer")  # fmt: skip
-    spans = []
-    for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
-            continue
-        start, end = where.get(f"\ue000{i}\ue001"), where.get(f"\ue002{i}\ue003")
-        if end is not None and start is None:  # the template kept only the answer's tail
-            core, n = msg["content"].strip(), 0
-            while n < len(core) and n < end and text[end - n - 1] == core[-1 - n]:
-                n += 1
-            start = end - n + (len(core[-n:]) - len(core[-n:].lstrip()) if n else 0)
-        if end is not None:
-            rest = text[end:]
-            gap = len(rest) - len(rest.lstrip())  # Llama-2 puts a space between the answer and </s>
-            eot = _special_prefix(tokenizer, rest[gap:])
-            end += gap + len(eot) if eot else 0
-        if start is None or end is None or start >= end:
-            raise ValueError(f"assistant turn {i} is not in the chat template's rendering of the conversation "
-                             "(the template drops it); split the conversation so each sample ends at that turn")  # fmt: skip
-        spans.append((start, end))
-    return text, spans
-
-
-def end_of_turn_token(tokenizer) -> str | None:
-    """The special token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>,
-    <end_of_turn>, <|end|>, </s>, ...), or None if it closes turns with plain text."""
-    msgs = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
-    text, [(start, end)] = assistant_spans(tokenizer, msgs)
-    eot = text[start:end].removeprefix("2").strip()
-    return eot or None
-
-
-@contextmanager
-def template_errors(where: str | None):
-    """Name the sample (`where`: "file:line") in an error the chat template raises on it, such as
-    Gemma's "System role not supported", so bad data stops before training with its location."""
-    try:
-        yield
-    except (jinja2.TemplateError, ValueError, TypeError) as e:
-        if where is None or isinstance(e, DataError):
-            raise
-        raise DataError(f"{where}: the chat template refuses this sample: {e}") from e
-
-
-def tokenize_conversation(tokenizer, messages: list[dict], train_from: int = 0, where: str | None = None) -> dict:
-    """Conversation -> {"input_ids", "labels"} (lists), labels = IGNORE on every non-assistant token
-    and on assistant turns before message index `train_from` (a preference pair's prompt may hold some).
-    A template error names `where` (the sample's "file:line").
-
-    The rendered text already holds the template's BOS, so tokenizing adds no special tokens
-    (no second BOS). A token is trained when it overlaps an assistant span: with templates that put a
-    space before the answer, SentencePiece's "▁7" and byte-level BPE's "Ġ7" start at that space.
-    """
-    with template_errors(where):
-        text, spans = assistant_spans(tokenizer, messages)
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    spans = [span for i, span in zip(turns, spans) if i >= train_from]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, labels = enc["input_ids"], []
-    for tok, (a, b) in zip(ids, enc["offset_mapping"]):
-        inside = any(a < e and b > s for s, e in spans) and b > a
-        labels.append(tok if inside else IGNORE)
-    if labels and labels[0] != IGNORE:
-        labels[0] = IGNORE  # the first token has no context to be predicted from
-    return {"input_ids": ids, "labels": labels}
-
-
-def as_messages(prompt, completion=None) -> list[dict]:
-    """TRL's prompt/completion fields (strings or message lists) -> one message list."""
-    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if completion is not None:
-        msgs += [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
-    return msgs
-
-
-# ───────────────────────────── data readers ─────────────────────────────
-
-
 class UserError(ValueError):
     """A mistake in what the user gave (data, flags, files, model): `cli` reports it as one line."""
 
@@ -160,273 +57,146 @@ class DataError(UserError):
     """Bad data, named by file, line and field."""
 
 
-def read_jsonl(path: str, required: dict[str, type | tuple]) -> list[dict]:
-    """Read a JSONL file; every line must be an object holding `required` fields of the given types.
-    Errors name the file, the line number and the field."""
-    rows = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid UTF-8 (byte {e.start} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line, parse_constant=_no_nan)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            except ValueError as e:
-                raise DataError(f"{path}:{n}: {e}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            for field, kind in required.items():
-                if field not in row:
-                    raise DataError(f"{path}:{n}: missing field {field!r}")
-                if not isinstance(row[field], kind):
-                    raise DataError(f"{path}:{n}: field {field!r} has type {type(row[field]).__name__}")
-                if isinstance(row[field], list) and kind == (str, list):  # a message list
-                    check_turns(row[field], f"{path}:{n}", field)
-            if "answer" in row:
-                row["answer"] = check_answer(row["answer"], f"{path}:{n}")
-            row["_where"] = f"{path}:{n}"
-            rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no samples (empty file)")
-    return rows
+# ───────────────────────────── log-probs ─────────────────────────────
 
 
-ROLES = ("system", "user", "assistant", "tool")
+def output_logits(model, hidden: Tensor) -> Tensor:
+    """The model's own logits for hidden states (..., H), always in float32: its output layer, bias
+    included, then what its forward does after it — Gemma-2/3's soft-cap c·tanh(z/c), Granite's
+    z / logits_scaling, Cohere's z · logit_scale. load_model checks the result against the model's own
+    forward. Under bf16 autocast a logit near 20 would otherwise be rounded to a multiple of 0.125. On
+    CUDA the scripts let this product use TF32 (float32's range, a 10-bit mantissa): on an H200 that
+    made an SFT step 1.8x faster and moved the bf16 log-probs' mean error from 0.00097 to 0.00101
+    nats/token (tests/gpu_check.py)."""
+    head, cfg = model.get_output_embeddings(), model.config.get_text_config()
+    with torch.autocast(hidden.device.type, enabled=False):
+        bias = None if getattr(head, "bias", None) is None else head.bias.float()
+        z = F.linear(hidden.float(), head.weight.float(), bias)
+    if getattr(cfg, "logits_scaling", None):
+        z = z / cfg.logits_scaling
+    if getattr(cfg, "logit_scale", None):
+        z = z * cfg.logit_scale
+    if getattr(cfg, "final_logit_softcapping", None):
+        z = cfg.final_logit_softcapping * torch.tanh(z / cfg.final_logit_softcapping)
+    return z
 
 
-def _no_nan(constant: str):
-    raise ValueError(f"{constant} is not a number a sample may hold")
+def _chunk_logp(logits_fn, hidden: Tensor, target: Tensor) -> Tensor:
+    logits = logits_fn(hidden)  # (n, V) float32, only this chunk's
+    return logits.gather(-1, target[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def check_turns(messages, where: str, field: str) -> list[dict]:
-    """A message list: objects with a known string 'role' and a string 'content'. Errors name the turn."""
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field {field!r} must be a non-empty list of messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: field {field!r}, message {i}: expected an object, got {type(m).__name__}")
-        for key in ("role", "content"):
-            if not isinstance(m.get(key), str):
-                got = "missing" if key not in m else f"a {type(m[key]).__name__}"
-                raise DataError(f"{where}: field {field!r}, message {i}: {key!r} must be a string, is {got}")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: field {field!r}, message {i}: unknown role {m['role']!r} (one of {', '.join(ROLES)})")
-    return messages
+def _chunk_logp_entropy(logits_fn, hidden: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    logits = logits_fn(hidden)
+    lse = logits.logsumexp(-1)
+    entropy = lse - (logits.softmax(-1) * logits).sum(-1)  # H = logsumexp − E_p[logit]
+    return logits.gather(-1, target[:, None]).squeeze(-1) - lse, entropy
 
 
-def check_answer(answer, where: str) -> int:
-    """An answer for the rule reward: an integer, or a string holding one ("7"); 7.9 or "seven" is an error."""
-    if isinstance(answer, int) and not isinstance(answer, bool):
-        return answer
-    if isinstance(answer, str) and re.fullmatch(r"\s*-?\d+\s*", answer):
-        return int(answer)
-    raise DataError(f"{where}: field 'answer' must be an integer, got {answer!r}")
+def hidden_logps(hidden: Tensor, logits_fn, target: Tensor, chunk: int = 256, entropy: bool = False):
+    """hidden (N, H), logits_fn: hidden (n, H) -> float32 logits (n, V), target (N,) -> log π(target),
+    (N,) float32, and the entropy of each prediction (N,) when asked (else None). The same numbers as
+
+        logp = torch.log_softmax(logits_fn(hidden), -1).gather(-1, target[:, None]).squeeze(-1)
+
+    but the (N, V) logits never exist at once: `chunk` rows at a time go through the output layer, and
+    under autograd each chunk is recomputed in backward instead of stored (peak: a few (chunk, V)
+    buffers). The entropy costs a softmax more per chunk, so it is computed only when asked."""
+    fn = functools.partial(_chunk_logp_entropy if entropy else _chunk_logp, logits_fn)
+    outs = []
+    for i in range(0, max(hidden.shape[0], 1), chunk):  # at least once: a 1-token row has nothing to predict
+        args = (hidden[i : i + chunk], target[i : i + chunk])
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
+    if not entropy:
+        return torch.cat(outs), None
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def check_messages(messages, where: str) -> list[dict]:
-    check_turns(messages, where, "messages")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: field 'messages' has no assistant turn, so nothing to train on")
-    return messages
+def token_logps(model, batch: dict, chunk: int = 256, temperature: float = 1.0, entropy: bool = False):
+    """Per-token log-probs of the batch's own tokens, (B, T) float32, aligned with input_ids:
+    logp[b, t] = log softmax(logits / τ)[x_t] given x_<t within its document; with entropy=True also
+    the entropy of each prediction, (B, T), else None. The first token of each document has no
+    prediction: its values are 0 (its label is always IGNORE). Use `batch["labels"] != IGNORE` as the
+    mask. For a row holding one document it computes, without ever holding the (T, V) logits,
+
+        logits = model(input_ids).logits[:, :-1].float() / τ
+        logp[:, 1:] = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+    Memory: see hidden_logps."""
+    hidden = forward_hidden(model, batch)  # (B, T, H)
+    b, t, h = hidden.shape
+    hs, target = hidden[:, :-1].reshape(-1, h), batch["input_ids"][:, 1:].reshape(-1)
+    logits_fn = functools.partial(output_logits, model)
+    if temperature != 1.0:
+        logits_fn = lambda x: output_logits(model, x) / temperature  # noqa: E731
+    logp, ent = hidden_logps(hs, logits_fn, target, chunk, entropy)
+    starts = batch["position_ids"] == 0  # document starts: the previous token belongs to another document
+    zero = hidden.new_zeros(b, 1, dtype=torch.float32)
+    align = lambda x: torch.cat([zero, x.view(b, t - 1)], 1).masked_fill(starts, 0.0)  # noqa: E731
+    return align(logp), (align(ent) if entropy else None)
 
 
-def read_sft(path: str) -> list[dict]:
-    """SFT JSONL: {"messages": [...]} or {"prompt": ..., "completion": ...} -> {"messages", "_where"}."""
-    convs = []
-    for row in read_jsonl(path, {}):
-        if "messages" in row:
-            convs.append({"messages": check_messages(row["messages"], row["_where"]), "_where": row["_where"]})
-        elif "prompt" in row and "completion" in row:
-            for field in ("prompt", "completion"):
-                if not isinstance(row[field], (str, list)):
-                    raise DataError(f"{row['_where']}: field {field!r} has type {type(row[field]).__name__}")
-            messages = check_messages(as_messages(row["prompt"], row["completion"]), row["_where"])
-            convs.append({"messages": messages, "_where": row["_where"]})
-        else:
-            raise DataError(f"{row['_where']}: missing field 'messages' (or 'prompt' and 'completion')")
-    return convs
+def sequence_logps(logp: Tensor, batch: dict) -> Tensor:
+    """Sum of per-token log-probs over each document's labelled tokens -> (num_docs,)."""
+    mask = batch["labels"] != IGNORE
+    ids = doc_ids(batch)
+    out = torch.zeros(int(ids.max()) + 1, dtype=logp.dtype, device=logp.device)
+    return out.index_add(0, ids[mask], logp[mask])
 
 
-def read_preferences(path: str) -> list[dict]:
-    """Preference JSONL: {"prompt", "chosen", "rejected"} (strings or message lists), or TRL's implicit
-    prompt: no "prompt", "chosen" and "rejected" whole conversations whose shared first messages are
-    the prompt (split off here)."""
-    text = (str, list)
-    rows = read_jsonl(path, {"chosen": text, "rejected": text})
-    for r in rows:
-        if "prompt" not in r:
-            split_implicit_prompt(r)
-        elif not isinstance(r["prompt"], text):
-            raise DataError(f"{r['_where']}: field 'prompt' has type {type(r['prompt']).__name__}")
-        elif isinstance(r["prompt"], list):
-            check_turns(r["prompt"], r["_where"], "prompt")
-    return rows
+def last_token_hidden(model, batch: dict) -> Tensor:
+    """Final hidden state at the last token of every document -> (num_docs, H)."""
+    hidden = forward_hidden(model, batch)
+    if "cu_seqlens" in batch:
+        return hidden[0, batch["cu_seqlens"][1:].long() - 1]
+    last = batch["attention_mask"].shape[1] - 1 - batch["attention_mask"].flip(1).argmax(1)  # right or left padding
+    return hidden[torch.arange(hidden.shape[0]), last]
 
 
-def split_implicit_prompt(row: dict) -> None:
-    """chosen/rejected conversations -> the messages they share become row["prompt"], the rest the answers."""
-    chosen, rejected = row["chosen"], row["rejected"]
-    if not (isinstance(chosen, list) and isinstance(rejected, list)):
-        raise DataError(f"{row['_where']}: missing field 'prompt' (an implicit prompt needs 'chosen' and 'rejected' "
-                        "as message lists that share their first messages)")  # fmt: skip
-    i = 0
-    while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
-        i += 1
-    if i == 0:
-        raise DataError(f"{row['_where']}: no field 'prompt', and 'chosen' and 'rejected' share no first message to take as it")
-    row["prompt"], row["chosen"], row["rejected"] = chosen[:i], chosen[i:], rejected[i:]
+def next_token_logprobs(model, batch: dict) -> Tensor:
+    """log π(· | document) for the token after each document -> (num_docs, V), float32."""
+    return torch.log_softmax(output_logits(model, last_token_hidden(model, batch)), -1)
 
 
-def read_unpaired(path: str) -> list[dict]:
-    """KTO JSONL: {"prompt", "completion", "label": bool}."""
-    return read_jsonl(path, {"prompt": (str, list), "completion": (str, list), "label": bool})
+# ───────────────────────────── KL estimators and masked statistics ─────────────────────────────
 
 
-def read_prompts(path: str, tokenizer=None) -> list[dict]:
-    """RL prompt JSONL: {"prompt", "answer"?}. Given the tokenizer, every prompt is rendered with its chat
-    template once, so a prompt the template refuses is an error naming its line before training starts."""
-    rows = read_jsonl(path, {"prompt": (str, list)})
-    for row in rows if tokenizer is not None else []:
-        with template_errors(row["_where"]):
-            _render(tokenizer, as_messages(row["prompt"]), add_generation_prompt=True)
-    return rows
+def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k1 = −log r, r = π_ref/π, per token (tokens sampled from π): unbiased, high variance, can be < 0."""
+    return logp - ref_logp
 
 
-def read_prm(path: str) -> list[dict]:
-    """PRM JSONL: {"prompt", "completions": [step, ...], "labels": [bool, ...]}."""
-    rows = read_jsonl(path, {"prompt": (str, list), "completions": list, "labels": list})
-    for r in rows:
-        if len(r["completions"]) != len(r["labels"]):
-            raise DataError(f"{r['_where']}: fields 'completions' and 'labels' differ in length")
-        if not all(isinstance(x, (bool, int, float)) and 0 <= x <= 1 for x in r["labels"]):
-            raise DataError(f"{r['_where']}: field 'labels' must hold booleans (or probabilities in [0, 1])")
-        if not all(isinstance(x, str) for x in r["completions"]):
-            raise DataError(f"{r['_where']}: field 'completions' must hold one string per step")
-    return rows
+def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k2 = ½ (log r)²: biased, low variance; its gradient is that of KL in the on-policy limit."""
+    return 0.5 * (ref_logp - logp) ** 2
 
 
-# ───────────────────────────── the built-in task: arithmetic word problems ─────────────────────────────
-
-_NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea"]
-_ITEMS = ["apples", "books", "coins", "marbles", "pens", "shells", "stamps", "cards"]
-
-
-def make_problem(rng: random.Random) -> dict:
-    """One two-step word problem with its worked steps; the final step states the answer."""
-    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    a, b = rng.randint(2, 20), rng.randint(2, 20)
-    c = rng.randint(1, a + b - 1)
-    question = f"{name} has {a} {item}. {name} gets {b} more and then gives away {c}. How many {item} does {name} have now?"
-    steps = [f"{name} starts with {a} {item}.", f"{a} + {b} = {a + b}.", f"{a + b} - {c} = {a + b - c}."]
-    return {"question": question, "steps": steps, "answer": a + b - c, "abc": (a, b, c)}
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k3 = (r − 1) − log r: unbiased and always ≥ 0 (Schulman 2020)."""
+    log_r = ref_logp - logp
+    return torch.expm1(log_r) - log_r
 
 
-def _worked(steps: list[str], answer: int) -> str:
-    return " ".join(steps) + f" The answer is {answer}."
+def masked_mean(x: Tensor, mask: Tensor, dim=None) -> Tensor:
+    """Mean of x over mask == True (along dim, or all); 0 where nothing is selected."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def _wrong_steps(p: dict, rng: random.Random) -> tuple[list[str], int, int]:
-    """A plausible wrong solution: one arithmetic slip, carried through. Returns (steps, answer, first bad step)."""
-    a, b, c = p["abc"]
-    slip = rng.choice([-2, -1, 1, 2])
-    if rng.random() < 0.5:
-        s = a + b + slip
-        return [p["steps"][0], f"{a} + {b} = {s}.", f"{s} - {c} = {s - c}."], s - c, 1
-    return [p["steps"][0], p["steps"][1], f"{a + b} - {c} = {a + b - c + slip}."], a + b - c + slip, 2
-
-
-@functools.lru_cache(maxsize=None)
-def builtin_size(split: str) -> int:
-    """How many distinct problems the split has (make_problem's (a, b, c) combinations on that side)."""
-    combos = [(a, b, c) for a in range(2, 21) for b in range(2, 21) for c in range(1, a + b)]
-    return sum((hash_int(k) % 5 == 0) == (split != "train") for k in combos)
-
-
-def builtin_task(split: str, n: int, seed: int = 0) -> list[dict]:
-    """`n` problems of the train or test split; same seed, same problems. The splits are disjoint:
-    a problem's (a, b, c) decides its split, so no test problem is ever trained on."""
-    rng, out, seen = random.Random(f"{seed}-{split}"), [], set()
-    want = 0 if split == "train" else 1
-    if n > builtin_size(split):
-        raise UserError(f"the built-in task has {builtin_size(split)} {split} problems; {n} were asked for")
-    while len(out) < n:
-        p = make_problem(rng)
-        key = p["abc"]
-        if key in seen or (hash_int(key) % 5 == 0) != bool(want):
-            continue
-        seen.add(key)
-        wrong, wrong_answer, bad = _wrong_steps(p, rng)
-        p.update(
-            prompt=p["question"],
-            completion=_worked(p["steps"], p["answer"]),
-            rejected=_worked(wrong, wrong_answer),
-            wrong_steps=wrong,
-            first_bad_step=bad,
-        )
-        out.append(p)
-    return out
-
-
-def hash_int(key) -> int:
-    """A hash that does not change between Python processes (unlike hash())."""
-    return int.from_bytes(json.dumps(key).encode(), "little") % 1_000_003
-
-
-def builtin_sft(split: str, n: int, seed: int = 0) -> list[list[dict]]:
-    return [as_messages(p["prompt"], p["completion"]) for p in builtin_task(split, n, seed)]
-
-
-def builtin_preferences(split: str, n: int, seed: int = 0) -> list[dict]:
-    return [
-        {"prompt": p["prompt"], "chosen": p["completion"], "rejected": p["rejected"], "answer": p["answer"]}
-        for p in builtin_task(split, n, seed)
-    ]
-
-
-def builtin_unpaired(split: str, n: int, seed: int = 0) -> list[dict]:
-    rows = []
-    for i, p in enumerate(builtin_task(split, n, seed)):
-        good = i % 2 == 0
-        rows.append({"prompt": p["prompt"], "completion": p["completion"] if good else p["rejected"], "label": good})
-    return rows
-
-
-def builtin_prm(split: str, n: int, seed: int = 0) -> list[dict]:
-    """Worked solutions cut into steps (the last states the answer), half with an arithmetic slip:
-    every step from the slip on is labelled wrong. Joined with spaces, the steps are exactly the
-    preference view's chosen / rejected texts."""
-    rows = []
-    for i, p in enumerate(builtin_task(split, n, seed)):
-        if i % 2 == 0:
-            steps, labels = p["steps"] + [f"The answer is {p['answer']}."], [True] * 4
-        else:
-            final = p["rejected"][p["rejected"].rindex("The answer is") :]
-            steps, labels = p["wrong_steps"] + [final], [k < p["first_bad_step"] for k in range(4)]
-        rows.append({"prompt": p["prompt"], "completions": steps, "labels": labels, "answer": p["answer"]})
-    return rows
-
-
-def builtin_prompts(split: str, n: int, seed: int = 0) -> list[dict]:
-    return [{"prompt": p["prompt"], "answer": p["answer"]} for p in builtin_task(split, n, seed)]
-
-
-_ANSWER = re.compile(r"The answer is (-?\d+)")
-
-
-def rule_reward(completion: str, answer) -> float:
-    """1.0 when the completion's first "The answer is N" states the right N, else 0.0."""
-    m = _ANSWER.search(completion)
-    return float(m is not None and int(m.group(1)) == int(answer))
-
-
-def format_reward(completion: str) -> float:
-    """1.0 when the completion states an answer in the task's format "The answer is N", right or wrong."""
-    return float(_ANSWER.search(completion) is not None)
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x − mean) / std over the masked entries of every rank's x (unbiased variance), so 1 rank and N ranks
+    normalise alike; shift_mean=False adds the mean back. Masked-out entries become 0."""
+    m = mask.to(x.dtype)
+    s = all_reduce_sum(torch.stack([(x * m).sum(), m.sum()]).double())  # one mean over all ranks
+    mean = (s[0] / s[1].clamp(min=1)).to(x.dtype)
+    ss = all_reduce_sum((((x - mean) ** 2) * m).sum().double())
+    var = (ss / (s[1].clamp(min=2) - 1)).to(x.dtype)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * m
 
 
 # ───────────────────────────── packing ─────────────────────────────
@@ -521,7 +291,21 @@ def doc_ids(batch: dict) -> Tensor:
     return torch.arange(b).unsqueeze(1).expand(b, t)
 
 
+def completion_matrix(x: Tensor, batch: dict, width: int) -> Tensor:
+    """Per-token values of a packed row (1, T) -> (num_docs, width): each document's answer tokens, left
+    aligned, zeros after. width is the generation budget, so every answer fits."""
+    mask = batch["labels"][0] != IGNORE
+    doc = doc_ids(batch)[0][mask]
+    n_docs = len(batch["cu_seqlens"]) - 1
+    counts = torch.bincount(doc, minlength=n_docs)
+    pos = torch.arange(len(doc), device=doc.device) - (counts.cumsum(0) - counts)[doc]
+    out = x.new_zeros(n_docs, width)
+    out[doc, pos] = x[0][mask]
+    return out
+
+
 # ───────────────────────────── attention for packed rows ─────────────────────────────
+
 
 try:
     from flash_attn import flash_attn_varlen_func
@@ -669,154 +453,121 @@ def forward_hidden(model, batch: dict) -> Tensor:
     return out.last_hidden_state
 
 
-# ───────────────────────────── log-probs ─────────────────────────────
+# ───────────────────────────── chat templates and assistant-only masks ─────────────────────────────
 
 
-def selective_log_softmax(logits: Tensor, index: Tensor, chunk: int = 1024) -> Tensor:
-    """logits (..., V), index (...) -> log softmax(logits)[index] (...), in float32.
-
-    Works `chunk` rows at a time, so a full (T, V) float32 log-softmax never exists: per row only
-    the gathered logit and the logsumexp are kept."""
-    flat, idx = logits.reshape(-1, logits.shape[-1]), index.reshape(-1)
-    out = torch.empty(idx.shape, dtype=torch.float32, device=logits.device)
-    for i in range(0, flat.shape[0], chunk):
-        rows = flat[i : i + chunk].float()
-        out[i : i + chunk] = rows.gather(1, idx[i : i + chunk, None]).squeeze(1) - rows.logsumexp(1)
-    return out.view(index.shape)
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def output_logits(model, hidden: Tensor) -> Tensor:
-    """The model's own logits for hidden states (..., H), always in float32: its output layer, bias
-    included, then what its forward does after it — Gemma-2/3's soft-cap c·tanh(z/c), Granite's
-    z / logits_scaling, Cohere's z · logit_scale. load_model checks the result against the model's own
-    forward. Under bf16 autocast a logit near 20 would otherwise be rounded to a multiple of 0.125. On
-    CUDA the scripts let this product use TF32 (float32's range, a 10-bit mantissa): on an H200 that
-    made an SFT step 1.8x faster and moved the bf16 log-probs' mean error from 0.00097 to 0.00101
-    nats/token (tests/gpu_check.py)."""
-    head, cfg = model.get_output_embeddings(), model.config.get_text_config()
-    with torch.autocast(hidden.device.type, enabled=False):
-        bias = None if getattr(head, "bias", None) is None else head.bias.float()
-        z = F.linear(hidden.float(), head.weight.float(), bias)
-    if getattr(cfg, "logits_scaling", None):
-        z = z / cfg.logits_scaling
-    if getattr(cfg, "logit_scale", None):
-        z = z * cfg.logit_scale
-    if getattr(cfg, "final_logit_softcapping", None):
-        z = cfg.final_logit_softcapping * torch.tanh(z / cfg.final_logit_softcapping)
-    return z
+def _special_prefix(tokenizer, text: str) -> str:
+    """The special token (e.g. <|im_end|>, <|eot_id|>) that `text` starts with, or ""."""
+    specials = sorted(tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()), key=len, reverse=True)
+    return next((s for s in specials if s and text.startswith(s)), "")
 
 
-def _chunk_logp(logits_fn, hidden: Tensor, target: Tensor) -> Tensor:
-    logits = logits_fn(hidden)  # (n, V) float32, only this chunk's
-    return logits.gather(-1, target[:, None]).squeeze(-1) - logits.logsumexp(-1)
+_MARK = re.compile("[\ue000\ue002]\\d+[\ue001\ue003]")  # private-use characters: no template or text holds them
 
 
-def _chunk_logp_entropy(logits_fn, hidden: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    logits = logits_fn(hidden)
-    lse = logits.logsumexp(-1)
-    entropy = lse - (logits.softmax(-1) * logits).sum(-1)  # H = logsumexp − E_p[logit]
-    return logits.gather(-1, target[:, None]).squeeze(-1) - lse, entropy
+def _marked(i: int, content: str) -> str:
+    """`content` with markers hugging its non-blank core (so a template's `| trim` still sees the same text)."""
+    rest = content.lstrip()
+    lead, core = content[: len(content) - len(rest)], rest.rstrip()
+    return f"{lead}\ue000{i}\ue001{core}\ue002{i}\ue003{rest[len(core) :]}"
 
 
-def hidden_logps(hidden: Tensor, logits_fn, target: Tensor, chunk: int = 256, entropy: bool = False):
-    """hidden (N, H), logits_fn: hidden (n, H) -> float32 logits (n, V), target (N,) -> log π(target),
-    (N,) float32, and the entropy of each prediction (N,) when asked (else None). The same numbers as
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages` once with the tokenizer's chat template; return the text and the character
+    span of every assistant turn in it: its content plus the special token that ends the turn.
 
-        logp = torch.log_softmax(logits_fn(hidden), -1).gather(-1, target[:, None]).squeeze(-1)
-
-    but the (N, V) logits never exist at once: `chunk` rows at a time go through the output layer, and
-    under autograd each chunk is recomputed in backward instead of stored (peak: a few (chunk, V)
-    buffers). The entropy costs a softmax more per chunk, so it is computed only when asked."""
-    fn = functools.partial(_chunk_logp_entropy if entropy else _chunk_logp, logits_fn)
-    outs = []
-    for i in range(0, max(hidden.shape[0], 1), chunk):  # at least once: a 1-token row has nothing to predict
-        args = (hidden[i : i + chunk], target[i : i + chunk])
-        outs.append(checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
-    if not entropy:
-        return torch.cat(outs), None
-    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-
-
-def token_logps(model, batch: dict, chunk: int = 256, temperature: float = 1.0, entropy: bool = False):
-    """Per-token log-probs of the batch's own tokens, (B, T) float32, aligned with input_ids:
-    logp[b, t] = log softmax(logits / τ)[x_t] given x_<t within its document; with entropy=True also
-    the entropy of each prediction, (B, T), else None. The first token of each document has no
-    prediction: its values are 0 (its label is always IGNORE). Use `batch["labels"] != IGNORE` as the
-    mask. Memory: see hidden_logps."""
-    hidden = forward_hidden(model, batch)  # (B, T, H)
-    b, t, h = hidden.shape
-    hs, target = hidden[:, :-1].reshape(-1, h), batch["input_ids"][:, 1:].reshape(-1)
-    logits_fn = functools.partial(output_logits, model)
-    if temperature != 1.0:
-        logits_fn = lambda x: output_logits(model, x) / temperature  # noqa: E731
-    logp, ent = hidden_logps(hs, logits_fn, target, chunk, entropy)
-    starts = batch["position_ids"] == 0  # document starts: the previous token belongs to another document
-    zero = hidden.new_zeros(b, 1, dtype=torch.float32)
-    align = lambda x: torch.cat([zero, x.view(b, t - 1)], 1).masked_fill(starts, 0.0)  # noqa: E731
-    return align(logp), (align(ent) if entropy else None)
-
-
-def sequence_logps(logp: Tensor, batch: dict) -> Tensor:
-    """Sum of per-token log-probs over each document's labelled tokens -> (num_docs,)."""
-    mask = batch["labels"] != IGNORE
-    ids = doc_ids(batch)
-    out = torch.zeros(int(ids.max()) + 1, dtype=logp.dtype, device=logp.device)
-    return out.index_add(0, ids[mask], logp[mask])
+    Spans are located by markers, never by searching for the answer's text (a user may repeat it):
+    the conversation is rendered a second time with each answer between two markers, and the
+    markers' positions are the span. Removing the markers must give the first rendering exactly,
+    else the template treats answers in a way no span can describe, and that is an error. A template
+    that drops the start of an answer (Qwen3 drops earlier turns' reasoning) keeps the tail that it
+    renders."""
+    text = _render(tokenizer, messages)
+    marked = _render(tokenizer, [{**m, "content": _marked(i, m["content"])} if m["role"] == "assistant" else m
+                                 for i, m in enumerate(messages)])  # fmt: skip
+    where, shift = {}, 0
+    for m in _MARK.finditer(marked):
+        where[m.group()] = m.start() - shift  # position in the rendering without markers
+        shift += len(m.group())
+    if _MARK.sub("", marked) != text:
+        raise ValueError("the chat template renders an answer differently depending on its text, so its tokens cannot "
+                         "be located; train on conversations split so that each ends at the answer")  # fmt: skip
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        start, end = where.get(f"\ue000{i}\ue001"), where.get(f"\ue002{i}\ue003")
+        if end is not None and start is None:  # the template kept only the answer's tail
+            core, n = msg["content"].strip(), 0
+            while n < len(core) and n < end and text[end - n - 1] == core[-1 - n]:
+                n += 1
+            start = end - n + (len(core[-n:]) - len(core[-n:].lstrip()) if n else 0)
+        if end is not None:
+            rest = text[end:]
+            gap = len(rest) - len(rest.lstrip())  # Llama-2 puts a space between the answer and </s>
+            eot = _special_prefix(tokenizer, rest[gap:])
+            end += gap + len(eot) if eot else 0
+        if start is None or end is None or start >= end:
+            raise ValueError(f"assistant turn {i} is not in the chat template's rendering of the conversation "
+                             "(the template drops it); split the conversation so each sample ends at that turn")  # fmt: skip
+        spans.append((start, end))
+    return text, spans
 
 
-def last_token_hidden(model, batch: dict) -> Tensor:
-    """Final hidden state at the last token of every document -> (num_docs, H)."""
-    hidden = forward_hidden(model, batch)
-    if "cu_seqlens" in batch:
-        return hidden[0, batch["cu_seqlens"][1:].long() - 1]
-    last = batch["attention_mask"].shape[1] - 1 - batch["attention_mask"].flip(1).argmax(1)  # right or left padding
-    return hidden[torch.arange(hidden.shape[0]), last]
+def end_of_turn_token(tokenizer) -> str | None:
+    """The special token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>,
+    <end_of_turn>, <|end|>, </s>, ...), or None if it closes turns with plain text."""
+    msgs = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+    text, [(start, end)] = assistant_spans(tokenizer, msgs)
+    eot = text[start:end].removeprefix("2").strip()
+    return eot or None
 
 
-def next_token_logprobs(model, batch: dict) -> Tensor:
-    """log π(· | document) for the token after each document -> (num_docs, V), float32."""
-    return torch.log_softmax(output_logits(model, last_token_hidden(model, batch)), -1)
+@contextmanager
+def template_errors(where: str | None):
+    """Name the sample (`where`: "file:line") in an error the chat template raises on it, such as
+    Gemma's "System role not supported", so bad data stops before training with its location."""
+    try:
+        yield
+    except (jinja2.TemplateError, ValueError, TypeError) as e:
+        if where is None or isinstance(e, DataError):
+            raise
+        raise DataError(f"{where}: the chat template refuses this sample: {e}") from e
 
 
-# ───────────────────────────── KL estimators and masked statistics ─────────────────────────────
+def tokenize_conversation(tokenizer, messages: list[dict], train_from: int = 0, where: str | None = None) -> dict:
+    """Conversation -> {"input_ids", "labels"} (lists), labels = IGNORE on every non-assistant token
+    and on assistant turns before message index `train_from` (a preference pair's prompt may hold some).
+    A template error names `where` (the sample's "file:line").
+
+    The rendered text already holds the template's BOS, so tokenizing adds no special tokens
+    (no second BOS). A token is trained when it overlaps an assistant span: with templates that put a
+    space before the answer, SentencePiece's "▁7" and byte-level BPE's "Ġ7" start at that space.
+    """
+    with template_errors(where):
+        text, spans = assistant_spans(tokenizer, messages)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    spans = [span for i, span in zip(turns, spans) if i >= train_from]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels = enc["input_ids"], []
+    for tok, (a, b) in zip(ids, enc["offset_mapping"]):
+        inside = any(a < e and b > s for s, e in spans) and b > a
+        labels.append(tok if inside else IGNORE)
+    if labels and labels[0] != IGNORE:
+        labels[0] = IGNORE  # the first token has no context to be predicted from
+    return {"input_ids": ids, "labels": labels}
 
 
-def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """k1 = −log r, r = π_ref/π, per token (tokens sampled from π): unbiased, high variance, can be < 0."""
-    return logp - ref_logp
-
-
-def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """k2 = ½ (log r)²: biased, low variance; its gradient is that of KL in the on-policy limit."""
-    return 0.5 * (ref_logp - logp) ** 2
-
-
-def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """k3 = (r − 1) − log r: unbiased and always ≥ 0 (Schulman 2020)."""
-    log_r = ref_logp - logp
-    return torch.expm1(log_r) - log_r
-
-
-def masked_mean(x: Tensor, mask: Tensor, dim=None) -> Tensor:
-    """Mean of x over mask == True (along dim, or all); 0 where nothing is selected."""
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x − mean) / std over the masked entries of every rank's x (unbiased variance), so 1 rank and N ranks
-    normalise alike; shift_mean=False adds the mean back. Masked-out entries become 0."""
-    m = mask.to(x.dtype)
-    s = all_reduce_sum(torch.stack([(x * m).sum(), m.sum()]).double())  # one mean over all ranks
-    mean = (s[0] / s[1].clamp(min=1)).to(x.dtype)
-    ss = all_reduce_sum((((x - mean) ** 2) * m).sum().double())
-    var = (ss / (s[1].clamp(min=2) - 1)).to(x.dtype)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * m
+def as_messages(prompt, completion=None) -> list[dict]:
+    """TRL's prompt/completion fields (strings or message lists) -> one message list."""
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if completion is not None:
+        msgs += [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+    return msgs
 
 
 # ───────────────────────────── models ─────────────────────────────
@@ -1308,6 +1059,9 @@ def clip_grad_norm(model, max_norm: float) -> Tensor:
     return norm
 
 
+# ───────────────────────────── training: precision, seeds, learning-rate schedule, data order ─────────────────────────────
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; fp32 (no autocast) on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -1452,7 +1206,9 @@ def load_checkpoint(out_dir: str, model, optimizer, scheduler) -> tuple[int, dic
         candidates.remove(named)
         candidates.insert(0, named)
     if not candidates:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {out_dir}")
+        finished = " (the run finished: its model is saved there and its checkpoints were removed)"
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {out_dir}"
+                                + (finished if os.path.exists(os.path.join(out_dir, "config.json")) else ""))  # fmt: skip
     errors = []
     for path in candidates:
         try:
@@ -1495,6 +1251,36 @@ def _restore(path: str, model, optimizer, scheduler) -> tuple[int, dict]:
 
 
 # ───────────────────────────── metrics ─────────────────────────────
+
+
+class Sums:
+    """Named sums of a step's statistics on this rank (float64), added over ranks in one all-reduce:
+
+        stats = Sums("loss", "tokens")
+        stats.add(loss=loss.detach(), tokens=mask.sum())   # tensors are summed, numbers added
+        totals = stats.total()                              # {"loss": ..., "tokens": ...} over all ranks
+
+    Every rank declares the same names, so a rank with nothing to add still takes part."""
+
+    def __init__(self, *names: str):
+        self.values = dict.fromkeys(names, 0.0)
+
+    def add(self, **named) -> None:
+        for k, v in named.items():
+            self.values[k] += float(v.double().sum()) if isinstance(v, Tensor) else float(v)
+
+    def __getitem__(self, name: str) -> float:
+        return self.values[name]
+
+    def total(self) -> dict:
+        return sum_over_ranks(self.values)
+
+
+def sum_over_ranks(values: dict) -> dict:
+    """{name: number} -> the same names, each summed over all ranks (one float64 all-reduce; every rank
+    must hold the same names in the same order)."""
+    summed = all_reduce_sum(torch.tensor([float(v) for v in values.values()], dtype=torch.float64))
+    return dict(zip(values, summed.tolist()))
 
 
 def reduce_metrics(metrics: dict, world: int) -> dict:
@@ -1680,7 +1466,7 @@ def start_run(args, name: str, rank: int) -> str:
         changed = sorted(k for k in current if k in stored and stored[k] != current[k])
         refused = [k for k in changed if k not in HARMLESS_ON_RESUME]
         if refused:
-            raise UserError(f"--resume with changed arguments that alter training: "
+            raise UserError("--resume with changed arguments that alter training: "
                              + ", ".join(f"--{k.replace('_', '-')} {stored[k]!r} -> {current[k]!r}" for k in refused))  # fmt: skip
         if changed and rank == 0:
             print("resuming with " + ", ".join(f"{k}={current[k]!r} (was {stored[k]!r})" for k in changed), flush=True)
@@ -1713,3 +1499,276 @@ def pyplot(what: str):
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# ───────────────────────────── data readers ─────────────────────────────
+
+
+def read_jsonl(path: str, required: dict[str, type | tuple]) -> list[dict]:
+    """Read a JSONL file; every line must be an object holding `required` fields of the given types.
+    Errors name the file, the line number and the field."""
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid UTF-8 (byte {e.start} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line, parse_constant=_no_nan)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            except ValueError as e:
+                raise DataError(f"{path}:{n}: {e}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            for field, kind in required.items():
+                if field not in row:
+                    raise DataError(f"{path}:{n}: missing field {field!r}")
+                if not isinstance(row[field], kind):
+                    raise DataError(f"{path}:{n}: field {field!r} has type {type(row[field]).__name__}")
+                if isinstance(row[field], list) and kind == (str, list):  # a message list
+                    check_turns(row[field], f"{path}:{n}", field)
+            if "answer" in row:
+                row["answer"] = check_answer(row["answer"], f"{path}:{n}")
+            row["_where"] = f"{path}:{n}"
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no samples (empty file)")
+    return rows
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _no_nan(constant: str):
+    raise ValueError(f"{constant} is not a number a sample may hold")
+
+
+def check_turns(messages, where: str, field: str) -> list[dict]:
+    """A message list: objects with a known string 'role' and a string 'content'. Errors name the turn."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field {field!r} must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: field {field!r}, message {i}: expected an object, got {type(m).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                got = "missing" if key not in m else f"a {type(m[key]).__name__}"
+                raise DataError(f"{where}: field {field!r}, message {i}: {key!r} must be a string, is {got}")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: field {field!r}, message {i}: unknown role {m['role']!r} (one of {', '.join(ROLES)})")
+    return messages
+
+
+def check_answer(answer, where: str) -> int:
+    """An answer for the rule reward: an integer, or a string holding one ("7"); 7.9 or "seven" is an error."""
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        return answer
+    if isinstance(answer, str) and re.fullmatch(r"\s*-?\d+\s*", answer):
+        return int(answer)
+    raise DataError(f"{where}: field 'answer' must be an integer, got {answer!r}")
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    check_turns(messages, where, "messages")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: field 'messages' has no assistant turn, so nothing to train on")
+    return messages
+
+
+def read_sft(path: str) -> list[dict]:
+    """SFT JSONL: {"messages": [...]} or {"prompt": ..., "completion": ...} -> {"messages", "_where"}."""
+    convs = []
+    for row in read_jsonl(path, {}):
+        if "messages" in row:
+            convs.append({"messages": check_messages(row["messages"], row["_where"]), "_where": row["_where"]})
+        elif "prompt" in row and "completion" in row:
+            for field in ("prompt", "completion"):
+                if not isinstance(row[field], (str, list)):
+                    raise DataError(f"{row['_where']}: field {field!r} has type {type(row[field]).__name__}")
+            messages = check_messages(as_messages(row["prompt"], row["completion"]), row["_where"])
+            convs.append({"messages": messages, "_where": row["_where"]})
+        else:
+            raise DataError(f"{row['_where']}: missing field 'messages' (or 'prompt' and 'completion')")
+    return convs
+
+
+def read_preferences(path: str) -> list[dict]:
+    """Preference JSONL: {"prompt", "chosen", "rejected"} (strings or message lists), or TRL's implicit
+    prompt: no "prompt", "chosen" and "rejected" whole conversations whose shared first messages are
+    the prompt (split off here)."""
+    text = (str, list)
+    rows = read_jsonl(path, {"chosen": text, "rejected": text})
+    for r in rows:
+        if "prompt" not in r:
+            split_implicit_prompt(r)
+        elif not isinstance(r["prompt"], text):
+            raise DataError(f"{r['_where']}: field 'prompt' has type {type(r['prompt']).__name__}")
+        elif isinstance(r["prompt"], list):
+            check_turns(r["prompt"], r["_where"], "prompt")
+    return rows
+
+
+def split_implicit_prompt(row: dict) -> None:
+    """chosen/rejected conversations -> the messages they share become row["prompt"], the rest the answers."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise DataError(f"{row['_where']}: missing field 'prompt' (an implicit prompt needs 'chosen' and 'rejected' "
+                        "as message lists that share their first messages)")  # fmt: skip
+    i = 0
+    while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
+        i += 1
+    if i == 0:
+        raise DataError(f"{row['_where']}: no field 'prompt', and 'chosen' and 'rejected' share no first message to take as it")
+    row["prompt"], row["chosen"], row["rejected"] = chosen[:i], chosen[i:], rejected[i:]
+
+
+def read_unpaired(path: str) -> list[dict]:
+    """KTO JSONL: {"prompt", "completion", "label": bool}."""
+    return read_jsonl(path, {"prompt": (str, list), "completion": (str, list), "label": bool})
+
+
+def read_prompts(path: str, tokenizer=None) -> list[dict]:
+    """RL prompt JSONL: {"prompt", "answer"?}. Given the tokenizer, every prompt is rendered with its chat
+    template once, so a prompt the template refuses is an error naming its line before training starts."""
+    rows = read_jsonl(path, {"prompt": (str, list)})
+    for row in rows if tokenizer is not None else []:
+        with template_errors(row["_where"]):
+            _render(tokenizer, as_messages(row["prompt"]), add_generation_prompt=True)
+    return rows
+
+
+def read_prm(path: str) -> list[dict]:
+    """PRM JSONL: {"prompt", "completions": [step, ...], "labels": [bool, ...]}."""
+    rows = read_jsonl(path, {"prompt": (str, list), "completions": list, "labels": list})
+    for r in rows:
+        if len(r["completions"]) != len(r["labels"]):
+            raise DataError(f"{r['_where']}: fields 'completions' and 'labels' differ in length")
+        if not all(isinstance(x, (bool, int, float)) and 0 <= x <= 1 for x in r["labels"]):
+            raise DataError(f"{r['_where']}: field 'labels' must hold booleans (or probabilities in [0, 1])")
+        if not all(isinstance(x, str) for x in r["completions"]):
+            raise DataError(f"{r['_where']}: field 'completions' must hold one string per step")
+    return rows
+
+
+# ───────────────────────────── the built-in task: arithmetic word problems ─────────────────────────────
+
+
+_NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea"]
+_ITEMS = ["apples", "books", "coins", "marbles", "pens", "shells", "stamps", "cards"]
+
+
+def make_problem(rng: random.Random) -> dict:
+    """One two-step word problem with its worked steps; the final step states the answer."""
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b = rng.randint(2, 20), rng.randint(2, 20)
+    c = rng.randint(1, a + b - 1)
+    question = f"{name} has {a} {item}. {name} gets {b} more and then gives away {c}. How many {item} does {name} have now?"
+    steps = [f"{name} starts with {a} {item}.", f"{a} + {b} = {a + b}.", f"{a + b} - {c} = {a + b - c}."]
+    return {"question": question, "steps": steps, "answer": a + b - c, "abc": (a, b, c)}
+
+
+def _worked(steps: list[str], answer: int) -> str:
+    return " ".join(steps) + f" The answer is {answer}."
+
+
+def _wrong_steps(p: dict, rng: random.Random) -> tuple[list[str], int, int]:
+    """A plausible wrong solution: one arithmetic slip, carried through. Returns (steps, answer, first bad step)."""
+    a, b, c = p["abc"]
+    slip = rng.choice([-2, -1, 1, 2])
+    if rng.random() < 0.5:
+        s = a + b + slip
+        return [p["steps"][0], f"{a} + {b} = {s}.", f"{s} - {c} = {s - c}."], s - c, 1
+    return [p["steps"][0], p["steps"][1], f"{a + b} - {c} = {a + b - c + slip}."], a + b - c + slip, 2
+
+
+@functools.lru_cache(maxsize=None)
+def builtin_size(split: str) -> int:
+    """How many distinct problems the split has (make_problem's (a, b, c) combinations on that side)."""
+    combos = [(a, b, c) for a in range(2, 21) for b in range(2, 21) for c in range(1, a + b)]
+    return sum((hash_int(k) % 5 == 0) == (split != "train") for k in combos)
+
+
+def builtin_task(split: str, n: int, seed: int = 0) -> list[dict]:
+    """`n` problems of the train or test split; same seed, same problems. The splits are disjoint:
+    a problem's (a, b, c) decides its split, so no test problem is ever trained on."""
+    rng, out, seen = random.Random(f"{seed}-{split}"), [], set()
+    want = 0 if split == "train" else 1
+    if n > builtin_size(split):
+        raise UserError(f"the built-in task has {builtin_size(split)} {split} problems; {n} were asked for")
+    while len(out) < n:
+        p = make_problem(rng)
+        key = p["abc"]
+        if key in seen or (hash_int(key) % 5 == 0) != bool(want):
+            continue
+        seen.add(key)
+        wrong, wrong_answer, bad = _wrong_steps(p, rng)
+        p.update(
+            prompt=p["question"],
+            completion=_worked(p["steps"], p["answer"]),
+            rejected=_worked(wrong, wrong_answer),
+            wrong_steps=wrong,
+            first_bad_step=bad,
+        )
+        out.append(p)
+    return out
+
+
+def hash_int(key) -> int:
+    """A hash that does not change between Python processes (unlike hash())."""
+    return int.from_bytes(json.dumps(key).encode(), "little") % 1_000_003
+
+
+def builtin_sft(split: str, n: int, seed: int = 0) -> list[list[dict]]:
+    return [as_messages(p["prompt"], p["completion"]) for p in builtin_task(split, n, seed)]
+
+
+def builtin_preferences(split: str, n: int, seed: int = 0) -> list[dict]:
+    return [
+        {"prompt": p["prompt"], "chosen": p["completion"], "rejected": p["rejected"], "answer": p["answer"]}
+        for p in builtin_task(split, n, seed)
+    ]
+
+
+def builtin_unpaired(split: str, n: int, seed: int = 0) -> list[dict]:
+    rows = []
+    for i, p in enumerate(builtin_task(split, n, seed)):
+        good = i % 2 == 0
+        rows.append({"prompt": p["prompt"], "completion": p["completion"] if good else p["rejected"], "label": good})
+    return rows
+
+
+def builtin_prm(split: str, n: int, seed: int = 0) -> list[dict]:
+    """Worked solutions cut into steps (the last states the answer), half with an arithmetic slip:
+    every step from the slip on is labelled wrong. Joined with spaces, the steps are exactly the
+    preference view's chosen / rejected texts."""
+    rows = []
+    for i, p in enumerate(builtin_task(split, n, seed)):
+        if i % 2 == 0:
+            steps, labels = p["steps"] + [f"The answer is {p['answer']}."], [True] * 4
+        else:
+            final = p["rejected"][p["rejected"].rindex("The answer is") :]
+            steps, labels = p["wrong_steps"] + [final], [k < p["first_bad_step"] for k in range(4)]
+        rows.append({"prompt": p["prompt"], "completions": steps, "labels": labels, "answer": p["answer"]})
+    return rows
+
+
+def builtin_prompts(split: str, n: int, seed: int = 0) -> list[dict]:
+    return [{"prompt": p["prompt"], "answer": p["answer"]} for p in builtin_task(split, n, seed)]
+
+
+_ANSWER = re.compile(r"The answer is (-?\d+)")
+
+
+def rule_reward(completion: str, answer) -> float:
+    """1.0 when the completion's first "The answer is N" states the right N, else 0.0."""
+    m = _ANSWER.search(completion)
+    return float(m is not None and int(m.group(1)) == int(answer))
+
+
+def format_reward(completion: str) -> float:
+    """1.0 when the completion states an answer in the task's format "The answer is N", right or wrong."""
+    return float(_ANSWER.search(completion) is not None)

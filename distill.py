@@ -527,16 +527,16 @@ def held_out_kl(
     student, teacher, samples: list[dict], kinds: tuple[str, ...], args: Args, rank: int, world: int, device
 ) -> list[float]:
     """Each divergence in `kinds` per answer token, over every rank's share of the samples."""
-    sums = torch.zeros(len(kinds) + 1, dtype=torch.float64)  # divergences, tokens
+    sums = common.Sums(*kinds, "tokens")  # each divergence summed over answer tokens
     mine = samples[rank::world]
     bins = common.pack_bins([len(s["input_ids"]) for s in mine], args.max_tokens) if mine else []
     for b in common.progress(bins, "held-out KL"):
         batch = common.to_device(common.collate_packed([mine[i] for i in b]), device)
         with common.autocast(device):
             total, n = answer_divergence(student, teacher, batch, kinds, args)
-        sums += torch.tensor([*total.tolist(), n], dtype=torch.float64)
-    sums = common.all_reduce_sum(sums)
-    return (sums[:-1] / sums[-1].clamp(min=1)).tolist()
+        sums.add(**dict(zip(kinds, total.tolist())), tokens=n)
+    sums = sums.total()
+    return [sums[k] / max(sums["tokens"], 1.0) for k in kinds]
 
 
 def evaluate(student, teacher, tokenizer, teacher_samples, data_samples, problems, args: Args, rank, world, device) -> dict:

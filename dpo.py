@@ -2,12 +2,12 @@
 
 Trains on (prompt x, chosen y_w, rejected y_l) pairs against a frozen reference π_ref; no reward
 model, no sampling (eq. 7 of the paper):
-    lr_w = log π(y_w|x) − log π_ref(y_w|x)          (summed over completion tokens; lr_l likewise)
-    L    = −log σ(β · (lr_w − lr_l))
-β·lr_w and β·lr_l are the implicit rewards. DPO can lower log π(y_w|x) as long as the margin grows
+    logratio_w = log π(y_w|x) − log π_ref(y_w|x)          (summed over completion tokens; logratio_l likewise)
+    L          = −log σ(β · (logratio_w − logratio_l))
+β·logratio_w and β·logratio_l are the implicit rewards. DPO can lower log π(y_w|x) as long as the margin grows
 (likelihood displacement: Pal et al. 2024, arXiv:2402.13228, §3; Razin et al. 2024, arXiv:2410.08847); --dpop-lambda adds the DPO-Positive anchor (Pal et al. 2024,
 arXiv:2402.13228) that penalises the chosen log-prob for falling below the reference's:
-    L    = −log σ(β · (lr_w − lr_l) − λ · max(0, log π_ref(y_w|x) − log π(y_w|x)))
+    L          = −log σ(β · (logratio_w − logratio_l − λ · max(0, log π_ref(y_w|x) − log π(y_w|x))))
 --online turns it into online / iterative DPO (Xiong et al. 2024, arXiv:2312.11456; with an LLM judge,
 online AI feedback, Guo et al. 2024, arXiv:2402.04792): every --online-every steps the current
 policy samples --num-samples answers per prompt, a rule, a reward model or an LLM judge ranks them
@@ -53,7 +53,7 @@ class Args:
     beta: float = 0.1
     """β: strength of the pull towards the reference (the implicit KL coefficient)"""
     dpop_lambda: float = 0.0
-    """λ of DPO-Positive, applied outside β (paper's λ times β); 0 is plain DPO, e.g. 5"""
+    """λ of DPO-Positive as the paper writes it (inside β; it uses 50); 0 is plain DPO"""
     label_smoothing: float = 0.0
     """ε of conservative DPO: the assumed probability that a label is flipped"""
     precompute_ref: bool = True
@@ -117,18 +117,17 @@ def dpo_loss(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Per-pair DPO loss from summed sequence log-probs, all (B,). Returns (loss, r_w, r_l), each (B,).
 
-    h    = β (lr_w − lr_l) − λ max(0, ref_w − pi_w)      lr = pi − ref; eq. 7 of arXiv:2305.18290
-    loss = −(1 − ε) log σ(h) − ε log σ(−h)              ε: conservative DPO (Mitchell 2023)
-    r    = β lr (detached)                               the implicit rewards
+    h    = β (logratio_w − logratio_l − λ max(0, ref_w − pi_w))    logratio = pi − ref; eq. 7 of arXiv:2305.18290
+    loss = −(1 − ε) log σ(h) − ε log σ(−h)                        ε: conservative DPO (Mitchell 2023)
+    r    = β logratio (detached)                                  the implicit rewards
 
-    DPOP (arXiv:2402.13228, eq. 3) writes the penalty inside β as β·λ_paper·max(0, ·); here λ stands
-    outside, so λ = β·λ_paper (the paper's λ = 50 at β = 0.1 is λ = 5). The penalty is zero while
-    the policy's chosen log-prob stays above the reference's.
+    λ is DPO-Positive's (arXiv:2402.13228, eq. 3), inside β as the paper writes it (it uses λ = 50). The
+    penalty is zero while the policy's chosen log-prob stays above the reference's.
     """
-    lr_w, lr_l = pi_chosen - ref_chosen, pi_rejected - ref_rejected
-    h = beta * (lr_w - lr_l) - dpop_lambda * (ref_chosen - pi_chosen).clamp(min=0)
+    logratio_w, logratio_l = pi_chosen - ref_chosen, pi_rejected - ref_rejected
+    h = beta * (logratio_w - logratio_l - dpop_lambda * (ref_chosen - pi_chosen).clamp(min=0))
     loss = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)  # stable for any |h|
-    return loss, beta * lr_w.detach(), beta * lr_l.detach()
+    return loss, beta * logratio_w.detach(), beta * logratio_l.detach()
 
 
 # ───────────── data: pairs as two documents of one packed row ─────────────
@@ -202,6 +201,28 @@ def cached_reference_logps(model, pairs, tag: str, args, out_dir, rank, world, d
     return ref
 
 
+# ───────────── evaluation ─────────────
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device) -> dict:
+    """Held-out preference accuracy (implicit reward of chosen > rejected; the fraction of exact ties, as
+    every pair is before the first step, beside it) and greedy task accuracy."""
+    model.eval()
+    out = {}
+    if eval_pairs:
+        pi = all_pair_logps(model, eval_pairs, args.max_tokens, rank, world, device, "held-out log-probs")
+        _, r_w, r_l = dpo_loss(pi[:, 0], pi[:, 1], eval_ref[:, 0], eval_ref[:, 1], args.beta)
+        out["eval/rewards/accuracies"] = float((r_w > r_l).float().mean())
+        out["eval/rewards/ties"] = float((r_w == r_l).float().mean())
+        out["eval/rewards/margins"] = float((r_w - r_l).mean())
+        out["eval/logps/chosen_drift"] = float((pi[:, 0] - eval_ref[:, 0]).mean())
+    if problems:
+        out["eval/accuracy"] = common.greedy_accuracy(model, tokenizer, problems, args.max_new_tokens, rank, world)
+    model.train()
+    return out
+
+
 # ───────────── online: sample, rank, pair ─────────────
 
 
@@ -269,36 +290,35 @@ def online_pairs(policy, tokenizer, prompts: list[dict], args, scorer, device) -
     return pairs, {**stats, **{f"online/skipped_{k}": v for k, v in skipped.items()}}
 
 
-# ───────────── evaluation ─────────────
+def online_round(policy, tokenizer, prompts: list[dict], step: int, args, scorer, rank, world, device):
+    """One round of online DPO: the round's prompts (drawn by the round's seed), each rank sampling and
+    ranking its share (online_pairs), the pairs gathered on every rank in rank order. Returns (pairs,
+    statistics averaged over ranks)."""
+    n_round = args.online_prompts or args.batch_size * args.online_every
+    round_prompts = [prompts[i] for i in common.step_indices(len(prompts), n_round, step // args.online_every, args.seed)]
+    pairs, stats = online_pairs(policy, tokenizer, round_prompts[rank::world], args, scorer, device)
+    return common.all_gather_objects(pairs), common.reduce_metrics(stats, world)
 
 
-@torch.no_grad()
-def evaluate(model, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device) -> dict:
-    """Held-out preference accuracy (implicit reward of chosen > rejected; the fraction of exact ties, as
-    every pair is before the first step, beside it) and greedy task accuracy."""
-    model.eval()
-    out = {}
-    if eval_pairs:
-        pi = all_pair_logps(model, eval_pairs, args.max_tokens, rank, world, device, "held-out log-probs")
-        _, r_w, r_l = dpo_loss(pi[:, 0], pi[:, 1], eval_ref[:, 0], eval_ref[:, 1], args.beta)
-        out["eval/rewards/accuracies"] = float((r_w > r_l).float().mean())
-        out["eval/rewards/ties"] = float((r_w == r_l).float().mean())
-        out["eval/rewards/margins"] = float((r_w - r_l).mean())
-        out["eval/logps/chosen_drift"] = float((pi[:, 0] - eval_ref[:, 0]).mean())
-    if problems:
-        out["eval/accuracy"] = common.greedy_accuracy(model, tokenizer, problems, args.max_new_tokens, rank, world)
-    model.train()
-    return out
+def load_scorer(args, device):
+    """What ranks the online answers: (LLM judge, its tokenizer), (reward model, its tokenizer), or None
+    for the rule reward."""
+    if args.judge:
+        judge_tok = common.load_tokenizer(args.judge)
+        return common.load_model(args.judge, judge_tok).to(device).eval(), judge_tok
+    if args.reward_model:
+        return common.load_reward_model(args.reward_model).to(device), common.load_tokenizer(args.reward_model)
+    return None
 
 
 def main(args: Args) -> str:
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)
-    out_dir = common.start_run(args, "dpo", rank)
     if args.online and args.precompute_ref:
         args.precompute_ref = False  # fresh pairs every round: the reference must stay live
         if rank == 0:
             print("--online: keeping a live reference model (--no-precompute-ref)")
+    out_dir = common.start_run(args, "dpo", rank)  # args.json records the arguments the run trains with
 
     tokenizer = common.load_tokenizer(args.model)
     policy = common.load_model(args.model, tokenizer, seed=args.seed, dropout=args.dropout).to(device)
@@ -331,13 +351,7 @@ def main(args: Args) -> str:
     if args.precompute_ref:
         ref_logps = cached_reference_logps(ref, pairs, "train", args, out_dir, rank, world, device)
         del ref  # the reference is not needed again: training holds one model
-    scorer = None  # (model, its tokenizer) for online scoring; None: the rule reward
-    if args.online and args.judge:
-        judge_tok = common.load_tokenizer(args.judge)
-        scorer = (common.load_model(args.judge, judge_tok).to(device).eval(), judge_tok)
-    elif args.online and args.reward_model:
-        rm = common.load_reward_model(args.reward_model).to(device)
-        scorer = (rm, common.load_tokenizer(args.reward_model))
+    scorer = load_scorer(args, device) if args.online else None
 
     policy = common.shard_model(policy, args.fsdp)
     policy.train()
@@ -354,17 +368,15 @@ def main(args: Args) -> str:
         t0 = time.time()
         # 0. online: a new round of pairs sampled from the current policy and ranked
         if args.online and (step % args.online_every == 0 or not pairs):
-            n_round = args.online_prompts or args.batch_size * args.online_every
-            round_prompts = [prompts[i] for i in common.step_indices(len(prompts), n_round, step // args.online_every, args.seed)]
-            pairs, stats = online_pairs(policy, tokenizer, round_prompts[rank::world], args, scorer, device)
-            pairs = common.all_gather_objects(pairs)  # every rank holds the round's pairs, in rank order
-            log.log(step, common.reduce_metrics(stats, world))
+            pairs, round_stats = online_round(policy, tokenizer, prompts, step, args, scorer, rank, world, device)
+            log.log(step, round_stats)
         if not pairs:
             continue  # every answer tied this round: nothing to prefer
         # 1. this rank's pairs of the step; chosen and rejected of a pair share one packed row
         idx = common.step_indices(len(pairs), args.batch_size, step, args.seed)[rank::world]
         num_pairs = common.all_reduce_sum(torch.tensor(float(len(idx))))
-        sums = torch.zeros(8, dtype=torch.float64)  # loss, r_w, r_l, acc, pi_w, pi_l, drift_w, drift_l
+        stats = common.Sums("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
+                             "logps/rejected", "logps/chosen_drift", "logps/rejected_drift")  # summed over pairs  # fmt: skip
         tokens = 0
         for local, batch in pair_batches([pairs[i] for i in idx], args.max_tokens):
             batch = common.to_device(batch, device)
@@ -379,10 +391,11 @@ def main(args: Args) -> str:
             loss, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w, ref_l, args.beta, args.dpop_lambda, args.label_smoothing)
             (loss.sum() / num_pairs.to(device)).backward()
             pi_w, pi_l = pi_w.detach(), pi_l.detach()
-            cols = [loss.detach(), r_w, r_l, (r_w > r_l).float(), pi_w, pi_l, pi_w - ref_w, pi_l - ref_l]
-            sums += torch.stack([c.double().sum().cpu() for c in cols])
+            stats.add(**{"loss": loss.detach(), "rewards/chosen": r_w, "rewards/rejected": r_l,
+                         "rewards/accuracies": (r_w > r_l).float(), "logps/chosen": pi_w, "logps/rejected": pi_l,
+                         "logps/chosen_drift": pi_w - ref_w, "logps/rejected_drift": pi_l - ref_l})  # fmt: skip
             tokens += common.num_tokens(batch)
-        common.check_finite(sums[0], "the loss", step)
+        common.check_finite(torch.tensor(stats["loss"], dtype=torch.float64), "the loss", step)
         # 3. sum gradients over ranks, clip, step
         common.sync_grads(policy)
         grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
@@ -390,14 +403,10 @@ def main(args: Args) -> str:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        s = (common.all_reduce_sum(sums) / float(num_pairs)).tolist()
-        metrics = {
-            "loss": s[0], "rewards/chosen": s[1], "rewards/rejected": s[2], "rewards/accuracies": s[3],
-            "rewards/margins": s[1] - s[2], "logps/chosen": s[4], "logps/rejected": s[5],
-            "logps/chosen_drift": s[6], "logps/rejected_drift": s[7], "grad_norm": float(grad_norm),
-            "lr": scheduler.get_last_lr()[0],
-            "tokens_per_s": float(common.all_reduce_sum(torch.tensor(float(tokens)))) / (time.time() - t0),
-        }  # fmt: skip
+        metrics = {k: v / float(num_pairs) for k, v in stats.total().items()}  # means over the step's pairs
+        metrics |= {"rewards/margins": metrics["rewards/chosen"] - metrics["rewards/rejected"], "grad_norm": float(grad_norm),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": float(common.all_reduce_sum(torch.tensor(float(tokens)))) / (time.time() - t0)}  # fmt: skip
         log.log(step + 1, metrics)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             log.log(step + 1, evaluate(policy, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device))

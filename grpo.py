@@ -17,7 +17,6 @@ clip-higher. The KL term sits in the loss, as in GRPO's eq. 3 (not in the reward
 """
 
 import copy
-import os
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -188,31 +187,15 @@ def score(prompts: list[dict], texts: list[str], args: Args, reward_model, devic
     return common.reward_model_scores(rm, tok, [p["prompt"] for p in prompts], texts, device, args.max_tokens)
 
 
-def completion_matrix(x: Tensor, batch: dict, width: int) -> Tensor:
-    """Per-token values of a packed row (1, T) -> (num_docs, width): each document's answer tokens, left
-    aligned, zeros after. width is the generation budget, so every answer fits."""
-    mask = batch["labels"][0] != common.IGNORE
-    doc = common.doc_ids(batch)[0][mask]
-    n_docs = len(batch["cu_seqlens"]) - 1
-    counts = torch.bincount(doc, minlength=n_docs)
-    pos = torch.arange(len(doc), device=doc.device) - (counts.cumsum(0) - counts)[doc]
-    out = x.new_zeros(n_docs, width)
-    out[doc, pos] = x[0][mask]
-    return out
-
-
 def answer_logps(model, batch: dict, width: int, temperature: float, entropy: bool = False):
     """(n, width) log-probs (and entropies) of the answers of a packed row, in fp32 from logits / τ:
     the same computation at sampling time (old, ref) and in training, so ρ = 1 exactly when π = π_old."""
     logp, ent = common.token_logps(model, batch, temperature=temperature, entropy=entropy)
-    return completion_matrix(logp, batch, width), (completion_matrix(ent, batch, width) if entropy else None)
+    return common.completion_matrix(logp, batch, width), (common.completion_matrix(ent, batch, width) if entropy else None)
 
 
-def rollout(
-    policy, ref, tokenizer, prompts: list[dict], seeds: list[int], args: Args, reward_model, device
-) -> tuple[list[dict], dict]:
-    """Sample G answers per prompt, score them, and turn them into training samples with their advantage,
-    mask, and the old / reference log-probs of their tokens. Returns (samples, stats).
+def rollout(policy, tokenizer, prompts: list[dict], seeds: list[int], args: Args, reward_model, device):
+    """Sample G answers per prompt and score them. Returns (generations, rewards (N,), stats).
 
     Answer j of prompt i is sampled by its own seeded sampler (common.RowSampler, seed of (seed, step,
     prompt i, j)), so every group of the step goes through generate as one batch, and an answer still
@@ -231,7 +214,21 @@ def rollout(
     reward = score(flat, texts, args, reward_model, device)
     if args.overlong == "penalty":
         reward = reward - (~ended).float()
-    # advantages within each group; groups with equal rewards carry no signal
+    stats = {
+        "reward/mean": float(reward.mean()), "reward/std": float(reward.std()) if len(reward) > 1 else 0.0,
+        "response_length": sum(len(g["completion_ids"]) for g in gens) / len(gens), "truncated_frac": float((~ended).float().mean()),
+        "distinct_2": distinct_2([g["completion_ids"] for g in gens]), "time/generation_s": gen_s,
+    }  # fmt: skip
+    if all("answer" in p for p in prompts):
+        stats["accuracy"] = sum(common.rule_reward(t, p["answer"]) for p, t in zip(flat, texts)) / len(texts)
+    return gens, reward, stats
+
+
+def training_samples(gens: list[dict], reward: Tensor, args: Args) -> tuple[list[dict], float]:
+    """Answers -> training samples with their group-relative advantage, leaving out cut-off answers
+    (--overlong mask) and groups whose rewards are all equal (--filter-zero-std; such a group carries no
+    signal). Returns (samples, the fraction of answers in equal-reward groups)."""
+    ended = torch.tensor([g["ended"] for g in gens])
     adv = group_advantages(reward, args.group_size, args.scale)
     zero_std = (reward.view(-1, args.group_size).std(1).nan_to_num(0.0) == 0).repeat_interleave(args.group_size)
     keep = torch.ones(len(gens), dtype=torch.bool)
@@ -244,10 +241,16 @@ def rollout(
         if k and g["completion_ids"]:
             ids = g["prompt_ids"] + g["completion_ids"]
             samples.append({"input_ids": ids, "labels": [common.IGNORE] * len(g["prompt_ids"]) + g["completion_ids"], "adv": a})
-    # old and reference log-probs, micro-batch by micro-batch exactly as the update will see them
+    return samples, float(zero_std.float().mean())
+
+
+@torch.no_grad()
+def old_and_ref_logps(policy, ref, samples: list[dict], args: Args, device) -> None:
+    """Record each sample's old log-probs (μ > 1) and reference log-probs (β > 0), micro-batch by
+    micro-batch exactly as the update will see them."""
     for batch_idx, batch in micro_batches(samples, args.max_tokens):
         batch = common.to_device(batch, device)
-        with torch.no_grad(), common.autocast(device):
+        with common.autocast(device):
             if args.mu > 1:
                 old, _ = answer_logps(policy, batch, args.max_new_tokens, args.temperature)
             if ref is not None:
@@ -257,15 +260,6 @@ def rollout(
                 samples[i]["old"] = old[j].cpu()
             if ref is not None:
                 samples[i]["ref"] = ref_logp[j].cpu()
-    stats = {
-        "reward/mean": float(reward.mean()), "reward/std": float(reward.std()) if len(reward) > 1 else 0.0,
-        "zero_std_frac": float(zero_std.float().mean()),
-        "response_length": sum(len(g["completion_ids"]) for g in gens) / len(gens), "truncated_frac": float((~ended).float().mean()),
-        "distinct_2": distinct_2([g["completion_ids"] for g in gens]), "time/generation_s": gen_s,
-    }  # fmt: skip
-    if all("answer" in p for p in prompts):
-        stats["accuracy"] = sum(common.rule_reward(t, p["answer"]) for p, t in zip(flat, texts)) / len(texts)
-    return samples, stats
 
 
 def micro_batches(samples: list[dict], max_tokens: int) -> list[tuple[list[int], dict]]:
@@ -315,45 +309,42 @@ def main(args: Args) -> str:
     if start == 0 and problems:
         log.log(0, {"eval/accuracy": common.greedy_accuracy(policy, tokenizer, problems, args.max_new_tokens, rank, world)})
     for step in range(start, args.max_steps):
-        # 1. generate and score: this rank's whole groups, each sampled from a seed of (seed, step, prompt)
+        # 1. sample G answers per prompt and score them: this rank's whole groups, each from a seed of (seed, step, prompt)
         idx = common.step_indices(len(prompts), args.prompts_per_step, step, args.seed)[rank::world]
         seeds = [common.hash_int([args.seed, step, i]) for i in idx]
-        samples, stats = rollout(policy, ref, tokenizer, [prompts[i] for i in idx], seeds, args, reward_model, device)
+        gens, reward, stats = rollout(policy, tokenizer, [prompts[i] for i in idx], seeds, args, reward_model, device)
+        # 2. group-relative advantages; cut-off answers and equal-reward groups left out as the options say
+        samples, stats["zero_std_frac"] = training_samples(gens, reward, args)
+        # 3. old (μ > 1) and reference (β > 0) log-probs of the answers kept
+        old_and_ref_logps(policy, ref, samples, args, device)
         t0 = time.time()
-        # 2. the step's denominators over all ranks: answer tokens (token) or answers (sequence, constant)
+        # 4. the step's denominators over all ranks: answer tokens (token) or answers (sequence, constant)
         n_tok = float(
             common.all_reduce_sum(torch.tensor(float(sum(sum(t != common.IGNORE for t in s["labels"]) for s in samples))))
         )
         n_seq = float(common.all_reduce_sum(torch.tensor(float(len(samples)))))
         total = n_tok if args.loss_agg == "token" else n_seq
-        # 3. μ updates on the rollout; old log-probs were recorded at sampling time (μ = 1: the current
+        # 5. μ updates on the rollout; old log-probs were recorded at sampling time (μ = 1: the current
         #    ones, ρ = 1 and the clipped surrogate is the plain policy gradient)
-        sums = torch.zeros(6, dtype=torch.float64)  # clip_low, clip_high, kl, entropy (token-weighted), tokens, loss
+        sums = common.Sums("clip_frac_low", "clip_frac_high", "kl", "entropy", "tokens", "loss")  # token-weighted, but loss
         for _ in range(args.mu):
             for batch_idx, batch in micro_batches(samples, args.max_tokens) if total else []:
                 batch = common.to_device(batch, device)
-                chosen = [samples[i] for i in batch_idx]
+                in_batch = [samples[i] for i in batch_idx]
                 with common.autocast(device):
                     logp, entropy = answer_logps(policy, batch, args.max_new_tokens, args.temperature, entropy=True)
-                mask = completion_matrix((batch["labels"] != common.IGNORE).float(), batch, args.max_new_tokens)
-                old = torch.stack([s["old"] for s in chosen]).to(device) if args.mu > 1 else logp.detach()
-                ref_logp = torch.stack([s["ref"] for s in chosen]).to(device) if ref is not None else None
-                adv = torch.tensor([s["adv"] for s in chosen], device=device)
+                mask = common.completion_matrix((batch["labels"] != common.IGNORE).float(), batch, args.max_new_tokens)
+                old = torch.stack([s["old"] for s in in_batch]).to(device) if args.mu > 1 else logp.detach()
+                ref_logp = torch.stack([s["ref"] for s in in_batch]).to(device) if ref is not None else None
+                adv = torch.tensor([s["adv"] for s in in_batch], device=device)
                 loss, st = grpo_loss(logp, old, ref_logp, adv, mask, args.clip_low, args.clip_high, args.beta, args.loss_agg)
-                units = mask.sum() if args.loss_agg == "token" else float(len(chosen))
+                units = mask.sum() if args.loss_agg == "token" else float(len(in_batch))
                 share = loss * units / total  # the micro-batch's share of the step's aggregate
                 share.backward()
                 n = mask.sum().item()
-                ent = float((entropy.detach() * mask).sum())
-                st = [
-                    st["clip_frac_low"].item() * n,
-                    st["clip_frac_high"].item() * n,
-                    st["kl"].item() * n,
-                    ent,
-                    n,
-                    share.item() / args.mu,
-                ]
-                sums += torch.tensor(st, dtype=torch.float64)
+                sums.add(clip_frac_low=st["clip_frac_low"].item() * n, clip_frac_high=st["clip_frac_high"].item() * n,
+                         kl=st["kl"].item() * n, entropy=float((entropy.detach() * mask).sum()), tokens=n,
+                         loss=share.item() / args.mu)  # fmt: skip
             if not total:
                 break  # no answer left to train on this step (all cut off or filtered), on every rank
             common.sync_grads(policy)
@@ -364,10 +355,10 @@ def main(args: Args) -> str:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-        s = common.all_reduce_sum(sums).tolist()
-        tok = max(s[4], 1.0)
-        metrics = {"loss": s[5], **common.reduce_metrics(stats, world), "clip_frac_low": s[0] / tok, "clip_frac_high": s[1] / tok,
-                   "kl": s[2] / tok, "entropy": s[3] / tok, "lr": scheduler.get_last_lr()[0], "time/training_s": time.time() - t0}  # fmt: skip
+        s = sums.total()
+        tok = max(s.pop("tokens"), 1.0)
+        metrics = {"loss": s.pop("loss"), **common.reduce_metrics(stats, world), **{k: v / tok for k, v in s.items()},
+                   "lr": scheduler.get_last_lr()[0], "time/training_s": time.time() - t0}  # fmt: skip
         metrics["trained_answers"] = n_seq  # over all ranks, after --overlong mask and --filter-zero-std
         if total:
             metrics["grad_norm"] = float(grad_norm)

@@ -263,23 +263,10 @@ def score(prompts: list[dict], texts: list[str], args: Args, reward_model, devic
     return common.reward_model_scores(rm, tok, [p["prompt"] for p in prompts], texts, device, args.max_tokens)
 
 
-def completion_matrix(x: Tensor, batch: dict, width: int) -> Tensor:
-    """Per-token values of a packed row (1, T) -> (num_docs, width): each document's answer tokens, left
-    aligned, zeros after. width is the generation budget, so every answer fits."""
-    mask = batch["labels"][0] != common.IGNORE
-    doc = common.doc_ids(batch)[0][mask]
-    n_docs = len(batch["cu_seqlens"]) - 1
-    counts = torch.bincount(doc, minlength=n_docs)
-    pos = torch.arange(len(doc), device=doc.device) - (counts.cumsum(0) - counts)[doc]
-    out = x.new_zeros(n_docs, width)
-    out[doc, pos] = x[0][mask]
-    return out
-
-
 def answer_logps(model, batch: dict, width: int, temperature: float, entropy: bool = False):
     """(n, width) log-probs (and entropies) of the answers of a packed row, in fp32 from logits / τ."""
     logp, ent = common.token_logps(model, batch, temperature=temperature, entropy=entropy)
-    return completion_matrix(logp, batch, width), (completion_matrix(ent, batch, width) if entropy else None)
+    return common.completion_matrix(logp, batch, width), (common.completion_matrix(ent, batch, width) if entropy else None)
 
 
 def answer_values(critic, batch: dict, width: int) -> Tensor:
@@ -288,7 +275,7 @@ def answer_values(critic, batch: dict, width: int) -> Tensor:
     hidden = common.forward_hidden(critic, batch)  # (1, T, H)
     v = critic.score(hidden).squeeze(-1).float()  # (1, T): the value after reading each position
     v = torch.cat([v.new_zeros(1, 1), v[:, :-1]], 1).masked_fill(batch["position_ids"] == 0, 0.0)
-    return completion_matrix(v, batch, width)
+    return common.completion_matrix(v, batch, width)
 
 
 def partition(samples: list[dict], args: Args, step: int, epoch: int) -> list[list[tuple[list[int], dict]]]:
@@ -305,10 +292,9 @@ def partition(samples: list[dict], args: Args, step: int, epoch: int) -> list[li
     return out
 
 
-def rollout(policy, ref, critic, tokenizer, prompts, gids, seeds, args: Args, reward_model, beta: float, step: int, device):
-    """Sample one answer per prompt, score it, and compute everything the update needs per answer token:
-    old log-probs, reference log-probs, old values, shaped rewards, advantages and returns.
-    Returns (samples, stats)."""
+def rollout(policy, tokenizer, prompts, gids, seeds, args: Args, reward_model, step: int, device):
+    """Sample one answer per prompt and score it (minus --missing-eos-penalty for an answer cut off before
+    EOS). Returns (samples with their score, sums of their statistics on this rank, other statistics)."""
     t0 = time.time()
     gens = common.generate(policy, tokenizer, [p["prompt"] for p in prompts], args.max_new_tokens,
                            temperature=args.temperature, seeds=seeds)  # fmt: skip
@@ -330,41 +316,43 @@ def rollout(policy, ref, critic, tokenizer, prompts, gids, seeds, args: Args, re
         samples.append(
             {"input_ids": ids, "labels": [common.IGNORE] * len(g["prompt_ids"]) + g["completion_ids"], "gid": gid, "score": s}
         )
-    # old log-probs, reference log-probs and old values, through the micro-batches of the first minibatch
-    # pass: the same forward as the first update, so ρ = 1 exactly there
-    w = args.max_new_tokens
-    for minibatch in partition(samples, args, step, 0):
-        for idx, batch in minibatch:
-            batch = common.to_device(batch, device)
-            with torch.no_grad(), common.autocast(device):
-                old, _ = answer_logps(policy, batch, w, args.temperature)
-                ref_logp, _ = answer_logps(ref, batch, w, args.temperature)
-                values = answer_values(critic, batch, w)
-            mask = completion_matrix((batch["labels"] != common.IGNORE).float(), batch, w)
-            for j, i in enumerate(idx):
-                samples[i].update(old=old[j].cpu(), ref=ref_logp[j].cpu(), values=values[j].cpu(), mask=mask[j].cpu())
-    stack = lambda key: torch.stack([s[key] for s in samples]) if samples else torch.zeros(0, w)
-    old, ref_logp, values, mask = stack("old"), stack("ref"), stack("values"), stack("mask")
-    rewards = shaped_rewards(torch.tensor([s["score"] for s in samples]), old, ref_logp, mask, beta)
-    if args.whiten_rewards:
-        rewards = common.masked_whiten(rewards, mask, shift_mean=False)
-    adv, returns = compute_gae(rewards, values, mask, args.gamma, args.lam)
-    if args.whiten_advantages:
-        adv = common.masked_whiten(adv, mask)
-    for s, a, r in zip(samples, adv, returns):
-        s["adv"], s["returns"] = a, r
-    k1 = common.kl_k1(old, ref_logp) * mask
-    # sums over this rank; main() adds them over ranks
-    sums = {
+    sums = {  # this rank's; main() adds them over ranks
         "score": float(raw.sum()), "score_shaped": float(scores.sum()), "no_eos": float((~ended).sum()),
-        "kl_seq": float(k1.sum()), "k3": float((common.kl_k3(old, ref_logp) * mask).sum()), "tokens": float(mask.sum()),
         "length": float(sum(len(g["completion_ids"]) for g in gens)), "answers": float(len(gens)),
-        "ret_sum": float((returns * mask).sum()), "ret_sq": float((returns**2 * mask).sum()),
-        "err_sum": float(((returns - values) * mask).sum()), "err_sq": float(((returns - values) ** 2 * mask).sum()),
     }  # fmt: skip
     if all("answer" in p for p in prompts):
         sums["correct"] = float(sum(common.rule_reward(t, p["answer"]) for p, t in zip(prompts, texts)))
     return samples, sums, {"distinct_2": distinct_2([g["completion_ids"] for g in gens]), "time/generation_s": gen_s}
+
+
+@torch.no_grad()
+def old_logps_and_values(policy, ref, critic, samples: list[dict], args: Args, step: int, device):
+    """Old log-probs, reference log-probs and old values of every answer token, recorded in each sample
+    and returned stacked (n, max_new_tokens), with the answer mask. They go through the micro-batches of
+    the first minibatch pass: the same forward as the first update, so ρ = 1 exactly there."""
+    w = args.max_new_tokens
+    for minibatch in partition(samples, args, step, 0):
+        for idx, batch in minibatch:
+            batch = common.to_device(batch, device)
+            with common.autocast(device):
+                old, _ = answer_logps(policy, batch, w, args.temperature)
+                ref_logp, _ = answer_logps(ref, batch, w, args.temperature)
+                values = answer_values(critic, batch, w)
+            mask = common.completion_matrix((batch["labels"] != common.IGNORE).float(), batch, w)
+            for j, i in enumerate(idx):
+                samples[i].update(old=old[j].cpu(), ref=ref_logp[j].cpu(), values=values[j].cpu(), mask=mask[j].cpu())
+    stack = lambda key: torch.stack([s[key] for s in samples]) if samples else torch.zeros(0, w)  # noqa: E731
+    return stack("old"), stack("ref"), stack("values"), stack("mask")
+
+
+def value_stats(old: Tensor, ref_logp: Tensor, values: Tensor, returns: Tensor, mask: Tensor) -> dict:
+    """This rank's token sums of the KL estimates and of the returns and value errors (main() adds them
+    over ranks, for kl_k1, kl_k3 and the critic's explained variance)."""
+    return {
+        "kl_seq": float((common.kl_k1(old, ref_logp) * mask).sum()), "k3": float((common.kl_k3(old, ref_logp) * mask).sum()),
+        "tokens": float(mask.sum()), "ret_sum": float((returns * mask).sum()), "ret_sq": float((returns**2 * mask).sum()),
+        "err_sum": float(((returns - values) * mask).sum()), "err_sq": float(((returns - values) ** 2 * mask).sum()),
+    }  # fmt: skip
 
 
 @torch.no_grad()
@@ -373,13 +361,14 @@ def evaluate(policy, tokenizer, problems: list[dict], args: Args, reward_model, 
     mine = problems[rank::world]
     gens = common.generate(policy, tokenizer, [p["prompt"] for p in mine], args.max_new_tokens)
     texts = [g["text"] for g in gens]
-    local = [sum(common.rule_reward(t, p["answer"]) for t, p in zip(texts, mine)), 0.0]
+    sums = common.Sums("right", "rm_score")
+    sums.add(right=sum(common.rule_reward(t, p["answer"]) for t, p in zip(texts, mine)))
     if reward_model is not None and mine:
-        local[1] = float(score(mine, texts, args, reward_model, device).sum())
-    total = common.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
-    out = {"eval/accuracy": total[0] / len(problems)}
+        sums.add(rm_score=float(score(mine, texts, args, reward_model, device).sum()))
+    total = sums.total()
+    out = {"eval/accuracy": total["right"] / len(problems)}
     if reward_model is not None:
-        out["eval/rm_score"] = total[1] / len(problems)
+        out["eval/rm_score"] = total["rm_score"] / len(problems)
     return out
 
 
@@ -433,38 +422,41 @@ def main(args: Args) -> str:
     if start == 0 and problems:
         log.log(0, evaluate(policy, tokenizer, problems, args, reward_model, rank, world, device))
     for step in range(start, args.max_steps):
-        # 1-4. this rank's prompts (global indices gid), each sampled from a seed of (seed, step, gid)
+        # 1. sample and score an answer per prompt: this rank's prompts (global indices gid), each
+        #    sampled from a seed of (seed, step, gid)
         order = common.step_indices(len(prompts), args.prompts_per_step, step, args.seed)
         gids = list(range(args.prompts_per_step))[rank::world]
         seeds = [common.hash_int([args.seed, step, order[g]]) for g in gids]
-        samples, sums, local = rollout(
-            policy,
-            ref,
-            critic,
-            tokenizer,
-            [prompts[order[g]] for g in gids],
-            gids,
-            seeds,
-            args,
-            reward_model,
-            beta,
-            step,
-            device,
-        )
+        samples, sums, local = rollout(policy, tokenizer, [prompts[order[g]] for g in gids], gids, seeds, args, reward_model,
+                                       step, device)  # fmt: skip
+        # 2. old log-probs, reference log-probs and old values of every answer token
+        old, ref_logp, values, mask = old_logps_and_values(policy, ref, critic, samples, args, step, device)
+        # 3. per-token rewards: −β·k1 on every answer token, the score added at the last
+        rewards = shaped_rewards(torch.tensor([s["score"] for s in samples]), old, ref_logp, mask, beta)
+        if args.whiten_rewards:
+            rewards = common.masked_whiten(rewards, mask, shift_mean=False)
+        # 4. GAE advantages and returns (the critic's regression targets)
+        adv, returns = compute_gae(rewards, values, mask, args.gamma, args.lam)
+        if args.whiten_advantages:
+            adv = common.masked_whiten(adv, mask)
+        for s, a, r in zip(samples, adv, returns):
+            s["adv"], s["returns"] = a, r
+        sums |= value_stats(old, ref_logp, values, returns, mask)
         t0 = time.time()
         # 5. PPO epochs over shuffled minibatches; each minibatch's loss is a mean over its valid tokens
         #    on all ranks, so every rank divides by the same count
-        diag = torch.zeros(8, dtype=torch.float64)  # pg, vf, entropy, approx_kl, clip, vf_clip (token sums), tokens, updates
+        keys = ("pg_loss", "vf_loss", "entropy", "approx_kl", "clip_frac", "vf_clip_frac")
+        diag, updates = common.Sums(*keys, "tokens"), 0  # token-weighted sums of ppo_loss's statistics
         for epoch in range(args.ppo_epochs):
-            epoch_kl = torch.zeros(2, dtype=torch.float64)  # approx_kl token sum, tokens
+            epoch_kl = common.Sums("approx_kl", "tokens")
             for minibatch in partition(samples, args, step, epoch):
                 n_local = float(sum(samples[i]["mask"].sum() for idx, _ in minibatch for i in idx))
                 n_tok = float(common.all_reduce_sum(torch.tensor(n_local)))
                 for idx, batch in minibatch if n_tok else []:
                     batch = common.to_device(batch, device)
-                    chosen = [samples[i] for i in idx]
+                    in_batch = [samples[i] for i in idx]
                     old, old_values, returns, adv, mask = (
-                        torch.stack([s[k] for s in chosen]).to(device) for k in ("old", "values", "returns", "adv", "mask")
+                        torch.stack([s[k] for s in in_batch]).to(device) for k in ("old", "values", "returns", "adv", "mask")
                     )
                     with common.autocast(device):
                         logp, entropy = answer_logps(policy, batch, args.max_new_tokens, args.temperature, entropy=True)
@@ -473,10 +465,8 @@ def main(args: Args) -> str:
                                         args.clip_eps, args.vf_clip, args.vf_coef, args.ent_coef)  # fmt: skip
                     n = float(mask.sum())
                     (loss * n / n_tok).backward()  # the micro-batch's share of the minibatch's token mean
-                    keys = ("pg_loss", "vf_loss", "entropy", "approx_kl", "clip_frac", "vf_clip_frac")
-                    diag[:6] += torch.tensor([st[k].item() * n for k in keys], dtype=torch.float64)
-                    diag[6] += n
-                    epoch_kl += torch.tensor([st["approx_kl"].item() * n, n], dtype=torch.float64)
+                    diag.add(**{k: st[k].item() * n for k in keys}, tokens=n)
+                    epoch_kl.add(approx_kl=st["approx_kl"].item() * n, tokens=n)
                 for model, opt, sched in ((policy, optimizer, scheduler), (critic, critic_opt, critic_sched)):
                     if n_tok:  # an empty minibatch (on every rank) only ticks the schedule
                         common.sync_grads(model)
@@ -488,29 +478,27 @@ def main(args: Args) -> str:
                         opt.step()
                         opt.zero_grad(set_to_none=True)
                     sched.step()
-                diag[7] += bool(n_tok)
-            epoch_kl = common.all_reduce_sum(epoch_kl)
-            if args.max_approx_kl and epoch_kl[0] / epoch_kl[1].clamp(min=1) > args.max_approx_kl:
+                updates += bool(n_tok)
+            epoch_kl = epoch_kl.total()
+            if args.max_approx_kl and epoch_kl["approx_kl"] / max(epoch_kl["tokens"], 1.0) > args.max_approx_kl:
                 for _ in range(args.num_minibatches * (args.ppo_epochs - epoch - 1)):  # keep the schedule on plan
                     scheduler.step()
                     critic_sched.step()
                 break
         # 6. metrics over all ranks, then the KL controller
-        keys = sorted(sums)
-        tot = dict(zip(keys, common.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()))
-        d = common.all_reduce_sum(diag[:7]).tolist()
-        tok, answers = max(d[6], 1.0), tot["answers"]
+        tot, d = common.sum_over_ranks(sums), diag.total()
+        tok, answers = max(d["tokens"], 1.0), tot["answers"]
         n_tok = max(tot["tokens"], 1.0)
         ret_var = tot["ret_sq"] / n_tok - (tot["ret_sum"] / n_tok) ** 2
         err_var = tot["err_sq"] / n_tok - (tot["err_sum"] / n_tok) ** 2
         kl = tot["kl_seq"] / answers
         metrics = {
-            "loss": (d[0] + args.vf_coef * d[1] - args.ent_coef * d[2]) / tok, "pg_loss": d[0] / tok, "vf_loss": d[1] / tok,
-            "entropy": d[2] / tok, "approx_kl": d[3] / tok, "clip_frac": d[4] / tok, "vf_clip_frac": d[5] / tok,
+            "loss": (d["pg_loss"] + args.vf_coef * d["vf_loss"] - args.ent_coef * d["entropy"]) / tok,
+            **{k: d[k] / tok for k in keys},
             "score": tot["score"] / answers, "score_shaped": tot["score_shaped"] / answers, "kl": kl,
             "kl_k1": tot["kl_seq"] / n_tok, "kl_k3": tot["k3"] / n_tok, "beta": beta,
             "explained_var": 1 - err_var / ret_var if ret_var > 0 else float("nan"),
-            "response_length": tot["length"] / answers, "no_eos_frac": tot["no_eos"] / answers, "updates": int(diag[7]),
+            "response_length": tot["length"] / answers, "no_eos_frac": tot["no_eos"] / answers, "updates": updates,
             **common.reduce_metrics(local, world), "lr": scheduler.get_last_lr()[0], "time/training_s": time.time() - t0,
         }  # fmt: skip
         if "correct" in tot:

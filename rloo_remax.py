@@ -19,7 +19,6 @@ summed k1 of its tokens: r_i ← r_i − β Σ_t (log π(y_t|·) − log π_ref(
 """
 
 import copy
-import os
 import time
 from dataclasses import dataclass
 from typing import Literal

@@ -330,14 +330,14 @@ def evaluate(model, samples: list[dict], kind: str, max_tokens: int, rank: int, 
     """ORM: held-out pairwise accuracy (r_w > r_l) and mean margin. PRM: step accuracy (σ(r) > ½ where the
     label is > ½) and solution accuracy (min_t r_t > 0 exactly when every step is right)."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # orm: right, margin, pairs; prm: right steps, steps, right solutions, solutions
+    sums = common.Sums("right", "margin", "pairs") if kind == "orm" else common.Sums("right_steps", "steps", "right_solutions", "solutions")
     mine = samples[rank::world]
     for _, batch in common.progress(micro_batches(mine, kind, max_tokens) if mine else [], "held-out rewards"):
         batch = common.to_device(batch, device)
         with common.autocast(device):
             if kind == "orm":
                 r_w, r_l = pair_rewards(model, batch)
-                sums += torch.tensor([(r_w > r_l).sum().item(), (r_w - r_l).sum().item(), len(r_w), 0.0], dtype=torch.float64)
+                sums.add(right=(r_w > r_l).sum().item(), margin=(r_w - r_l).sum().item(), pairs=len(r_w))
                 continue
             logits, labels = step_logits(model, batch)
         doc = common.doc_ids(batch)[batch["step_labels"] >= 0]  # the solution each step belongs to
@@ -345,14 +345,14 @@ def evaluate(model, samples: list[dict], kind: str, max_tokens: int, rank: int, 
         worst = torch.full((n,), float("inf"), device=logits.device).scatter_reduce(0, doc, logits, "amin")
         all_right = torch.ones(n, device=logits.device).scatter_reduce(0, doc, (labels > 0.5).float(), "amin")
         right_steps, right_solutions = ((logits > 0) == (labels > 0.5)).sum(), ((worst > 0) == (all_right > 0)).sum()
-        sums += torch.tensor([right_steps.item(), len(logits), right_solutions.item(), n], dtype=torch.float64)
+        sums.add(right_steps=right_steps.item(), steps=len(logits), right_solutions=right_solutions.item(), solutions=n)
     model.train()
-    s = common.all_reduce_sum(sums).tolist()
-    if s[2 if kind == "orm" else 1] == 0:
-        return {}  # nothing held out: no metric rather than a 0 measured on nothing
+    s = sums.total()
     if kind == "orm":
-        return {"eval/accuracy": s[0] / max(s[2], 1), "eval/margin": s[1] / max(s[2], 1)}
-    return {"eval/step_accuracy": s[0] / max(s[1], 1), "eval/solution_accuracy": s[2] / max(s[3], 1)}
+        return {"eval/accuracy": s["right"] / s["pairs"], "eval/margin": s["margin"] / s["pairs"]} if s["pairs"] else {}
+    if not s["steps"]:
+        return {}  # nothing held out: no metric rather than a 0 measured on nothing
+    return {"eval/step_accuracy": s["right_steps"] / s["steps"], "eval/solution_accuracy": s["right_solutions"] / s["solutions"]}
 
 
 @torch.no_grad()
@@ -533,8 +533,8 @@ def main(args: Args) -> str:
         mine = [train[i] for i in common.step_indices(len(train), args.batch_size, step, args.seed)[rank::world]]
         units = len(mine) if args.kind == "orm" else sum(sum(x >= 0 for x in s["step_labels"]) for s in mine)
         total = common.all_reduce_sum(torch.tensor(float(units)))
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, right, margin (orm) or Σσ (prm), r_w, r_l
-        tokens = 0
+        names = ("rewards/margins", "rewards/chosen", "rewards/rejected") if args.kind == "orm" else ("scores/mean_prob",)
+        sums, tokens = common.Sums("loss", "accuracy", *names), 0  # summed over pairs (orm) or steps (prm)
         for local, batch in micro_batches(mine, args.kind, args.max_tokens):
             batch = common.to_device(batch, device)
             with common.autocast(device):
@@ -543,22 +543,17 @@ def main(args: Args) -> str:
                     r_w, r_l = pair_rewards(model, batch)
                     margin = torch.tensor([mine[i]["margin"] for i in local], device=r_w.device)
                     loss = bradley_terry_loss(r_w, r_l, margin, args.center_coef) * len(local)  # the micro-batch's sum
-                    stats = [loss, (r_w > r_l).float(), r_w - r_l, r_w, r_l]
+                    stats = {"accuracy": (r_w > r_l).float(), "rewards/margins": r_w - r_l, "rewards/chosen": r_w,
+                             "rewards/rejected": r_l}  # fmt: skip
                 # 2'. step scores at every separator and their cross-entropy
                 else:
                     logits, labels = step_logits(model, batch)
                     loss = prm_loss(logits, labels).sum()
-                    stats = [
-                        loss,
-                        ((logits > 0) == (labels > 0.5)).float(),
-                        torch.sigmoid(logits),
-                        loss.new_zeros(()),
-                        loss.new_zeros(()),
-                    ]
+                    stats = {"accuracy": ((logits > 0) == (labels > 0.5)).float(), "scores/mean_prob": torch.sigmoid(logits)}
             (loss / total.to(device)).backward()
-            sums += torch.stack([x.detach().double().sum().cpu() for x in stats])
+            sums.add(loss=loss.detach(), **{k: v.detach() for k, v in stats.items()})
             tokens += common.num_tokens(batch)
-        common.check_finite(sums[0], "the loss", step)
+        common.check_finite(torch.tensor(sums["loss"], dtype=torch.float64), "the loss", step)
         # 3. sum gradients over ranks, clip, step
         common.sync_grads(model)
         grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
@@ -566,13 +561,9 @@ def main(args: Args) -> str:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        s = (common.all_reduce_sum(sums) / float(total)).tolist()
-        metrics = {"loss": s[0], "accuracy": s[1], "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": float(common.all_reduce_sum(torch.tensor(float(tokens)))) / (time.time() - t0)}  # fmt: skip
-        if args.kind == "orm":
-            metrics.update({"rewards/margins": s[2], "rewards/chosen": s[3], "rewards/rejected": s[4]})
-        else:
-            metrics["scores/mean_prob"] = s[2]
+        metrics = {k: v / float(total) for k, v in sums.total().items()}  # means over the step's pairs or steps
+        metrics |= {"grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": float(common.all_reduce_sum(torch.tensor(float(tokens)))) / (time.time() - t0)}  # fmt: skip
         log.log(step + 1, metrics)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             log.log(step + 1, evaluate(model, held_out, args.kind, args.max_tokens, rank, world, device))

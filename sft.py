@@ -12,7 +12,6 @@ ranks), so 4 micro-batches of 1 give exactly the loss and gradient of 1 batch of
     torchrun --nproc_per_node 2 sft.py
 """
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Literal

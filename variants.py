@@ -1,14 +1,14 @@
 """DPO variants: IPO, KTO, ORPO, SimPO. Read dpo.py first; each loss changes one thing:
 
     loss   paired?  π_ref?  loss of a pair / an example                         fixes, in DPO
-    DPO    yes      yes     −log σ(β(lr_w − lr_l))                              (the baseline)
-    IPO    yes      yes     (lr_w − lr_l − 1/(2τ))²                             KL stops holding when preferences
+    DPO    yes      yes     −log σ(β(ρ_w − ρ_l))                                (the baseline)
+    IPO    yes      yes     (ρ_w − ρ_l − 1/(2τ))²                               KL stops holding when preferences
                                                                                 are certain; rewards drift unbounded
-    KTO    no       yes     λ_y (1 − σ(±β(lr − z_ref)))                         needs pairs; loss ≠ utility
+    KTO    no       yes     λ_y (1 − σ(±β(ρ − z_ref)))                          needs pairs; loss ≠ utility
     ORPO   yes      no      NLL(y_w) − λ log σ(log odds_w − log odds_l)         two stages (SFT, then DPO) and
                                                                                 a frozen reference in memory
     SimPO  yes      no      −log σ(β avg_w − β avg_l − γ)                       length bias, displacement, π_ref
-with lr = log π(y|x) − log π_ref(y|x) summed over the answer's tokens, avg = log π(y|x) / |y| and
+with the log-ratio ρ = log π(y|x) − log π_ref(y|x) summed over the answer's tokens, avg = log π(y|x) / |y| and
 odds = p / (1 − p), p = exp(avg). ORPO and SimPO never load a reference model: their memory is one model.
 Papers: DPO arXiv:2305.18290; IPO Azar et al. arXiv:2310.12036; KTO Ethayarajh et al. arXiv:2402.01306;
 ORPO Hong et al. arXiv:2403.07691; SimPO Meng et al. arXiv:2405.14734.
@@ -16,7 +16,6 @@ ORPO Hong et al. arXiv:2403.07691; SimPO Meng et al. arXiv:2405.14734.
     torchrun --nproc_per_node 2 variants.py --loss kto
 """
 
-import os
 import random
 import time
 from dataclasses import dataclass

@@ -70,8 +70,9 @@ def worker_logps(method: str, grad: str) -> dict:
     with torch.set_grad_enabled(grad == "grad"):
         if method == "naive":  # log_softmax(...).gather(...): a full (T, V) float32 log-softmax
             logp = torch.log_softmax(hidden @ weight.T, -1).gather(1, target[:, None]).squeeze(1)
-        elif method == "selective":  # the logits exist, their log-softmax never does
-            logp = common.selective_log_softmax(hidden @ weight.T, target)
+        elif method == "selective":  # the logits exist, their log-softmax never does (logsumexp per row)
+            logits = hidden @ weight.T
+            logp = logits.gather(1, target[:, None]).squeeze(1) - logits.logsumexp(1)
         else:  # from hidden states in chunks: neither the logits nor their log-softmax exist at once
             logp, _ = common.hidden_logps(hidden, lambda h: h @ weight.T, target)
         if grad == "grad":

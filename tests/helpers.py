@@ -136,3 +136,19 @@ def labelled_runs(tok, sample):
             cur = []
     runs += [cur] if cur else []
     return [tok.decode(r) for r in runs]
+
+
+def tiny_reward_model(path):
+    """A random sequence-classification model: continuous rewards, so every group has a signal."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    import common
+
+    tok = common.tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -213,15 +213,6 @@ def test_entropy_gradient_matches_the_full_distribution(tiny, chatml):
         torch.testing.assert_close(g[n], q.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_selective_log_softmax_equals_log_softmax_gather_in_chunks():
-    logits = torch.randn(3, 37, 50) * 10
-    index = torch.randint(0, 50, (3, 37))
-    ref = torch.log_softmax(logits.double(), -1).gather(-1, index[..., None]).squeeze(-1)
-    torch.testing.assert_close(common.selective_log_softmax(logits, index, chunk=8).double(), ref, atol=1e-5, rtol=0)
-    half = common.selective_log_softmax(logits.bfloat16(), index)
-    assert half.dtype == torch.float32
-
-
 # ───────────── KL estimators, masked statistics ─────────────
 
 

@@ -14,20 +14,20 @@ import torch
 from safetensors.torch import load_file
 
 import common
-from helpers import kill_after_first_checkpoint, run_script
+from helpers import check_resume_matches_uninterrupted, check_two_processes_match_one, tiny_reward_model
 import dpo
 
 
 
 def formula(pi_w, pi_l, ref_w, ref_l, beta, lam=0.0, eps=0.0):
     """The DPO / DPOP / cDPO loss of one pair written out in float64 Python."""
-    h = beta * ((pi_w - ref_w) - (pi_l - ref_l)) - lam * max(0.0, ref_w - pi_w)
+    h = beta * ((pi_w - ref_w) - (pi_l - ref_l) - lam * max(0.0, ref_w - pi_w))  # arXiv:2402.13228 eq. 3
     log_sig = lambda x: -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))  # noqa: E731
     return -(1 - eps) * log_sig(h) - eps * log_sig(-h)
 
 
 def test_dpo_loss_matches_hand_computation():
-    # lr_w − lr_l = (−1 + 2) − (−3 + 2) = 2;  β = 0.5  →  −log σ(1) = log(1 + e^−1)
+    # logratio_w − logratio_l = (−1 + 2) − (−3 + 2) = 2;  β = 0.5  →  −log σ(1) = log(1 + e^−1)
     pi_w, pi_l, ref_w, ref_l = torch.tensor([[-1.0], [-3.0], [-2.0], [-2.0]])
     loss, r_w, r_l = dpo.dpo_loss(pi_w, pi_l, ref_w, ref_l, beta=0.5)
     assert loss.item() == pytest.approx(math.log1p(math.exp(-1.0)), abs=1e-6)
@@ -60,15 +60,15 @@ def test_dpo_loss_gradcheck_float64():
 def test_dpop_term_is_zero_while_chosen_stays_above_the_reference():
     pi_w, pi_l, ref_w, ref_l = torch.tensor([-10.0, -12.0]), torch.tensor([-20.0, -20.0]), torch.tensor([-11.0, -11.0]), torch.tensor([-19.0, -19.0])
     plain, _, _ = dpo.dpo_loss(pi_w, pi_l, ref_w, ref_l, 0.1)
-    anchored, _, _ = dpo.dpo_loss(pi_w, pi_l, ref_w, ref_l, 0.1, dpop_lambda=5.0)
+    anchored, _, _ = dpo.dpo_loss(pi_w, pi_l, ref_w, ref_l, 0.1, dpop_lambda=50.0)
     assert anchored[0] == plain[0]  # pi_w > ref_w: no penalty
-    assert anchored[1] > plain[1]  # pi_w < ref_w: penalty 5 · 1 inside the sigmoid
-    assert anchored[1].item() == pytest.approx(formula(-12.0, -20.0, -11.0, -19.0, 0.1, 5.0))
+    assert anchored[1] > plain[1]  # pi_w < ref_w: penalty β · 50 · 1 inside the sigmoid
+    assert anchored[1].item() == pytest.approx(formula(-12.0, -20.0, -11.0, -19.0, 0.1, 50.0))
 
 
 def test_dpop_gradient_pushes_a_sinking_chosen_log_prob_up_harder():
     pi_w = torch.tensor([-12.0], requires_grad=True)
-    for lam in (0.0, 5.0):
+    for lam in (0.0, 50.0):
         pi_w.grad = None
         dpo.dpo_loss(pi_w, torch.tensor([-30.0]), torch.tensor([-11.0]), torch.tensor([-19.0]), 0.1, lam)[0].sum().backward()
         if lam == 0:
@@ -161,7 +161,7 @@ def test_plain_dpo_displaces_the_chosen_likelihood_and_dpop_holds_it_up(tmp_path
     start = sft.main(sft.Args(model="tiny", num_train=256, num_eval=4, max_steps=40, batch_size=16, lr=3e-3,
                               max_new_tokens=2, save_every=0, output_dir=str(tmp_path / "sft")))  # fmt: skip
     runs = {}
-    for name, lam in (("dpo", 0.0), ("dpop", 5.0)):
+    for name, lam in (("dpo", 0.0), ("dpop", 50.0)):
         args = dpo.Args(model=start, num_train=32, num_eval=8, max_steps=15, batch_size=8, lr=1e-3, beta=0.1,
                         dpop_lambda=lam, max_new_tokens=2, save_every=0, output_dir=str(tmp_path / name))  # fmt: skip
         runs[name] = [r for r in metrics(dpo.main(args)) if "loss" in r]
@@ -172,7 +172,7 @@ def test_plain_dpo_displaces_the_chosen_likelihood_and_dpop_holds_it_up(tmp_path
     assert sum(margins) / 5 > 0  # while the preference is still learned
 
 
-def canned_generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, batch_size=32):
+def canned_generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, batch_size=32, **kwargs):
     """Stands in for sampling: for each built-in prompt, answers 0..3 off the right one, ending in EOS,
     except every fourth answer, which is cut off (no EOS)."""
     import re
@@ -187,14 +187,7 @@ def canned_generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, 
 
 
 def test_online_dpo_with_the_rule_reward_judge_and_reward_model_pairs_and_trains(tmp_path, monkeypatch):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    tok = common.tiny_tokenizer()
-    rm_dir = str(tmp_path / "rm")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)  # fmt: skip
-    LlamaForSequenceClassification(cfg).save_pretrained(rm_dir)
-    tok.save_pretrained(rm_dir)
+    rm_dir = tiny_reward_model(tmp_path / "rm")
     monkeypatch.setattr(common, "generate", canned_generate)
     base = dict(model="tiny", online=True, num_train=16, num_eval=4, max_steps=4, online_every=2, batch_size=4,
                 num_samples=4, max_new_tokens=6, lr=1e-3, save_every=0)  # fmt: skip
@@ -209,6 +202,26 @@ def test_online_dpo_with_the_rule_reward_judge_and_reward_model_pairs_and_trains
             assert all(r["online/score"] == pytest.approx(0.25) for r in rounds)
 
 
+def stated_answer(text: str) -> int:
+    return int(text.rsplit("The answer is ", 1)[1].split(".")[0])
+
+
+@pytest.mark.parametrize("kind", ["rule", "judge", "reward model"])
+def test_online_pairs_take_the_scorers_favourite_as_chosen_and_its_least_favourite_as_rejected(monkeypatch, chatml, kind):
+    """canned answers state a + b − c + k, k = 0..3 (k = 3 cut off, never paired). The rule prefers k = 0; the
+    judge and the reward model are made to prefer the largest stated number, so they must pick k = 2 over k = 0."""
+    monkeypatch.setattr(common, "generate", canned_generate)
+    monkeypatch.setattr(dpo, "judge_preference", lambda j, t, principle, prompt, a, b, d: float(stated_answer(a) > stated_answer(b)))
+    monkeypatch.setattr(common, "reward_model_scores", lambda m, t, p, texts, d, n: torch.tensor([float(stated_answer(x)) for x in texts]))
+    args = dpo.Args(num_samples=4, judge="j" if kind == "judge" else "", reward_model="r" if kind == "reward model" else "")
+    prompts = common.builtin_prompts("train", 3)
+    pairs, _ = dpo.online_pairs(None, chatml, prompts, args, None if kind == "rule" else (None, chatml), torch.device("cpu"))
+    assert len(pairs) == 3
+    for pair, p in zip(pairs, prompts):
+        chosen, rejected = (stated_answer(chatml.decode(pair[k]["input_ids"])) - p["answer"] for k in ("chosen", "rejected"))
+        assert (chosen, rejected) == ((0, 2) if kind == "rule" else (2, 0))
+
+
 def test_judge_preference_is_symmetric_under_swapping(tiny, chatml):
     p_ab = dpo.judge_preference(tiny, chatml, "Be correct.", "2+2?", "4", "5", torch.device("cpu"))
     p_ba = dpo.judge_preference(tiny, chatml, "Be correct.", "2+2?", "5", "4", torch.device("cpu"))
@@ -221,31 +234,9 @@ CLI = ["--model", "tiny", "--num-train", "48", "--num-eval", "4", "--batch-size"
        "--max-new-tokens", "2", "--warmup-steps", "1"]  # fmt: skip
 
 
-def run(args, nproc=1):
-    return run_script("dpo.py", CLI + args, nproc)
-
-
 def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    for out, n in ((one, 1), (two, 2)):
-        r = run(["--max-steps", "3", "--output-dir", out, "--max-tokens", "800"], nproc=n)
-        assert r.returncode == 0, r.stderr[-2000:]
-    w1, w2 = load_file(os.path.join(one, "model.safetensors")), load_file(os.path.join(two, "model.safetensors"))
-    for k in w1:
-        # Same global batch; only the order of float additions differs. Adam divides by √v, so rounding
-        # in near-zero gradients can move a weight by a few % of one step (lr = 2e-3): allow 5% of a step.
-        torch.testing.assert_close(w2[k], w1[k], atol=0.05 * 2e-3, rtol=0)
-        assert (w2[k] - w1[k]).abs().mean() < 1e-7
+    check_two_processes_match_one("dpo.py", CLI + ["--max-steps", "3", "--max-tokens", "800"], tmp_path, lr=2e-3)
 
 
 def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path):
-    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    steps = ["--max-steps", "12", "--save-every", "3"]
-    assert run(steps + ["--output-dir", full]).returncode == 0
-    kill_after_first_checkpoint("dpo.py", CLI + steps, killed)
-    r = run(steps + ["--output-dir", killed, "--resume"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    w_full, w_res = load_file(os.path.join(full, "model.safetensors")), load_file(os.path.join(killed, "model.safetensors"))
-    for k in w_full:
-        torch.testing.assert_close(w_res[k], w_full[k], atol=1e-6, rtol=0)
-    assert [r["step"] for r in metrics(killed) if "loss" in r] == list(range(1, 13))
+    check_resume_matches_uninterrupted("dpo.py", CLI + ["--max-steps", "12", "--save-every", "3"], tmp_path, steps=12)

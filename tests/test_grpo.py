@@ -11,8 +11,7 @@ import math
 
 import pytest
 import torch
-from helpers import check_resume_matches_uninterrupted, check_two_processes_match_one, read_metrics
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from helpers import check_resume_matches_uninterrupted, check_two_processes_match_one, read_metrics, tiny_reward_model
 
 import common
 import grpo
@@ -129,7 +128,7 @@ def test_distinct_2_and_completion_matrix_by_hand():
     assert grpo.distinct_2([[1, 2, 1, 2], [3]]) == pytest.approx(2 / 3)
     docs = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
     batch = common.collate_packed(docs)
-    m = grpo.completion_matrix(batch["input_ids"].float(), batch, width=4)
+    m = common.completion_matrix(batch["input_ids"].float(), batch, width=4)
     assert m.tolist() == [[6, 7, 0, 0], [9, 0, 0, 0]]
 
 
@@ -146,7 +145,9 @@ def test_old_logprobs_recorded_at_sampling_give_a_ratio_of_exactly_one(tmp_path,
     args = tiny_args(tmp_path, mu=2, temperature=0.7)
     policy = common.load_model("tiny", chatml)
     prompts = common.builtin_prompts("train", 2)
-    samples, _ = grpo.rollout(policy, None, chatml, prompts, [1, 2], args, None, torch.device("cpu"))
+    gens, reward, _ = grpo.rollout(policy, chatml, prompts, [1, 2], args, None, torch.device("cpu"))
+    samples, _ = grpo.training_samples(gens, reward, args)
+    grpo.old_and_ref_logps(policy, None, samples, args, torch.device("cpu"))
     policy.train()
     for idx, batch in grpo.micro_batches(samples, args.max_tokens):
         logp, _ = grpo.answer_logps(policy, batch, args.max_new_tokens, args.temperature, entropy=True)  # the training forward
@@ -182,17 +183,6 @@ def test_prompts_without_an_answer_need_a_reward_model(tmp_path):
 
 
 # ───────────── processes: torchrun, kill and resume ─────────────
-
-
-def tiny_reward_model(path):
-    """A random sequence-classification model: continuous rewards, so every group has a signal."""
-    tok = common.tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def cli(tmp_path):

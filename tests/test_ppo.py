@@ -11,8 +11,7 @@ import math
 
 import pytest
 import torch
-from helpers import check_resume_matches_uninterrupted, check_two_processes_match_one, read_metrics
-from test_grpo import tiny_reward_model
+from helpers import check_resume_matches_uninterrupted, check_two_processes_match_one, read_metrics, tiny_reward_model
 
 import common
 import ppo
@@ -182,9 +181,8 @@ def test_first_minibatch_sees_a_ratio_of_exactly_one(tmp_path, chatml):
     policy = common.load_model("tiny", chatml)
     ref, critic = common.load_model("tiny", chatml, seed=1), ppo.value_model(policy, chatml)
     prompts = common.builtin_prompts("train", 4)
-    samples, _, _ = ppo.rollout(
-        policy, ref, critic, chatml, prompts, [0, 1, 2, 3], [5, 6, 7, 8], args, None, 0.05, 0, torch.device("cpu")
-    )
+    samples, _, _ = ppo.rollout(policy, chatml, prompts, [0, 1, 2, 3], [5, 6, 7, 8], args, None, 0, torch.device("cpu"))
+    ppo.old_logps_and_values(policy, ref, critic, samples, args, 0, torch.device("cpu"))
     policy.train()
     for idx, batch in ppo.partition(samples, args, 0, 0)[0]:  # the update's first forward
         logp, _ = ppo.answer_logps(policy, batch, args.max_new_tokens, args.temperature, entropy=True)

@@ -12,8 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers import ENV, ROOT, check_kill_anywhere, read_metrics, run_script
-from test_grpo import tiny_reward_model
+from helpers import ENV, ROOT, check_kill_anywhere, read_metrics, run_script, tiny_reward_model
 
 import common
 import distill
@@ -40,7 +39,7 @@ def test_grpo_killed_at_ten_random_moments_ends_as_an_uninterrupted_run(tmp_path
 # ───────────── output directories and --resume's arguments ─────────────
 
 SHORT = ["--model", "tiny", "--num-train", "16", "--num-eval", "2", "--batch-size", "4", "--lr", "1e-3",
-         "--max-new-tokens", "2", "--max-steps", "2", "--save-every", "1"]  # fmt: skip
+         "--max-new-tokens", "2", "--max-steps", "2", "--save-every", "1", "--keep-checkpoints"]  # fmt: skip
 
 
 def test_resume_restores_the_runs_own_arguments_and_refuses_changes_that_alter_training(tmp_path):

@@ -8,8 +8,7 @@ REINFORCE and the exact gradient, learning on the tiny model for both estimators
 
 import pytest
 import torch
-from helpers import check_resume_matches_uninterrupted, check_two_processes_match_one, read_metrics
-from test_grpo import tiny_reward_model
+from helpers import check_resume_matches_uninterrupted, check_two_processes_match_one, read_metrics, tiny_reward_model
 
 import rloo_remax
 

@@ -140,7 +140,7 @@ def test_monte_carlo_labels_are_the_fraction_of_rollouts_that_reach_the_answer(c
     row = {"prompt": "q", "completions": ["2 + 2 = 4.", "4 - 1 = 3."], "labels": [True, True], "answer": 3}
     seen = []
 
-    def canned(model, tok, prompts, max_new_tokens, temperature=0.0, batch_size=32, prefill=None):
+    def canned(model, tok, prompts, max_new_tokens, temperature=0.0, batch_size=32, prefill=None, **kwargs):
         seen.extend(prefill)
         # after step 1: one of two rollouts finishes right; after step 2: both do
         texts = {
@@ -206,7 +206,7 @@ def test_best_of_n_end_to_end_counts_greedy_samples_and_scorers(tmp_path, monkey
     )
     problems = common.builtin_prompts("test", 4)
 
-    def canned(model, tok, prompts, max_new_tokens, temperature=0.0, batch_size=32, prefill=None):
+    def canned(model, tok, prompts, max_new_tokens, temperature=0.0, batch_size=32, prefill=None, **kwargs):
         answer = {p["prompt"]: p["answer"] for p in problems}
         if temperature == 0:  # greedy: right on the first problem only
             return [{"text": f"The answer is {answer[p] + (i > 0)}."} for i, p in enumerate(prompts)]
