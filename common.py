@@ -886,7 +886,12 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     is set aside for the call. Left-padded batches with the KV cache; an answer ends at any of
     stop_token_ids. Returns a list of dicts with "text", "prompt_ids", "completion_ids" (the stop token
     included when produced, padding removed) and "ended" (a stop token was produced). A progress bar
-    named `what` counts the prompts."""
+    named `what` counts the prompts.
+
+    A model sharded with FSDP gathers its weights in every forward, a collective: then every rank
+    decodes as many batches (a rank out of prompts decodes a stand-in) and as many steps
+    (synced_gpus) as the busiest one."""
+    from torch.distributed.tensor import DTensor
     from transformers import GenerationConfig, LogitsProcessorList
 
     stops = stop_token_ids(model, tokenizer)
@@ -897,8 +902,19 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out, bar = [], progress(None, what, total=len(prompts))
+    batches = list(range(0, len(prompts), batch_size))
+    sharded = dist.is_initialized() and any(isinstance(p, DTensor) for p in model.parameters())
+    if sharded:
+        most = torch.tensor(len(batches))
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        batches += [None] * (int(most) - len(batches))
     try:
-        for i in range(0, len(prompts), batch_size):
+        for i in batches:
+            if i is None:  # this rank is out of prompts: a stand-in meets the other ranks' collectives
+                enc = tokenizer([_render(tokenizer, as_messages(""), add_generation_prompt=True)], return_tensors="pt",
+                                add_special_tokens=False).to(model.device)  # fmt: skip
+                model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=True)
+                continue
             chunk = prompts[i : i + batch_size]
             bar.update(len(chunk))
             starts = prefill[i : i + batch_size] if prefill else [""] * len(chunk)
@@ -907,7 +923,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
             processors = LogitsProcessorList()
             if temperature > 0:  # Gumbel-max sampling on top of greedy decoding, each row with its own seed
                 processors.append(RowSampler(seeds[i : i + batch_size], temperature, model.device))
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors,
+                                 synced_gpus=sharded)  # fmt: skip
             for row, attn, g in zip(enc["input_ids"], enc["attention_mask"], gen[:, enc["input_ids"].shape[1] :]):
                 g = g.tolist()
                 end = next((j for j, t in enumerate(g) if t in stops), None)

@@ -145,8 +145,6 @@ class Args:
     """steps between resumable checkpoints; 0: none"""
     keep_checkpoints: bool = False
     """keep the checkpoints after the final save (by default they go: the saved model is the result)"""
-    fsdp: bool = False
-    """shard the student's decoder layers across ranks (FSDP2); the teacher stays replicated"""
     output_dir: str = ""
     """where the student, args.json, metrics.jsonl and generated data go; default runs/distill-<mode>-<timestamp>"""
     seed: int = 0
@@ -572,7 +570,6 @@ def main(args: Args) -> str:
         student = copy.deepcopy(teacher).requires_grad_(True)
     else:
         student = layer_subset(teacher, args.student_layers).requires_grad_(True)
-    student = common.shard_model(student, args.fsdp)
     student.train()
     reward_model = None
     if args.reward_model:

@@ -130,8 +130,6 @@ class Args:
     """steps between resumable checkpoints; 0: none"""
     keep_checkpoints: bool = False
     """keep the checkpoints after the final save (by default they go: the saved model is the result)"""
-    fsdp: bool = False
-    """shard the policy's decoder layers across ranks (FSDP2); the critic, reference and reward model stay replicated"""
     output_dir: str = ""
     """where the model, args.json and metrics.jsonl go; default runs/ppo-<timestamp>"""
     seed: int = 0
@@ -402,7 +400,6 @@ def main(args: Args) -> str:
         raise common.DataError(f"{missing['_where']}: missing field 'answer' (the rule reward needs it; or pass --reward PATH)")
     problems = common.builtin_task("test", args.num_eval, args.seed) if builtin else []
 
-    policy = common.shard_model(policy, args.fsdp)  # after the reference and the critic copied it whole
     policy.train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)

@@ -208,8 +208,9 @@ def stated_answer(text: str) -> int:
 
 @pytest.mark.parametrize("kind", ["rule", "judge", "reward model"])
 def test_online_pairs_take_the_scorers_favourite_as_chosen_and_its_least_favourite_as_rejected(monkeypatch, chatml, kind):
-    """canned answers state a + b − c + k, k = 0..3 (k = 3 cut off, never paired). The rule prefers k = 0; the
-    judge and the reward model are made to prefer the largest stated number, so they must pick k = 2 over k = 0."""
+    """canned answers state a + b − c + k, k = 0..3 (k = 3 cut off, never paired). The rule scores k = 0 as 1 and
+    the rest 0 (the first of the tied, k = 1, is rejected); the judge and the reward model are made to prefer
+    the largest stated number, so they must pick k = 2 over k = 0."""
     monkeypatch.setattr(common, "generate", canned_generate)
     monkeypatch.setattr(dpo, "judge_preference", lambda j, t, principle, prompt, a, b, d: float(stated_answer(a) > stated_answer(b)))
     monkeypatch.setattr(common, "reward_model_scores", lambda m, t, p, texts, d, n: torch.tensor([float(stated_answer(x)) for x in texts]))
@@ -219,7 +220,7 @@ def test_online_pairs_take_the_scorers_favourite_as_chosen_and_its_least_favouri
     assert len(pairs) == 3
     for pair, p in zip(pairs, prompts):
         chosen, rejected = (stated_answer(chatml.decode(pair[k]["input_ids"])) - p["answer"] for k in ("chosen", "rejected"))
-        assert (chosen, rejected) == ((0, 2) if kind == "rule" else (2, 0))
+        assert (chosen, rejected) == ((0, 1) if kind == "rule" else (2, 0))
 
 
 def test_judge_preference_is_symmetric_under_swapping(tiny, chatml):
