@@ -891,7 +891,6 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     A model sharded with FSDP gathers its weights in every forward, a collective: then every rank
     decodes as many batches (a rank out of prompts decodes a stand-in) and as many steps
     (synced_gpus) as the busiest one."""
-    from torch.distributed.tensor import DTensor
     from transformers import GenerationConfig, LogitsProcessorList
 
     stops = stop_token_ids(model, tokenizer)
@@ -903,11 +902,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out, bar = [], progress(None, what, total=len(prompts))
     batches = list(range(0, len(prompts), batch_size))
-    sharded = dist.is_initialized() and any(isinstance(p, DTensor) for p in model.parameters())
-    if sharded:
-        most = torch.tensor(len(batches))
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        batches += [None] * (int(most) - len(batches))
+    synced = sharded(model)
+    batches = even_out(batches, model)
     try:
         for i in batches:
             if i is None:  # this rank is out of prompts: a stand-in meets the other ranks' collectives
@@ -924,7 +920,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
             if temperature > 0:  # Gumbel-max sampling on top of greedy decoding, each row with its own seed
                 processors.append(RowSampler(seeds[i : i + batch_size], temperature, model.device))
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors,
-                                 synced_gpus=sharded)  # fmt: skip
+                                 synced_gpus=synced)  # fmt: skip
             for row, attn, g in zip(enc["input_ids"], enc["attention_mask"], gen[:, enc["input_ids"].shape[1] :]):
                 g = g.tolist()
                 end = next((j for j, t in enumerate(g) if t in stops), None)
@@ -1041,6 +1037,34 @@ def sync_grads(model) -> None:
                 b.copy_(flat[offset : offset + b.numel()].view_as(b))
                 offset += b.numel()
             bucket, size = [], 0
+
+
+def sharded(model) -> bool:
+    """The model is sharded with FSDP across ranks: every forward and backward of it is a collective.
+    Asked of its modules, not its parameters: between a forward and its backward FSDP holds them whole."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return dist.is_initialized() and any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def even_out(batches: list, model) -> list:
+    """`batches`, then None up to the number of micro-batches of the busiest rank when `model` is sharded
+    (a sharded forward waits for every rank's); unchanged otherwise. A loop runs stand_in for a None."""
+    if not sharded(model):
+        return list(batches)
+    most = torch.tensor(len(batches))
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return list(batches) + [None] * (int(most) - len(batches))
+
+
+def stand_in(model, device, backward: bool = False) -> None:
+    """A forward (and, in training, a backward of zero) of a two-token row through a sharded model, for a
+    rank out of micro-batches: it meets the other ranks' collectives and adds nothing to any gradient."""
+    batch = to_device(collate_packed([{"input_ids": [0, 0], "labels": [IGNORE, IGNORE]}]), device)
+    with torch.set_grad_enabled(backward), autocast(device):
+        logp, _ = token_logps(model, batch)
+    if backward:
+        (logp.sum() * 0).backward()
 
 
 def shard_model(model, fsdp: bool):

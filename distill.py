@@ -145,6 +145,8 @@ class Args:
     """steps between resumable checkpoints; 0: none"""
     keep_checkpoints: bool = False
     """keep the checkpoints after the final save (by default they go: the saved model is the result)"""
+    fsdp: bool = False
+    """shard the student's decoder layers across ranks (FSDP2); the teacher stays replicated"""
     output_dir: str = ""
     """where the student, args.json, metrics.jsonl and generated data go; default runs/distill-<mode>-<timestamp>"""
     seed: int = 0
@@ -528,7 +530,10 @@ def held_out_kl(
     sums = common.Sums(*kinds, "tokens")  # each divergence summed over answer tokens
     mine = samples[rank::world]
     bins = common.pack_bins([len(s["input_ids"]) for s in mine], args.max_tokens) if mine else []
-    for b in common.progress(bins, "held-out KL"):
+    for b in common.progress(common.even_out(bins, student), "held-out KL"):
+        if b is None:  # --fsdp: this rank is out of micro-batches
+            common.stand_in(student, device)
+            continue
         batch = common.to_device(common.collate_packed([mine[i] for i in b]), device)
         with common.autocast(device):
             total, n = answer_divergence(student, teacher, batch, kinds, args)
@@ -570,6 +575,7 @@ def main(args: Args) -> str:
         student = copy.deepcopy(teacher).requires_grad_(True)
     else:
         student = layer_subset(teacher, args.student_layers).requires_grad_(True)
+    student = common.shard_model(student, args.fsdp)
     student.train()
     reward_model = None
     if args.reward_model:
@@ -679,7 +685,10 @@ def main(args: Args) -> str:
             common.all_reduce_sum(torch.tensor(float(sum(int((b["labels"] != common.IGNORE).sum()) for b in batches))))
         )
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for batch in batches if n_tok else []:
+        for batch in common.even_out(batches if n_tok else [], student):
+            if batch is None:  # --fsdp: this rank is out of micro-batches
+                common.stand_in(student, device, backward=True)
+                continue
             batch = common.to_device(batch, device)
             with common.autocast(device):
                 if args.mode in ("seqkd", "rft", "cai"):

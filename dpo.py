@@ -179,7 +179,11 @@ def all_pair_logps(model, pairs, max_tokens, rank, world, device, what: str = "l
     model.eval()  # no dropout, exactly like the policy's evaluation
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
     mine = list(range(rank, len(pairs), world))
-    for idx, batch in common.progress(pair_batches([pairs[i] for i in mine], max_tokens) if mine else [], what):
+    for item in common.progress(common.even_out(pair_batches([pairs[i] for i in mine], max_tokens) if mine else [], model), what):
+        if item is None:  # --fsdp: this rank is out of micro-batches
+            common.stand_in(model, device)
+            continue
+        idx, batch = item
         with common.autocast(device):
             c, r = pair_logps(model, common.to_device(batch, device))
         out[[mine[i] for i in idx]] = torch.stack([c, r], 1).double().cpu()
@@ -378,7 +382,11 @@ def main(args: Args) -> str:
         stats = common.Sums("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
                              "logps/rejected", "logps/chosen_drift", "logps/rejected_drift")  # summed over pairs  # fmt: skip
         tokens = 0
-        for local, batch in pair_batches([pairs[i] for i in idx], args.max_tokens):
+        for item in common.even_out(pair_batches([pairs[i] for i in idx], args.max_tokens), policy):
+            if item is None:  # --fsdp: this rank is out of micro-batches
+                common.stand_in(policy, device, backward=True)
+                continue
+            local, batch = item
             batch = common.to_device(batch, device)
             with common.autocast(device):
                 pi_w, pi_l = pair_logps(policy, batch)  # (n,), (n,)

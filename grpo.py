@@ -248,7 +248,12 @@ def training_samples(gens: list[dict], reward: Tensor, args: Args) -> tuple[list
 def old_and_ref_logps(policy, ref, samples: list[dict], args: Args, device) -> None:
     """Record each sample's old log-probs (μ > 1) and reference log-probs (β > 0), micro-batch by
     micro-batch exactly as the update will see them."""
-    for batch_idx, batch in micro_batches(samples, args.max_tokens):
+    batches = micro_batches(samples, args.max_tokens)
+    for item in common.even_out(batches, policy) if args.mu > 1 else batches:
+        if item is None:  # --fsdp: this rank is out of micro-batches
+            common.stand_in(policy, device)
+            continue
+        batch_idx, batch = item
         batch = common.to_device(batch, device)
         with common.autocast(device):
             if args.mu > 1:
@@ -328,7 +333,11 @@ def main(args: Args) -> str:
         #    ones, ρ = 1 and the clipped surrogate is the plain policy gradient)
         sums = common.Sums("clip_frac_low", "clip_frac_high", "kl", "entropy", "tokens", "loss")  # token-weighted, but loss
         for _ in range(args.mu):
-            for batch_idx, batch in micro_batches(samples, args.max_tokens) if total else []:
+            for item in common.even_out(micro_batches(samples, args.max_tokens) if total else [], policy):
+                if item is None:  # --fsdp: this rank is out of micro-batches
+                    common.stand_in(policy, device, backward=True)
+                    continue
+                batch_idx, batch = item
                 batch = common.to_device(batch, device)
                 in_batch = [samples[i] for i in batch_idx]
                 with common.autocast(device):

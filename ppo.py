@@ -130,6 +130,8 @@ class Args:
     """steps between resumable checkpoints; 0: none"""
     keep_checkpoints: bool = False
     """keep the checkpoints after the final save (by default they go: the saved model is the result)"""
+    fsdp: bool = False
+    """shard the policy's decoder layers across ranks (FSDP2); the critic, reference and reward model stay replicated"""
     output_dir: str = ""
     """where the model, args.json and metrics.jsonl go; default runs/ppo-<timestamp>"""
     seed: int = 0
@@ -330,7 +332,11 @@ def old_logps_and_values(policy, ref, critic, samples: list[dict], args: Args, s
     the first minibatch pass: the same forward as the first update, so ρ = 1 exactly there."""
     w = args.max_new_tokens
     for minibatch in partition(samples, args, step, 0):
-        for idx, batch in minibatch:
+        for item in common.even_out(minibatch, policy):
+            if item is None:  # --fsdp: this rank is out of micro-batches
+                common.stand_in(policy, device)
+                continue
+            idx, batch = item
             batch = common.to_device(batch, device)
             with common.autocast(device):
                 old, _ = answer_logps(policy, batch, w, args.temperature)
@@ -400,6 +406,7 @@ def main(args: Args) -> str:
         raise common.DataError(f"{missing['_where']}: missing field 'answer' (the rule reward needs it; or pass --reward PATH)")
     problems = common.builtin_task("test", args.num_eval, args.seed) if builtin else []
 
+    policy = common.shard_model(policy, args.fsdp)  # after the reference and the critic copied it whole
     policy.train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)
@@ -449,7 +456,11 @@ def main(args: Args) -> str:
             for minibatch in partition(samples, args, step, epoch):
                 n_local = float(sum(samples[i]["mask"].sum() for idx, _ in minibatch for i in idx))
                 n_tok = float(common.all_reduce_sum(torch.tensor(n_local)))
-                for idx, batch in minibatch if n_tok else []:
+                for item in common.even_out(minibatch if n_tok else [], policy):
+                    if item is None:  # --fsdp: this rank is out of micro-batches
+                        common.stand_in(policy, device, backward=True)
+                        continue
+                    idx, batch = item
                     batch = common.to_device(batch, device)
                     in_batch = [samples[i] for i in idx]
                     old, old_values, returns, adv, mask = (

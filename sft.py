@@ -197,7 +197,10 @@ def main(args: Args) -> str:
         # 2. the step's denominator over all micro-batches and ranks: accumulation changes nothing
         num_units = common.all_reduce_sum(torch.tensor(float(sum(units(b, args.loss_normalization) for b in batches))))
         loss_sum, tokens = torch.zeros(()), 0
-        for batch in batches:
+        for batch in common.even_out(batches, model):
+            if batch is None:  # --fsdp: this rank is out of micro-batches
+                common.stand_in(model, device, backward=True)
+                continue
             batch = common.to_device(batch, device)
             with common.autocast(device):
                 logp, _ = common.token_logps(model, batch)

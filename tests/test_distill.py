@@ -232,9 +232,11 @@ def cli(teacher, mode):
             "--batch-size", "8", "--max-new-tokens", "8", "--num-generate", "16", "--lr", "2e-3"]  # fmt: skip
 
 
-@pytest.mark.parametrize("mode", ["on-policy", "seqkd"])
-def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path, teacher, mode):
-    check_two_processes_match_one("distill.py", cli(teacher, mode) + ["--max-steps", "3", "--max-tokens", "200"], tmp_path, lr=2e-3)
+@pytest.mark.parametrize("mode,shard", [("on-policy", []), ("seqkd", ["--fsdp"])])
+def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path, teacher, mode, shard):
+    """seqkd's two processes shard the student (FSDP2); on-policy's replicate it."""
+    args = cli(teacher, mode) + ["--max-steps", "3", "--max-tokens", "200"] + shard
+    check_two_processes_match_one("distill.py", args, tmp_path, lr=2e-3)
 
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, teacher):

@@ -190,6 +190,11 @@ def cli(tmp_path):
             "--max-new-tokens", "6", "--overlong", "none", "--lr", "2e-3", "--reward-model", tiny_reward_model(tmp_path / "rm")]  # fmt: skip
 
 
+def test_two_gloo_processes_sharding_the_policy_give_the_weights_of_one_process(tmp_path):
+    args = cli(tmp_path) + ["--max-steps", "2", "--max-tokens", "300", "--mu", "2", "--fsdp", "--eval-every", "0"]
+    check_two_processes_match_one("grpo.py", args, tmp_path, lr=2e-3)
+
+
 def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path):
     check_two_processes_match_one("grpo.py", cli(tmp_path) + ["--max-steps", "3", "--max-tokens", "300"], tmp_path, lr=2e-3)
 

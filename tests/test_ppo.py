@@ -253,6 +253,12 @@ def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path):
     check_two_processes_match_one("ppo.py", cli(tmp_path) + ["--max-steps", "3", "--max-tokens", "200"], tmp_path, lr=2e-3)
 
 
+def test_two_gloo_processes_sharding_the_policy_give_the_weights_of_one_process(tmp_path):
+    """--fsdp: the ranks pack their answers into different numbers of micro-batches; stand-ins even them out."""
+    args = cli(tmp_path) + ["--max-steps", "2", "--max-tokens", "200", "--fsdp", "--eval-every", "0"]
+    check_two_processes_match_one("ppo.py", args, tmp_path, lr=2e-3)
+
+
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     args = cli(tmp_path) + ["--max-steps", "6", "--save-every", "3", "--eval-every", "0"]
     check_resume_matches_uninterrupted("ppo.py", args, tmp_path, steps=6)
