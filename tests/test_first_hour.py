@@ -120,3 +120,28 @@ def test_distill_measures_the_held_out_kl_on_the_users_data(tmp_path):
 def test_distill_refuses_a_student_with_all_the_teachers_layers(tmp_path):
     with pytest.raises(common.UserError, match="--student-layers 10 keeps all 2 of the teacher's layers"):
         distill.main(distill.Args(teacher="tiny", max_steps=1, output_dir=str(tmp_path / "run")))
+
+
+def test_the_cache_follows_xdg_cache_home_and_cleanpost_cache_wins(monkeypatch, tmp_path):
+    monkeypatch.delenv("CLEANPOST_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert common.cache_dir() == str(tmp_path / "xdg" / "cleanpost")
+    monkeypatch.setenv("CLEANPOST_CACHE", str(tmp_path / "mine"))
+    assert common.cache_dir() == str(tmp_path / "mine")
+
+
+def test_merge_without_models_says_what_it_needs_in_one_line(tmp_path):
+    r = run_script("merge.py", ["--out", str(tmp_path / "m")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --models is required")
+
+
+def test_the_step_separator_is_typed_and_shown_as_an_escape():
+    r = run_script("rm.py", ["--help"])
+    assert "(default: '\\n')" in r.stdout
+    assert rm.step_separator(rm.Args()) == "\n" and rm.step_separator(rm.Args(step_sep="\\t;")) == "\t;"
+
+
+def test_no_allocator_note_in_a_run(dpo_run):
+    _, r = dpo_run
+    assert "mallopt" not in r.stdout + r.stderr
