@@ -50,7 +50,7 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 class UserError(ValueError):
-    """A mistake in what the user gave (data, flags, files, model): `cli` reports it as one line."""
+    """A mistake in what the user gave (data, flags, files, model): `run_cli` reports it as one line."""
 
 
 class DataError(UserError):
@@ -1474,16 +1474,12 @@ def resume_defaults(args_cls, argv: list[str] | None = None):
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, FloatingPointError)
 
 
-def cli(main, args_cls) -> None:
-    """A script's command line: its flags (with --resume, the run's own arguments as the defaults),
-    then main. A user's mistake (USER_ERRORS: a DataError naming file:line:field, a refused flag, a
-    missing or used directory, a loss that stopped being finite) prints one line and exits with
-    status 2; a bug keeps its traceback."""
+def run_cli(main, args) -> None:
+    """A script's entry point, after tyro parsed its flags: run main; a user's mistake (USER_ERRORS: a
+    DataError naming file:line:field, a refused flag, a missing or used directory, a loss that stopped
+    being finite) prints one line and exits with status 2; a bug keeps its traceback."""
     import sys
 
-    import tyro
-
-    args = tyro.cli(args_cls, default=resume_defaults(args_cls))
     try:
         main(args)
     except USER_ERRORS as e:

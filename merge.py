@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import tyro
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -368,4 +369,4 @@ def main(args: Args) -> str:
 
 
 if __name__ == "__main__":
-    common.cli(main, Args)
+    common.run_cli(main, tyro.cli(Args))

@@ -529,4 +529,4 @@ def main(args: Args) -> str:
 
 
 if __name__ == "__main__":
-    common.cli(main, Args)
+    common.run_cli(main, tyro.cli(Args, default=common.resume_defaults(Args)))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import tyro
 from torch import Tensor
 
 import common
@@ -278,4 +279,4 @@ def main(args: Args) -> str:
 
 
 if __name__ == "__main__":
-    common.cli(main, Args)
+    common.run_cli(main, tyro.cli(Args, default=common.resume_defaults(Args)))

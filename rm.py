@@ -33,6 +33,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import tyro
 from torch import Tensor
 
 import common
@@ -576,4 +577,4 @@ def main(args: Args) -> str:
 
 
 if __name__ == "__main__":
-    common.cli(main, Args)
+    common.run_cli(main, tyro.cli(Args, default=common.resume_defaults(Args)))

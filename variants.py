@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import tyro
 from torch import Tensor
 
 import common
@@ -451,4 +452,4 @@ def main(args: Args) -> str:
 
 
 if __name__ == "__main__":
-    common.cli(main, Args)
+    common.run_cli(main, tyro.cli(Args, default=common.resume_defaults(Args)))
