@@ -9,9 +9,10 @@ Reading guide, what each script takes from the maths:
                       tokenize_conversation: labels on the assistant's tokens only
     sft.py            + fit_length, pack_bins, collate_padded (--no-packing)
     dpo.py, variants  + sequence_logps: a document's summed completion log-prob
-    grpo.py           + completion_matrix (each answer's tokens of a packed row), kl_k3, generate
-    rloo_remax.py     + sequence_logps, generate
-    ppo.py            + completion_matrix, kl_k1, masked_whiten, forward_hidden (the critic), generate
+    grpo.py           + answer_logps (each answer's tokens of a packed row, via completion_matrix), kl_k3,
+                        generate, answer_scores (the reward: the rule or a reward model)
+    rloo_remax.py     + sequence_logps, generate, answer_scores
+    ppo.py            + answer_logps, kl_k1, masked_whiten, forward_hidden (the critic), generate, answer_scores
     rm.py             + forward_hidden, last_token_hidden (a scalar head on the last token)
     distill.py        + output_logits and hidden_logps (both models' logits, chunk by chunk)
     merge.py          none: it streams safetensors; load_model and greedy_accuracy for its sweep
@@ -302,6 +303,20 @@ def completion_matrix(x: Tensor, batch: dict, width: int) -> Tensor:
     out = x.new_zeros(n_docs, width)
     out[doc, pos] = x[0][mask]
     return out
+
+
+def answer_logps(model, batch: dict, width: int, temperature: float = 1.0, entropy: bool = False):
+    """(n, width) log-probs (and entropies, else None) of the answers of a packed row, in fp32 from
+    logits / τ: the same computation when sampling's old and reference log-probs are recorded and in
+    training, so the ratio π/π_old is exactly 1 before the first update."""
+    logp, ent = token_logps(model, batch, temperature=temperature, entropy=entropy)
+    return completion_matrix(logp, batch, width), (completion_matrix(ent, batch, width) if entropy else None)
+
+
+def packed_batches(samples: list[dict], max_tokens: int) -> list[tuple[list[int], dict]]:
+    """The samples in packed rows of at most max_tokens tokens: [(sample indices, batch)]."""
+    bins = pack_bins([len(s["input_ids"]) for s in samples], max_tokens)
+    return [(b, collate_packed([samples[i] for i in b])) for b in bins]
 
 
 # ───────────────────────────── attention for packed rows ─────────────────────────────
@@ -765,6 +780,15 @@ def check_exact(model) -> None:
                          "nats per token on a probe; this family is not supported exactly, so it is refused")  # fmt: skip
 
 
+def check_same_vocab(tokenizer, other, problem: str) -> None:
+    """Raise UserError(problem + the size of the difference) unless the two tokenizers map the same
+    strings to the same ids (a decode → re-encode round trip is not lossless in general)."""
+    a, b = tokenizer.get_vocab(), other.get_vocab()
+    if a != b:
+        differ = len(set(a.items()) ^ set(b.items()))
+        raise UserError(problem.format(sizes=f"{len(b)} vs {len(a)} tokens, {differ} entries differ"))
+
+
 def load_reward_model(path: str, kind: str = "orm"):
     """An rm.py output in eval mode with packed attention: a sequence classifier (kind="orm", one score
     per answer, read at its last token) or a token classifier (kind="prm", a score per step end)."""
@@ -824,6 +848,19 @@ def write_cached(path: str, key: str, write) -> None:
     os.replace(path + ".tmp", path)
     with open(path + ".key", "w") as f:
         f.write(key)
+
+
+def cached_jsonl(path: str, make, rank: int, key: str) -> list[dict]:
+    """Rows made once by `make()` (on every rank, returning the same list) and kept in `path` under `key`
+    (what they depend on: a model's weights, the prompts, the arguments), so a resumed run reuses them
+    and rows made under another key are never reused."""
+    if cached(path, key, os.path.basename(path), rank):
+        with open(path) as f:
+            return [json.loads(line) for line in f]
+    rows = make()
+    if rank == 0:
+        write_cached(path, key, lambda tmp: open(tmp, "w").writelines(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def save_model(model, tokenizer, out_dir: str, rank: int = 0):
@@ -933,6 +970,12 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
         model.generation_config = own_config
         model.train(was_training)
     return out
+
+
+def answer_sample(gen: dict) -> dict:
+    """A generate() result as a training sample: the loss on the answer tokens only."""
+    return {"input_ids": gen["prompt_ids"] + gen["completion_ids"],
+            "labels": [IGNORE] * len(gen["prompt_ids"]) + gen["completion_ids"]}  # fmt: skip
 
 
 def progress(items, what: str, total: int | None = None):
@@ -1330,6 +1373,12 @@ def reduce_metrics(metrics: dict, world: int) -> dict:
         return {k: float(v) for k, v in metrics.items()}
     vals = all_reduce_sum(torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64))
     return {k: v / world for k, v in zip(metrics, vals.tolist())}
+
+
+def distinct_2(texts: list[list[int]]) -> float:
+    """Distinct bigrams / all bigrams over the answers' token ids: 1 is fully diverse, low is collapse."""
+    grams = [tuple(t[i : i + 2]) for t in texts for i in range(len(t) - 1)]
+    return len(set(grams)) / max(len(grams), 1)
 
 
 def _metric_lines(path: str) -> list[str]:
@@ -1809,3 +1858,22 @@ def rule_reward(completion: str, answer) -> float:
 def format_reward(completion: str) -> float:
     """1.0 when the completion states an answer in the task's format "The answer is N", right or wrong."""
     return float(_ANSWER.search(completion) is not None)
+
+
+@torch.no_grad()
+def answer_scores(prompts: list[dict], texts: list[str], reward_model, device, format_weight: float = 0.0,
+                  max_tokens: int = 4096) -> Tensor:  # fmt: skip
+    """(B,) the reward r(x, y) of each answer: the rule (rule_reward, plus format_weight · format_reward)
+    when reward_model is None, else the reward model's score ((model, tokenizer)). A score that is not
+    finite stops the run here, naming the answer, before it reaches an advantage."""
+    if reward_model is None:
+        scores = torch.tensor([rule_reward(t, p["answer"]) + format_weight * format_reward(t) for p, t in zip(prompts, texts)])
+    else:
+        rm, tok = reward_model
+        scores = reward_model_scores(rm, tok, [p["prompt"] for p in prompts], texts, device, max_tokens)
+    bad = ~torch.isfinite(scores)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise FloatingPointError(f"the reward is {scores[i].item()} for {int(bad.sum())} answer(s), e.g. prompt "
+                                 f"{prompts[i]['prompt']!r} → {texts[i]!r}; stopping before any update")  # fmt: skip
+    return scores

@@ -246,16 +246,6 @@ def layer_subset(teacher, n: int):
     return student
 
 
-def check_same_vocab(teacher_tok, student_tok) -> None:
-    """Token-level divergences compare distributions over the same ids: refuse differing vocabularies."""
-    a, b = teacher_tok.get_vocab(), student_tok.get_vocab()
-    if a != b:
-        raise common.UserError(
-            f"the student's tokenizer differs from the teacher's ({len(b)} vs {len(a)} tokens, "
-            f"{len(set(a.items()) ^ set(b.items()))} entries differ): distillation needs the same vocabulary"
-        )
-
-
 def check_same_outputs(teacher, student) -> None:
     """The two models' logits must have the same width (a checkpoint may pad its embedding beyond the
     tokenizer, e.g. to a multiple of 64): say so at the start rather than fail at the first divergence."""
@@ -268,36 +258,6 @@ def check_same_outputs(teacher, student) -> None:
 # ───────────── data ─────────────
 
 
-def answer_sample(gen: dict) -> dict:
-    """A generate() result as a training sample: loss on the answer tokens only."""
-    return {"input_ids": gen["prompt_ids"] + gen["completion_ids"],
-            "labels": [common.IGNORE] * len(gen["prompt_ids"]) + gen["completion_ids"]}  # fmt: skip
-
-
-@torch.no_grad()
-def score(prompts: list[dict], texts: list[str], args: Args, reward_model, device) -> Tensor:
-    """(B,) rft rewards: the rule (right answer, plus --format-reward for the format), or the RM's score."""
-    if reward_model is None:
-        return torch.tensor([common.rule_reward(t, p["answer"]) + args.format_reward * common.format_reward(t)
-                             for p, t in zip(prompts, texts)])  # fmt: skip
-    rm, tok = reward_model
-    return common.reward_model_scores(rm, tok, [p["prompt"] for p in prompts], texts, device, args.max_tokens)
-
-
-def generated_data(path: str, make, rank: int, key: str) -> list[dict]:
-    """Generated training data, made once and kept in the output directory under `key` (what it depends
-    on: the generating model's weights, the prompts, the arguments), so a resumed run trains on the same
-    data without generating it again, and data from another teacher is never reused. `make()` runs on
-    every rank and returns the same list."""
-    if common.cached(path, key, os.path.basename(path), rank):
-        with open(path) as f:
-            return [json.loads(line) for line in f]
-    rows = make()
-    if rank == 0:
-        common.write_cached(path, key, lambda tmp: open(tmp, "w").writelines(json.dumps(r) + "\n" for r in rows))
-    return rows
-
-
 def shared_answers(
     model, tokenizer, prompts: list, temperature: float, tag: str, args: Args, rank: int, world: int
 ) -> list[dict]:
@@ -306,7 +266,7 @@ def shared_answers(
     mine = list(range(len(prompts)))[rank::world]
     gens = common.generate(model, tokenizer, [prompts[i] for i in mine], args.max_new_tokens, temperature=temperature,
                            seeds=[common.hash_int([args.seed, tag, i]) for i in mine])  # fmt: skip
-    rows = common.all_gather_objects([{"i": i, **answer_sample(g), "text": g["text"]} for i, g in zip(mine, gens)])
+    rows = common.all_gather_objects([{"i": i, **common.answer_sample(g), "text": g["text"]} for i, g in zip(mine, gens)])
     return sorted(rows, key=lambda r: r["i"])
 
 
@@ -326,12 +286,12 @@ def rft_data(student, tokenizer, prompts: list[dict], rnd: int, args: Args, rewa
     seeds = [common.hash_int([args.seed, rnd, i, j]) for i in mine for j in range(n)]
     gens = common.generate(student, tokenizer, [p["prompt"] for p in flat], args.max_new_tokens,
                            temperature=args.sample_temperature, seeds=seeds)  # fmt: skip
-    rewards = score(flat, [g["text"] for g in gens], args, reward_model, device).view(-1, n)
+    rewards = common.answer_scores(flat, [g["text"] for g in gens], reward_model, device, args.format_reward, args.max_tokens).view(-1, n)
     rows = []
     for k, i in enumerate(mine):
         best = int(rewards[k].argmax())
         row = {"i": i, "reward": float(rewards[k, best]), "text": gens[k * n + best]["text"]}
-        rows.append({**row, **answer_sample(gens[k * n + best])} if row["reward"] >= args.rft_threshold else row)
+        rows.append({**row, **common.answer_sample(gens[k * n + best])} if row["reward"] >= args.rft_threshold else row)
     return sorted(common.all_gather_objects(rows), key=lambda r: r["i"])
 
 
@@ -346,7 +306,7 @@ def on_policy_samples(student, tokenizer, convs: list[list[dict]], idx: list[int
     gens = common.generate(student, tokenizer, [convs[i][:-1] for i in sampled], args.max_new_tokens,
                            temperature=args.sample_temperature, seeds=[common.hash_int([args.seed, step, i]) for i in sampled])  # fmt: skip
     by_idx = dict(zip(sampled, gens))
-    return [answer_sample(by_idx[i]) if i in by_idx else common.tokenize_conversation(tokenizer, convs[i]) for i in idx]
+    return [common.answer_sample(by_idx[i]) if i in by_idx else common.tokenize_conversation(tokenizer, convs[i]) for i in idx]
 
 
 # ───────────── Constitutional AI: critique and revision ─────────────
@@ -465,7 +425,7 @@ def cai_data(model, tokenizer, critic, critic_tokenizer, prompts: list[dict], pr
     def rewards(ids, texts):
         if not with_reward:
             return [None] * len(texts)
-        return score([prompts[i] for i in ids], texts, args, reward_model, device).tolist()
+        return common.answer_scores([prompts[i] for i in ids], texts, reward_model, device, args.format_reward, args.max_tokens).tolist()
 
     y0 = sample(model, tokenizer, [prompts[i]["prompt"] for i in mine], mine, "cai-y0")
     rows = [{"i": i, "prompt": prompts[i]["prompt"], "y0": y, "y0_reward": r, "final": y, "rounds": [], "dropped": None}
@@ -569,7 +529,8 @@ def main(args: Args) -> str:
     tokenizer = common.load_tokenizer(args.teacher)
     teacher = common.load_model(args.teacher, tokenizer, seed=args.seed, dropout=args.dropout).to(device).requires_grad_(False).eval()
     if args.student:
-        check_same_vocab(tokenizer, common.load_tokenizer(args.student))
+        common.check_same_vocab(tokenizer, common.load_tokenizer(args.student), "the student's tokenizer differs from the "
+                                "teacher's ({sizes}): distillation needs the same vocabulary")  # fmt: skip
         student = common.load_model(args.student, tokenizer, seed=args.seed, dropout=args.dropout).to(device)
         check_same_outputs(teacher, student)
     elif args.mode == "cai":
@@ -609,7 +570,7 @@ def main(args: Args) -> str:
     data_key = common.cache_key(common.weights_fingerprint(teacher), prompts if uses_prompts else samples, eval_prompts,
                                 common.training_args(args))  # fmt: skip
     make_eval = functools.partial(eval_data, teacher, tokenizer, eval_prompts, args, rank, world)
-    teacher_samples = generated_data(os.path.join(out_dir, "eval_data.jsonl"), make_eval, rank, data_key)
+    teacher_samples = common.cached_jsonl(os.path.join(out_dir, "eval_data.jsonl"), make_eval, rank, data_key)
     problems = common.builtin_task("test", args.num_eval, args.seed) if builtin else []
 
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -624,7 +585,7 @@ def main(args: Args) -> str:
             critic = common.load_model(args.critic, critic_tok, seed=args.seed).to(device).requires_grad_(False)
         make = functools.partial(cai_data, student, tokenizer, critic.eval(), critic_tok, prompts,
                                  read_constitution(args.constitution), args, reward_model, rank, world, device)  # fmt: skip
-        rows = generated_data(os.path.join(out_dir, "cai_data.jsonl"), make, rank, data_key)
+        rows = common.cached_jsonl(os.path.join(out_dir, "cai_data.jsonl"), make, rank, data_key)
         del critic
         student.train()
         train = [common.tokenize_conversation(tokenizer, common.as_messages(r["prompt"], r["final"]))
@@ -642,14 +603,15 @@ def main(args: Args) -> str:
                 print("cai: no revision was kept; the run trains on nothing")
 
     log = common.MetricsLog(out_dir, args.max_steps, start, rank, keys=("loss",))
+    evaluate_now = functools.partial(evaluate, student, teacher, tokenizer, teacher_samples, data_samples, problems, args,
+                                     rank, world, device)  # fmt: skip
     if start == 0:
         teacher_acc = (
             common.greedy_accuracy(teacher, tokenizer, problems, args.max_new_tokens, rank, world) if problems else None
         )
-        log.log(0, evaluate(student, teacher, tokenizer, teacher_samples, data_samples, problems, args, rank, world, device)
-                | ({"teacher/accuracy": teacher_acc} if problems else {}) | first_stats)  # fmt: skip
+        log.log(0, evaluate_now() | ({"teacher/accuracy": teacher_acc} if problems else {}) | first_stats)
     if args.mode == "seqkd":
-        train = generated_data(os.path.join(out_dir, "seqkd_data.jsonl"),
+        train = common.cached_jsonl(os.path.join(out_dir, "seqkd_data.jsonl"),
                                lambda: seqkd_data(teacher, tokenizer, prompts, args, rank, world), rank, data_key)  # fmt: skip
     per_round = max(args.max_steps // args.rft_rounds, 1)
     for step in range(start, args.max_steps):
@@ -660,7 +622,7 @@ def main(args: Args) -> str:
             chosen = common.step_indices(len(prompts), args.num_generate, rnd, args.seed)
             pool = [prompts[i] for i in chosen]
             make = functools.partial(rft_data, student, tokenizer, pool, rnd, args, reward_model, rank, world, device)
-            rows = generated_data(os.path.join(out_dir, f"rft_round{rnd}.jsonl"), make, rank, data_key)
+            rows = common.cached_jsonl(os.path.join(out_dir, f"rft_round{rnd}.jsonl"), make, rank, data_key)
             train = [r for r in rows if "input_ids" in r]
             data_stats = {
                 "rft/kept": len(train),
@@ -680,8 +642,7 @@ def main(args: Args) -> str:
             batch_samples = on_policy_samples(student, tokenizer, convs, idx[rank::world], step, args)
         gen_s = time.time() - t0
         # 2. loss: mean over the step's answer tokens on all ranks
-        bins = common.pack_bins([len(s["input_ids"]) for s in batch_samples], args.max_tokens)
-        batches = [common.collate_packed([batch_samples[i] for i in b]) for b in bins]
+        batches = [batch for _, batch in common.packed_batches(batch_samples, args.max_tokens)]
         n_tok = float(
             common.all_reduce_sum(torch.tensor(float(sum(int((b["labels"] != common.IGNORE).sum()) for b in batches))))
         )
@@ -715,17 +676,11 @@ def main(args: Args) -> str:
             metrics["grad_norm"] = float(grad_norm)
         log.log(step + 1, metrics)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
-            log.log(
-                step + 1,
-                evaluate(student, teacher, tokenizer, teacher_samples, data_samples, problems, args, rank, world, device),
-            )
+            log.log(step + 1, evaluate_now())
         if args.save_every and (step + 1) % args.save_every == 0:
             common.save_checkpoint(out_dir, step + 1, student, optimizer, scheduler, rank)
 
-    log.log(
-        args.max_steps,
-        evaluate(student, teacher, tokenizer, teacher_samples, data_samples, problems, args, rank, world, device),
-    )
+    log.log(args.max_steps, evaluate_now())
     return common.finish_run(log, student, tokenizer, out_dir, rank, args.keep_checkpoints)
 
 

@@ -169,30 +169,7 @@ def grpo_loss(
     return loss, stats
 
 
-def distinct_2(texts: list[list[int]]) -> float:
-    """Distinct bigrams / all bigrams over the answers' token ids: 1 is fully diverse."""
-    grams = [tuple(t[i : i + 2]) for t in texts for i in range(len(t) - 1)]
-    return len(set(grams)) / max(len(grams), 1)
-
-
 # ───────────── rollout ─────────────
-
-
-@torch.no_grad()
-def score(prompts: list[dict], texts: list[str], args: Args, reward_model, device) -> Tensor:
-    """(B,) rewards: the rule (right answer, plus --format-reward for the format), or the RM's score."""
-    if reward_model is None:
-        return torch.tensor([common.rule_reward(t, p["answer"]) + args.format_reward * common.format_reward(t)
-                             for p, t in zip(prompts, texts)])  # fmt: skip
-    rm, tok = reward_model
-    return common.reward_model_scores(rm, tok, [p["prompt"] for p in prompts], texts, device, args.max_tokens)
-
-
-def answer_logps(model, batch: dict, width: int, temperature: float, entropy: bool = False):
-    """(n, width) log-probs (and entropies) of the answers of a packed row, in fp32 from logits / τ:
-    the same computation at sampling time (old, ref) and in training, so ρ = 1 exactly when π = π_old."""
-    logp, ent = common.token_logps(model, batch, temperature=temperature, entropy=entropy)
-    return common.completion_matrix(logp, batch, width), (common.completion_matrix(ent, batch, width) if entropy else None)
 
 
 def rollout(policy, tokenizer, prompts: list[dict], seeds: list[int], args: Args, reward_model, device):
@@ -212,13 +189,13 @@ def rollout(policy, tokenizer, prompts: list[dict], seeds: list[int], args: Args
     flat = [p for p in prompts for _ in range(args.group_size)]
     texts = [g["text"] for g in gens]
     ended = torch.tensor([g["ended"] for g in gens])
-    reward = score(flat, texts, args, reward_model, device)
+    reward = common.answer_scores(flat, texts, reward_model, device, args.format_reward, args.max_tokens)
     if args.overlong == "penalty":
         reward = reward - (~ended).float()
     stats = {
         "reward/mean": float(reward.mean()), "reward/std": float(reward.std()) if len(reward) > 1 else 0.0,
         "response_length": sum(len(g["completion_ids"]) for g in gens) / len(gens), "truncated_frac": float((~ended).float().mean()),
-        "distinct_2": distinct_2([g["completion_ids"] for g in gens]), "time/generation_s": gen_s,
+        "distinct_2": common.distinct_2([g["completion_ids"] for g in gens]), "time/generation_s": gen_s,
     }  # fmt: skip
     if all("answer" in p for p in prompts):
         stats["accuracy"] = sum(common.rule_reward(t, p["answer"]) for p, t in zip(flat, texts)) / len(texts)
@@ -237,11 +214,7 @@ def training_samples(gens: list[dict], reward: Tensor, args: Args) -> tuple[list
         keep &= ended  # a cut-off answer has no honest ending: out of the loss (DAPO's overlong filtering)
     if args.filter_zero_std:
         keep &= ~zero_std
-    samples = []
-    for g, a, k in zip(gens, adv.tolist(), keep.tolist()):
-        if k and g["completion_ids"]:
-            ids = g["prompt_ids"] + g["completion_ids"]
-            samples.append({"input_ids": ids, "labels": [common.IGNORE] * len(g["prompt_ids"]) + g["completion_ids"], "adv": a})
+    samples = [{**common.answer_sample(g), "adv": a} for g, a, k in zip(gens, adv.tolist(), keep.tolist()) if k and g["completion_ids"]]
     return samples, float(zero_std.float().mean())
 
 
@@ -249,7 +222,7 @@ def training_samples(gens: list[dict], reward: Tensor, args: Args) -> tuple[list
 def old_and_ref_logps(policy, ref, samples: list[dict], args: Args, device) -> None:
     """Record each sample's old log-probs (μ > 1) and reference log-probs (β > 0), micro-batch by
     micro-batch exactly as the update will see them."""
-    batches = micro_batches(samples, args.max_tokens)
+    batches = common.packed_batches(samples, args.max_tokens)
     for item in common.even_out(batches, policy) if args.mu > 1 else batches:
         if item is None:  # --fsdp: this rank is out of micro-batches
             common.stand_in(policy, device)
@@ -258,20 +231,14 @@ def old_and_ref_logps(policy, ref, samples: list[dict], args: Args, device) -> N
         batch = common.to_device(batch, device)
         with common.autocast(device):
             if args.mu > 1:
-                old, _ = answer_logps(policy, batch, args.max_new_tokens, args.temperature)
+                old, _ = common.answer_logps(policy, batch, args.max_new_tokens, args.temperature)
             if ref is not None:
-                ref_logp, _ = answer_logps(ref, batch, args.max_new_tokens, args.temperature)
+                ref_logp, _ = common.answer_logps(ref, batch, args.max_new_tokens, args.temperature)
         for j, i in enumerate(batch_idx):
             if args.mu > 1:
                 samples[i]["old"] = old[j].cpu()
             if ref is not None:
                 samples[i]["ref"] = ref_logp[j].cpu()
-
-
-def micro_batches(samples: list[dict], max_tokens: int) -> list[tuple[list[int], dict]]:
-    """Packed rows of at most max_tokens tokens: (sample indices, batch)."""
-    bins = common.pack_bins([len(s["input_ids"]) for s in samples], max_tokens)
-    return [(b, common.collate_packed([samples[i] for i in b])) for b in bins]
 
 
 # ───────────── training ─────────────
@@ -334,7 +301,7 @@ def main(args: Args) -> str:
         #    ones, ρ = 1 and the clipped surrogate is the plain policy gradient)
         sums = common.Sums("clip_frac_low", "clip_frac_high", "kl", "entropy", "tokens", "loss")  # token-weighted, but loss
         for _ in range(args.mu):
-            for item in common.even_out(micro_batches(samples, args.max_tokens) if total else [], policy):
+            for item in common.even_out(common.packed_batches(samples, args.max_tokens) if total else [], policy):
                 if item is None:  # --fsdp: this rank is out of micro-batches
                     common.stand_in(policy, device, backward=True)
                     continue
@@ -342,7 +309,7 @@ def main(args: Args) -> str:
                 batch = common.to_device(batch, device)
                 in_batch = [samples[i] for i in batch_idx]
                 with common.autocast(device):
-                    logp, entropy = answer_logps(policy, batch, args.max_new_tokens, args.temperature, entropy=True)
+                    logp, entropy = common.answer_logps(policy, batch, args.max_new_tokens, args.temperature, entropy=True)
                 mask = common.completion_matrix((batch["labels"] != common.IGNORE).float(), batch, args.max_new_tokens)
                 old = torch.stack([s["old"] for s in in_batch]).to(device) if args.mu > 1 else logp.detach()
                 ref_logp = torch.stack([s["ref"] for s in in_batch]).to(device) if ref is not None else None

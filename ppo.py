@@ -214,12 +214,6 @@ def adaptive_beta(beta: float, kl: float, target: float, n: int, horizon: int) -
     return beta * (1.0 + error * n / horizon)
 
 
-def distinct_2(texts: list[list[int]]) -> float:
-    """Distinct bigrams / all bigrams over the answers' token ids: 1 is fully diverse, low is collapse."""
-    grams = [tuple(t[i : i + 2]) for t in texts for i in range(len(t) - 1)]
-    return len(set(grams)) / max(len(grams), 1)
-
-
 # ───────────── models ─────────────
 
 
@@ -238,35 +232,7 @@ def value_model(policy, tokenizer):
     return critic
 
 
-def check_same_vocab(tokenizer, rm_tokenizer, path: str) -> None:
-    """The reward model reads the policy's answers and the critic may start from it: refuse a reward model
-    whose vocabulary differs (a decode → re-encode round trip is not lossless in general)."""
-    a, b = tokenizer.get_vocab(), rm_tokenizer.get_vocab()
-    if a != b:
-        differ = len(set(a.items()) ^ set(b.items()))
-        raise common.UserError(
-            f"--reward {path}: its tokenizer differs from the policy's ({len(b)} vs {len(a)} tokens, {differ} entries "
-            "differ). Train the reward model from the policy's tokenizer (rm.py --model <the policy>)."
-        )
-
-
 # ───────────── rollout ─────────────
-
-
-@torch.no_grad()
-def score(prompts: list[dict], texts: list[str], args: Args, reward_model, device) -> Tensor:
-    """(B,) scores: the rule (right answer, plus --format-reward for the format), or the RM's score."""
-    if reward_model is None:
-        return torch.tensor([common.rule_reward(t, p["answer"]) + args.format_reward * common.format_reward(t)
-                             for p, t in zip(prompts, texts)])  # fmt: skip
-    rm, tok = reward_model
-    return common.reward_model_scores(rm, tok, [p["prompt"] for p in prompts], texts, device, args.max_tokens)
-
-
-def answer_logps(model, batch: dict, width: int, temperature: float, entropy: bool = False):
-    """(n, width) log-probs (and entropies) of the answers of a packed row, in fp32 from logits / τ."""
-    logp, ent = common.token_logps(model, batch, temperature=temperature, entropy=entropy)
-    return common.completion_matrix(logp, batch, width), (common.completion_matrix(ent, batch, width) if entropy else None)
 
 
 def answer_values(critic, batch: dict, width: int) -> Tensor:
@@ -287,8 +253,7 @@ def partition(samples: list[dict], args: Args, step: int, epoch: int) -> list[li
     out = []
     for k in range(args.num_minibatches):
         mine = [i for i, s in enumerate(samples) if int(perm[s["gid"]]) % args.num_minibatches == k]
-        bins = common.pack_bins([len(samples[i]["input_ids"]) for i in mine], args.max_tokens)
-        out.append([([mine[j] for j in b], common.collate_packed([samples[mine[j]] for j in b])) for b in bins])
+        out.append([([mine[j] for j in b], batch) for b, batch in common.packed_batches([samples[i] for i in mine], args.max_tokens)])
     return out
 
 
@@ -301,28 +266,16 @@ def rollout(policy, tokenizer, prompts, gids, seeds, args: Args, reward_model, s
     gen_s = time.time() - t0
     texts = [g["text"] for g in gens]
     ended = torch.tensor([g["ended"] for g in gens])
-    raw = score(prompts, texts, args, reward_model, device)
-    bad = ~torch.isfinite(raw)
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        raise FloatingPointError(
-            f"step {step}: the reward is {raw[i].item()} for {int(bad.sum())} answer(s), e.g. prompt "
-            f"{prompts[i]['prompt']!r} → {texts[i]!r}; stopping before any update"
-        )
+    raw = common.answer_scores(prompts, texts, reward_model, device, args.format_reward, args.max_tokens)
     scores = raw - args.missing_eos_penalty * (~ended).float()
-    samples = []
-    for g, gid, s in zip(gens, gids, scores.tolist()):
-        ids = g["prompt_ids"] + g["completion_ids"]
-        samples.append(
-            {"input_ids": ids, "labels": [common.IGNORE] * len(g["prompt_ids"]) + g["completion_ids"], "gid": gid, "score": s}
-        )
+    samples = [{**common.answer_sample(g), "gid": gid, "score": s} for g, gid, s in zip(gens, gids, scores.tolist())]
     sums = {  # this rank's; main() adds them over ranks
         "score": float(raw.sum()), "score_shaped": float(scores.sum()), "no_eos": float((~ended).sum()),
         "length": float(sum(len(g["completion_ids"]) for g in gens)), "answers": float(len(gens)),
     }  # fmt: skip
     if all("answer" in p for p in prompts):
         sums["correct"] = float(sum(common.rule_reward(t, p["answer"]) for p, t in zip(prompts, texts)))
-    return samples, sums, {"distinct_2": distinct_2([g["completion_ids"] for g in gens]), "time/generation_s": gen_s}
+    return samples, sums, {"distinct_2": common.distinct_2([g["completion_ids"] for g in gens]), "time/generation_s": gen_s}
 
 
 @torch.no_grad()
@@ -339,8 +292,8 @@ def old_logps_and_values(policy, ref, critic, samples: list[dict], args: Args, s
             idx, batch = item
             batch = common.to_device(batch, device)
             with common.autocast(device):
-                old, _ = answer_logps(policy, batch, w, args.temperature)
-                ref_logp, _ = answer_logps(ref, batch, w, args.temperature)
+                old, _ = common.answer_logps(policy, batch, w, args.temperature)
+                ref_logp, _ = common.answer_logps(ref, batch, w, args.temperature)
                 values = answer_values(critic, batch, w)
             mask = common.completion_matrix((batch["labels"] != common.IGNORE).float(), batch, w)
             for j, i in enumerate(idx):
@@ -365,11 +318,9 @@ def evaluate(policy, tokenizer, problems: list[dict], args: Args, reward_model, 
     mine = problems[rank::world]
     gens = common.generate(policy, tokenizer, [p["prompt"] for p in mine], args.max_new_tokens)
     texts = [g["text"] for g in gens]
-    sums = common.Sums("right", "rm_score")
-    sums.add(right=sum(common.rule_reward(t, p["answer"]) for t, p in zip(texts, mine)))
-    if reward_model is not None and mine:
-        sums.add(rm_score=float(score(mine, texts, args, reward_model, device).sum()))
-    total = sums.total()
+    rm_score = common.answer_scores(mine, texts, reward_model, device, max_tokens=args.max_tokens) if reward_model and mine else 0
+    total = common.sum_over_ranks({"right": sum(common.rule_reward(t, p["answer"]) for t, p in zip(texts, mine)),
+                                   "rm_score": float(rm_score.sum()) if reward_model and mine else 0.0})  # fmt: skip
     out = {"eval/accuracy": total["right"] / len(problems)}
     if reward_model is not None:
         out["eval/rm_score"] = total["rm_score"] / len(problems)
@@ -394,7 +345,8 @@ def main(args: Args) -> str:
     reward_model = None
     if args.reward != "rule":
         rm_tokenizer = common.load_tokenizer(args.reward)
-        check_same_vocab(tokenizer, rm_tokenizer, args.reward)
+        common.check_same_vocab(tokenizer, rm_tokenizer, f"--reward {args.reward}: its tokenizer differs from the policy's "
+                                "({sizes}). Train the reward model from the policy's tokenizer (rm.py --model <the policy>).")  # fmt: skip
         reward_model = (common.load_reward_model(args.reward).requires_grad_(False).to(device), rm_tokenizer)
     critic = common.load_reward_model(args.reward).train() if args.critic_init == "reward" else value_model(policy, tokenizer)
     critic = critic.to(device)
@@ -467,7 +419,7 @@ def main(args: Args) -> str:
                         torch.stack([s[k] for s in in_batch]).to(device) for k in ("old", "values", "returns", "adv", "mask")
                     )
                     with common.autocast(device):
-                        logp, entropy = answer_logps(policy, batch, args.max_new_tokens, args.temperature, entropy=True)
+                        logp, entropy = common.answer_logps(policy, batch, args.max_new_tokens, args.temperature, entropy=True)
                         values = answer_values(critic, batch, args.max_new_tokens)
                     loss, st = ppo_loss(logp, old, values, old_values, returns, adv, entropy, mask,
                                         args.clip_eps, args.vf_clip, args.vf_coef, args.ent_coef)  # fmt: skip

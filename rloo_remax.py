@@ -121,22 +121,6 @@ def reinforce_loss(seq_logp: Tensor, adv: Tensor) -> Tensor:
 # ───────────── rollout ─────────────
 
 
-@torch.no_grad()
-def score(prompts: list[dict], texts: list[str], args: Args, reward_model, device) -> Tensor:
-    """(B,) rewards: the rule (right answer, plus --format-reward for the format), or the RM's score."""
-    if reward_model is None:
-        return torch.tensor([common.rule_reward(t, p["answer"]) + args.format_reward * common.format_reward(t)
-                             for p, t in zip(prompts, texts)])  # fmt: skip
-    rm, tok = reward_model
-    return common.reward_model_scores(rm, tok, [p["prompt"] for p in prompts], texts, device, args.max_tokens)
-
-
-def micro_batches(samples: list[dict], max_tokens: int) -> list[tuple[list[int], dict]]:
-    """Packed rows of at most max_tokens tokens: (sample indices, batch)."""
-    bins = common.pack_bins([len(s["input_ids"]) for s in samples], max_tokens)
-    return [(b, common.collate_packed([samples[i] for i in b])) for b in bins]
-
-
 def seq_logps(model, batch: dict, temperature: float) -> Tensor:
     """log π(y|x) of each answer of a packed row, summed over its tokens, from logits / τ: (n,)."""
     logp, _ = common.token_logps(model, batch, temperature=temperature)
@@ -156,19 +140,18 @@ def rollout(
         batch_size=64,
     )  # fmt: skip
     flat = [p for p in prompts for _ in range(args.group_size)]
-    task_reward = score(flat, [g["text"] for g in gens], args, reward_model, device)
+    task_reward = common.answer_scores(flat, [g["text"] for g in gens], reward_model, device, args.format_reward, args.max_tokens)
     greedy_reward = None
     if args.estimator == "remax":  # the baseline: one greedy answer per prompt
         greedy = common.generate(policy, tokenizer, [p["prompt"] for p in prompts], args.max_new_tokens)
-        greedy_reward = score(prompts, [g["text"] for g in greedy], args, reward_model, device).repeat_interleave(
-            args.group_size
-        )
+        greedy_texts = [g["text"] for g in greedy]
+        greedy_reward = common.answer_scores(prompts, greedy_texts, reward_model, device, args.format_reward, args.max_tokens)
+        greedy_reward = greedy_reward.repeat_interleave(args.group_size)
     gen_s = time.time() - t0
-    samples = [{"input_ids": g["prompt_ids"] + g["completion_ids"], "labels": [common.IGNORE] * len(g["prompt_ids"]) + g["completion_ids"]}
-               for g in gens]  # fmt: skip
+    samples = [common.answer_sample(g) for g in gens]
     kl = torch.zeros(len(samples))
     if ref is not None:  # KL in the reward: the summed k1 of each answer comes off its reward
-        for idx, batch in micro_batches(samples, args.max_tokens):
+        for idx, batch in common.packed_batches(samples, args.max_tokens):
             batch = common.to_device(batch, device)
             with torch.no_grad(), common.autocast(device):
                 kl[idx] = (seq_logps(policy, batch, args.temperature) - seq_logps(ref, batch, args.temperature)).float().cpu()
@@ -242,7 +225,7 @@ def main(args: Args) -> str:
         # 2. one policy-gradient update, −A · log π(y|x) averaged over all answers of all ranks
         n_answers = float(common.all_reduce_sum(torch.tensor(float(len(samples)))))
         loss_sum = 0.0
-        for batch_idx, batch in micro_batches(samples, args.max_tokens):
+        for batch_idx, batch in common.packed_batches(samples, args.max_tokens):
             batch = common.to_device(batch, device)
             with common.autocast(device):
                 seq = seq_logps(policy, batch, args.temperature)  # (n,)

@@ -321,6 +321,35 @@ def test_builtin_views_are_consistent_with_the_rule_reward():
     assert common.rule_reward("no answer here", 4) == 0.0
 
 
+def test_answer_scores_are_the_rule_plus_format_weight_or_the_reward_model(monkeypatch):
+    prompts = [{"prompt": "p1", "answer": 3}, {"prompt": "p2", "answer": 4}, {"prompt": "p3", "answer": 5}]
+    texts = ["The answer is 3.", "The answer is 7.", "seven"]  # right, wrong in the format, no format
+    scores = common.answer_scores(prompts, texts, None, "cpu", format_weight=0.1)
+    assert scores.tolist() == pytest.approx([1.1, 0.1, 0.0])
+    monkeypatch.setattr(common, "reward_model_scores", lambda rm, tok, p, t, device, n: torch.tensor([len(x) for x in t], dtype=torch.float))
+    assert common.answer_scores(prompts, texts, ("rm", "tok"), "cpu").tolist() == [16.0, 16.0, 5.0]  # the model decides, not the rule
+    monkeypatch.setattr(common, "reward_model_scores", lambda *a: torch.tensor([1.0, float("inf"), float("nan")]))
+    with pytest.raises(FloatingPointError, match=r"the reward is inf for 2 answer\(s\), e.g. prompt 'p2' → 'The answer is 7.'"):
+        common.answer_scores(prompts, texts, ("rm", "tok"), "cpu")
+
+
+def test_generated_answers_become_answer_only_samples_packed_within_the_budget():
+    gens = [{"prompt_ids": [1, 2], "completion_ids": [3, 4, 5]}, {"prompt_ids": [6], "completion_ids": [7]}] * 3
+    samples = [common.answer_sample(g) for g in gens]
+    assert samples[0] == {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, 3, 4, 5]}
+    batches = common.packed_batches(samples, max_tokens=7)
+    assert sorted(i for idx, _ in batches for i in idx) == list(range(6))  # every sample once
+    for idx, batch in batches:
+        assert batch["input_ids"].shape[1] == sum(len(samples[i]["input_ids"]) for i in idx) <= 7
+        assert batch["input_ids"][0].tolist() == [t for i in idx for t in samples[i]["input_ids"]]
+
+
+def test_check_same_vocab_names_the_size_of_the_difference(chatml, llama3):
+    common.check_same_vocab(chatml, chatml, "never raised {sizes}")
+    with pytest.raises(common.UserError, match=r"differs \(\d+ vs \d+ tokens, \d+ entries differ\)"):
+        common.check_same_vocab(chatml, llama3, "differs ({sizes})")
+
+
 # ───────────── checkpoints ─────────────
 
 

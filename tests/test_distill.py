@@ -176,7 +176,7 @@ def test_rft_keeps_the_best_answers_and_lowers_the_kl(tmp_path, teacher, monkeyp
     tok = common.load_tokenizer(teacher)
     judge = common.load_model(teacher, tok).eval()
 
-    def teacher_likes(prompts, texts, *a):
+    def teacher_likes(prompts, texts, *a, **k):
         docs = [common.tokenize_conversation(tok, common.as_messages(p["prompt"], t)) for p, t in zip(prompts, texts)]
         batch = common.collate_packed(docs)
         with torch.no_grad():
@@ -185,7 +185,7 @@ def test_rft_keeps_the_best_answers_and_lowers_the_kl(tmp_path, teacher, monkeyp
         doc = common.doc_ids(batch)[0]
         return torch.zeros(len(docs)).index_add(0, doc, (logp * mask)[0]) / torch.zeros(len(docs)).index_add(0, doc, mask[0])
 
-    monkeypatch.setattr(distill, "score", teacher_likes)
+    monkeypatch.setattr(common, "answer_scores", teacher_likes)
     args = tiny_args(tmp_path, teacher, mode="rft", rft_samples=4, rft_threshold=-1e9, rft_rounds=2)
     rows = read_metrics(distill.main(args))
     rounds = [r for r in rows if "rft/kept" in r]

@@ -125,7 +125,8 @@ def test_seed_9_4_2_k3_in_the_loss_follows_the_forward_kl_and_k2_the_reverse_kl(
 
 
 def test_distinct_2_and_completion_matrix_by_hand():
-    assert grpo.distinct_2([[1, 2, 1, 2], [3]]) == pytest.approx(2 / 3)
+    assert common.distinct_2([[1, 2, 1, 2], [3]]) == pytest.approx(2 / 3)  # bigrams (1,2) (2,1) (1,2): 2 distinct of 3
+    assert common.distinct_2([[1], []]) == 0.0  # no bigram at all
     docs = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
     batch = common.collate_packed(docs)
     m = common.completion_matrix(batch["input_ids"].float(), batch, width=4)
@@ -149,8 +150,8 @@ def test_old_logprobs_recorded_at_sampling_give_a_ratio_of_exactly_one(tmp_path,
     samples, _ = grpo.training_samples(gens, reward, args)
     grpo.old_and_ref_logps(policy, None, samples, args, torch.device("cpu"))
     policy.train()
-    for idx, batch in grpo.micro_batches(samples, args.max_tokens):
-        logp, _ = grpo.answer_logps(policy, batch, args.max_new_tokens, args.temperature, entropy=True)  # the training forward
+    for idx, batch in common.packed_batches(samples, args.max_tokens):
+        logp, _ = common.answer_logps(policy, batch, args.max_new_tokens, args.temperature, entropy=True)  # the training forward
         old = torch.stack([samples[i]["old"] for i in idx])
         assert torch.equal(logp.detach(), old)  # ρ = exp(0) = 1 exactly on the first inner step
         assert (logp != 0).any()
@@ -159,7 +160,7 @@ def test_old_logprobs_recorded_at_sampling_give_a_ratio_of_exactly_one(tmp_path,
 def test_grpo_raises_the_mean_reward_of_a_learnable_reward(tmp_path, monkeypatch):
     # the reward: the share of lowercase letters in the answer (about 0.1 for the near-uniform random model)
     share = lambda t: sum(c.islower() for c in t) / max(len(t), 1)
-    monkeypatch.setattr(grpo, "score", lambda prompts, texts, *a: torch.tensor([share(t) for t in texts]))
+    monkeypatch.setattr(common, "answer_scores", lambda prompts, texts, *a, **k: torch.tensor([share(t) for t in texts]))
     out = grpo.main(tiny_args(tmp_path, max_steps=25, prompts_per_step=4, group_size=8, lr=5e-3, beta=0.0, eval_every=0))
     rows = [r for r in read_metrics(out) if "reward/mean" in r]
     first, last = sum(r["reward/mean"] for r in rows[:5]) / 5, sum(r["reward/mean"] for r in rows[-5:]) / 5

@@ -185,7 +185,7 @@ def test_first_minibatch_sees_a_ratio_of_exactly_one(tmp_path, chatml):
     ppo.old_logps_and_values(policy, ref, critic, samples, args, 0, torch.device("cpu"))
     policy.train()
     for idx, batch in ppo.partition(samples, args, 0, 0)[0]:  # the update's first forward
-        logp, _ = ppo.answer_logps(policy, batch, args.max_new_tokens, args.temperature, entropy=True)
+        logp, _ = common.answer_logps(policy, batch, args.max_new_tokens, args.temperature, entropy=True)
         old = torch.stack([samples[i]["old"] for i in idx])
         assert torch.equal(logp.detach(), old) and (logp != 0).any()
     # every answer is in exactly one minibatch of every epoch
@@ -197,7 +197,7 @@ def test_first_minibatch_sees_a_ratio_of_exactly_one(tmp_path, chatml):
 def test_ppo_raises_a_learnable_reward_with_a_bounded_kl(tmp_path, monkeypatch):
     # the reward: the share of lowercase letters in the answer (about 0.1 for the near-uniform random model)
     share = lambda t: sum(c.islower() for c in t) / max(len(t), 1)
-    monkeypatch.setattr(ppo, "score", lambda prompts, texts, *a: torch.tensor([share(t) for t in texts]))
+    monkeypatch.setattr(common, "answer_scores", lambda prompts, texts, *a, **k: torch.tensor([share(t) for t in texts]))
     runs = {}
     for name, kl in (("free", {"beta": 0.0}), ("controlled", {"beta": 0.1, "target_kl": 3.0, "kl_horizon": 32})):
         args = tiny_args(tmp_path, max_steps=25, prompts_per_step=16, lr=3e-3, critic_lr=3e-3, eval_every=0,
@@ -235,10 +235,11 @@ def test_a_reward_model_with_another_tokenizer_is_refused(tmp_path, llama3):
         ppo.main(tiny_args(tmp_path, reward=path, max_steps=1))
 
 
-def test_nan_rewards_stop_the_run_naming_the_step(tmp_path, monkeypatch):
-    monkeypatch.setattr(ppo, "score", lambda prompts, texts, *a: torch.tensor([float("nan")] * len(texts)))
-    with pytest.raises(FloatingPointError, match="step 0: the reward is nan for 4 answer"):
+def test_nan_rewards_stop_the_run_naming_the_answer(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "rule_reward", lambda completion, answer: float("nan"))
+    with pytest.raises(FloatingPointError, match="the reward is nan for 4 answer.*e.g. prompt"):
         ppo.main(tiny_args(tmp_path, max_steps=1))
+    assert not (tmp_path / "run" / "model.safetensors").exists()  # nothing was trained or saved
 
 
 # ───────────── processes: torchrun, kill and resume ─────────────

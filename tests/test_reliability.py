@@ -84,7 +84,7 @@ def test_the_dpo_reference_cache_is_recomputed_when_the_reference_weights_change
     assert torch.equal(first, again) and not torch.allclose(first, other)
 
 
-def test_distills_generated_data_is_regenerated_for_another_key(tmp_path, capsys):
+def test_cached_generated_data_is_regenerated_for_another_key(tmp_path, capsys):
     calls = []
 
     def make(tag):
@@ -92,9 +92,9 @@ def test_distills_generated_data_is_regenerated_for_another_key(tmp_path, capsys
         return [{"text": tag}]
 
     path = str(tmp_path / "seqkd_data.jsonl")
-    assert distill.generated_data(path, lambda: make("a"), 0, "key-a") == [{"text": "a"}]
-    assert distill.generated_data(path, lambda: make("b"), 0, "key-a") == [{"text": "a"}]  # reused
-    assert distill.generated_data(path, lambda: make("b"), 0, "key-b") == [{"text": "b"}]  # another teacher
+    assert common.cached_jsonl(path, lambda: make("a"), 0, "key-a") == [{"text": "a"}]
+    assert common.cached_jsonl(path, lambda: make("b"), 0, "key-a") == [{"text": "a"}]  # reused
+    assert common.cached_jsonl(path, lambda: make("b"), 0, "key-b") == [{"text": "b"}]  # another teacher
     assert calls == ["a", "b"]
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import check_resume_matches_uninterrupted, check_two_processes_match_one, read_metrics, tiny_reward_model
 
+import common
 import rloo_remax
 
 
@@ -67,7 +68,7 @@ def test_rloo_is_unbiased_and_has_lower_variance_than_reinforce_on_a_bandit():
 @pytest.mark.parametrize("estimator", ["rloo", "remax"])
 def test_each_estimator_raises_the_mean_reward_of_a_learnable_reward(tmp_path, monkeypatch, estimator):
     share = lambda t: sum(c.islower() for c in t) / max(len(t), 1)
-    monkeypatch.setattr(rloo_remax, "score", lambda prompts, texts, *a: torch.tensor([share(t) for t in texts]))
+    monkeypatch.setattr(common, "answer_scores", lambda prompts, texts, *a, **k: torch.tensor([share(t) for t in texts]))
     args = rloo_remax.Args(model="tiny", estimator=estimator, num_train=16, num_eval=2, group_size=8, prompts_per_step=4,
                            max_new_tokens=6, max_steps=25, lr=1e-2, beta=0.0, eval_every=0, save_every=0,
                            output_dir=str(tmp_path / estimator))  # fmt: skip
