@@ -111,12 +111,12 @@ class Args:
     max_approx_kl: float = 0.0
     """stop the step's remaining epochs once an epoch's mean approx KL(π_old‖π_θ) exceeds this; 0: never"""
     # optimisation
-    lr: float = 5e-6
+    lr: float = 1e-5
     """actor AdamW learning rate (peak, cosine decay)"""
     critic_lr: float = 2e-5
     """critic AdamW learning rate (peak, cosine decay): higher, its head starts from scratch"""
-    max_steps: int = 12
-    """rollout steps (12 × 16 answers: about 12 minutes on 2 CPU cores from the SFT model)"""
+    max_steps: int = 20
+    """rollout steps (20 × 16 answers: the validated run, tests/validate.py ppo)"""
     warmup_steps: int = 0
     """linear warm-up rollout steps before the cosine decay"""
     max_grad_norm: float = 1.0

@@ -63,9 +63,9 @@ class Args:
     beta: float = 0.05
     """β of the k1 KL penalty in the reward; 0 loads no reference model"""
     # optimisation
-    lr: float = 1e-6
-    """peak AdamW learning rate"""
-    max_steps: int = 30
+    lr: float = 1e-5
+    """peak AdamW learning rate (the validated runs, tests/validate.py rloo / remax)"""
+    max_steps: int = 20
     """steps (each: sample, score, one update)"""
     warmup_steps: int = 0
     """linear warm-up steps before the cosine decay"""

@@ -1,0 +1,35 @@
+"""The validated-runs runner's pure parts: pass@k, standard errors, the README table."""
+
+import itertools
+import math
+
+import pytest
+
+import validate
+
+
+@pytest.mark.parametrize("n,c,k", [(4, 0, 4), (4, 1, 4), (4, 4, 1), (10, 3, 2), (10, 3, 5), (6, 5, 3)])
+def test_pass_at_k_is_the_chance_that_k_of_the_n_samples_include_a_right_one(n, c, k):
+    right = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    brute = sum(any(right[i] for i in s) for s in subsets) / len(subsets)  # every k-subset equally likely
+    assert validate.pass_at_k(n, c, k) == pytest.approx(brute)
+
+
+def test_mean_and_standard_error_by_hand():
+    m, se = validate.mean_se([1.0, 0.0, 1.0, 1.0])  # p = 0.75, sample variance 0.25, SE = √(0.25 / 4)
+    assert (m, se) == pytest.approx((0.75, 0.25))
+    assert validate.mean_se([1.0]) == (1.0, 0.0)  # one value: no spread to estimate
+    paired = validate.mean_se([b - a for a, b in zip([0, 1, 0, 1], [1, 1, 0, 1])])  # one problem flipped to right
+    assert paired == pytest.approx((0.25, math.sqrt(0.25 * 0.75 * 4 / 3 / 4)))
+
+
+def test_table_row_shows_means_with_standard_errors_and_times():
+    ev = {"accuracy": 0.2, "accuracy_se": 0.025, "format": 0.9, "pass@4": 0.4}
+    row = {"name": "grpo", "command": "python grpo.py --model <sft5 start>", "before": ev,
+           "after": dict(ev, accuracy=0.35, accuracy_se=0.03, format=1.0, **{"pass@4": 0.5}), "gain": 0.15,
+           "gain_se_paired": 0.02, "run_wall_s": 1501.0, "peak_rss_gb": 12.34}  # fmt: skip
+    table = validate.table([row]).splitlines()
+    assert len(table) == 3 and table[0].count("|") == table[2].count("|")
+    assert "0.200 ± 0.025 → 0.350 ± 0.030" in table[2] and "+0.150 (0.020)" in table[2]
+    assert "| 25:01 | 12.3 |" in table[2]

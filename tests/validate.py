@@ -1,0 +1,234 @@
+"""Validated runs: each reference configuration reproduced end to end from nothing, with an evaluation
+that carries error bars. Not part of the test run (each configuration takes up to 30 minutes on 2 CPU
+cores).
+
+    python tests/validate.py list              # the configurations and their commands
+    python tests/validate.py grpo              # the RL start (cached), the run, the evaluation, a JSON
+    python tests/validate.py grpo --seed 1     # the same with another seed (a separate JSON)
+    python tests/validate.py all               # every configuration not yet in docs/validate/
+    python tests/validate.py tables            # rewrite the README's tables and plots from docs/validate/*.json
+
+A configuration is a start (an sft.py run, cached under runs/validate/ and keyed by its own arguments,
+so configurations that share it train it once) and one script run on top of it with the script's
+defaults plus the listed arguments. The evaluation (`evaluate`) is on held-out problems of the
+built-in task's test split, which no script ever trains on. Its problems EVAL_N..2·EVAL_N − 1 are
+the ones reported here; the first EVAL_N (and the scripts' own 64-problem evaluation, a prefix of them)
+served to choose the configurations (the learning rate and the start), so the reported numbers come
+from problems nothing was chosen on:
+    greedy accuracy and answer-format rate on EVAL_N problems, each as mean ± standard error
+    √(p(1 − p)/n); the change over the start also as a paired standard error (same problems);
+    pass@k on the first PASS_N problems: k answers sampled at τ = 1 (seeded), the unbiased estimator
+    of Chen et al. 2021 (arXiv:2107.03374, eq. 1) with n = k.
+The evaluation of a start is cached next to it. Wall times and the run's peak RSS (its own process,
+from wait4) go into the JSON. """
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+
+EVAL_N, PASS_N, PASS_K = 256, 64, 4
+RUNS = os.path.join(ROOT, "runs", "validate")
+RESULTS = os.path.join(ROOT, "docs", "validate")
+
+# The RL start: a light SFT, so the model already writes the answer format but its answers still vary
+# (a full sft.py run leaves almost nothing to learn: entropy 0.05 nats/token, half the groups tied).
+STARTS = {
+    "sft5": ["sft.py", "--max-steps", "5", "--warmup-steps", "1"],
+}
+
+CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
+    "grpo": ("sft5", ["grpo.py"], "GRPO with the DAPO-style defaults"),
+    "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant"], "Dr. GRPO"),
+    "rloo": ("sft5", ["rloo_remax.py"], "RLOO"),
+    "remax": ("sft5", ["rloo_remax.py", "--estimator", "remax"], "ReMax"),
+    "ppo": ("sft5", ["ppo.py"], "PPO with the rule reward"),
+    "grpo-nokl": ("sft5", ["grpo.py", "--beta", "0"], "ablation: GRPO without the k3 term"),
+}
+
+
+def run(cmd: list[str], log: str, threads: int) -> tuple[float, float]:
+    """Run a script to completion; returns (wall seconds, its peak RSS in GB). Its output goes to `log`."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    print("$ " + " ".join(cmd), flush=True)
+    t0 = time.time()
+    with open(log, "w") as out:
+        p = subprocess.Popen([sys.executable] + cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{cmd[0]} failed; its log: {log}")
+    return time.time() - t0, usage.ru_maxrss / 2**20
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chen et al.'s unbiased pass@k from n samples of which c are right: 1 − C(n − c, k) / C(n, k)."""
+    return 1.0 - (math.comb(n - c, k) / math.comb(n, k) if n - c >= k else 0.0)
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    m = sum(values) / n
+    return m, math.sqrt(max(sum((v - m) ** 2 for v in values) / (n - 1), 0.0) / n) if n > 1 else 0.0
+
+
+@torch.no_grad()
+def evaluate(model_dir: str, seed: int = 0) -> dict:
+    """Greedy accuracy and format rate on EVAL_N held-out problems, pass@k on the first PASS_N, and the
+    per-problem outcomes (for paired differences)."""
+    tok = common.load_tokenizer(model_dir)
+    model = common.load_model(model_dir, tok).eval()
+    problems = common.builtin_task("test", 2 * EVAL_N, 0)[EVAL_N:]  # the first EVAL_N chose the configurations
+    t0 = time.time()
+    gens = common.generate(model, tok, [p["prompt"] for p in problems], 64, what="greedy evaluation")
+    right = [common.rule_reward(g["text"], p["answer"]) for g, p in zip(gens, problems)]
+    fmt = [common.format_reward(g["text"]) for g in gens]
+    sub = problems[:PASS_N]
+    seeds = [common.hash_int(["pass@k", seed, i, j]) for i in range(len(sub)) for j in range(PASS_K)]
+    samples = common.generate(model, tok, [p["prompt"] for p in sub for _ in range(PASS_K)], 64, temperature=1.0,
+                              seeds=seeds, what=f"pass@{PASS_K}")  # fmt: skip
+    hits = [sum(common.rule_reward(samples[i * PASS_K + j]["text"], p["answer"]) for j in range(PASS_K))
+            for i, p in enumerate(sub)]  # fmt: skip
+    acc, fmt_rate, pk = mean_se(right), mean_se(fmt), mean_se([pass_at_k(PASS_K, int(c), PASS_K) for c in hits])
+    return {
+        "accuracy": acc[0], "accuracy_se": acc[1], "format": fmt_rate[0], "format_se": fmt_rate[1],
+        f"pass@{PASS_K}": pk[0], f"pass@{PASS_K}_se": pk[1], "sample_accuracy": sum(hits) / (PASS_K * len(sub)),
+        "problems": EVAL_N, "pass_problems": PASS_N, "right": right, "eval_s": time.time() - t0,
+        "examples": [g["text"] for g in gens[:3]],
+    }  # fmt: skip
+
+
+def start_dir(name: str, threads: int) -> tuple[str, dict]:
+    """The start's model directory and its evaluation, both made once per start configuration."""
+    args = STARTS[name]
+    out = os.path.join(RUNS, f"start-{name}-{common.cache_key(args)}")
+    if not os.path.exists(os.path.join(out, "start.json")):
+        wall, rss = run(args + ["--output-dir", out, "--overwrite"], out + ".log", threads)
+        info = {"command": "python " + " ".join(args), "wall_s": wall, "peak_rss_gb": rss, "eval": evaluate(out)}
+        with open(os.path.join(out, "start.json"), "w") as f:
+            json.dump(info, f, indent=1)
+    with open(os.path.join(out, "start.json")) as f:
+        return out, json.load(f)
+
+
+def validate(name: str, seed: int, threads: int) -> dict:
+    start, script, what = CONFIGS[name]
+    model, start_info = start_dir(start, threads)
+    tag = name if seed == 0 else f"{name}-seed{seed}"
+    out = os.path.join(RUNS, tag)
+    args = script + (["--seed", str(seed)] if seed else [])
+    wall, rss = run(args + ["--model", model, "--output-dir", out, "--overwrite"], out + ".log", threads)
+    after = evaluate(out)
+    before = start_info["eval"]
+    diff = [a - b for a, b in zip(after["right"], before["right"])]
+    gain, gain_se = mean_se(diff)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f if line.strip()]
+    result = {
+        "name": tag, "what": what, "start": start, "start_command": start_info["command"],
+        "command": f"python {' '.join(args)} --model <{start} start>", "seed": seed, "threads": threads,
+        "before": {k: v for k, v in before.items() if k != "right"}, "after": {k: v for k, v in after.items() if k != "right"},
+        "gain": gain, "gain_se_paired": gain_se, "run_wall_s": wall, "eval_wall_s": after["eval_s"],
+        "peak_rss_gb": rss, "metrics": metrics,
+    }  # fmt: skip
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"{tag}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{tag}: greedy accuracy {before['accuracy']:.3f} ± {before['accuracy_se']:.3f} → {after['accuracy']:.3f} ± "
+          f"{after['accuracy_se']:.3f} (gain {gain:+.3f} ± {gain_se:.3f} paired), run {wall / 60:.1f} min, peak RSS {rss:.1f} GB")  # fmt: skip
+    return result
+
+
+# ───────────── the README's tables and plots ─────────────
+
+CURVES = [("reward/mean", "score", "reward"), ("eval/accuracy", None, "greedy accuracy (64 problems)"), ("kl", None, "KL to the reference"),
+          ("entropy", None, "entropy (nats/token)"), ("clip_frac_high", "clip_frac", "clip fraction"),
+          ("zero_std_frac", None, "zero-std groups"), ("response_length", None, "response length")]  # fmt: skip
+
+
+def load_results() -> list[dict]:
+    if not os.path.isdir(RESULTS):
+        return []
+    return [json.load(open(os.path.join(RESULTS, f))) for f in sorted(os.listdir(RESULTS)) if f.endswith(".json")]
+
+
+def table(results: list[dict]) -> str:
+    pm = lambda d, k: f"{d[k]:.3f} ± {d[k + '_se']:.3f}"  # noqa: E731
+    lines = ["| run | command (on the start) | greedy accuracy, start → after | gain (paired SE) | format rate, start → after "
+             f"| pass@{PASS_K}, start → after | run wall (m:ss) | peak RSS (GB) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        b, a = r["before"], r["after"]
+        lines.append(
+            f"| {r['name']} | `{r['command']}` | {pm(b, 'accuracy')} → {pm(a, 'accuracy')} | {r['gain']:+.3f} ({r['gain_se_paired']:.3f}) "
+            f"| {b['format']:.3f} → {a['format']:.3f} | {b[f'pass@{PASS_K}']:.3f} → {a[f'pass@{PASS_K}']:.3f} "
+            f"| {int(r['run_wall_s'] // 60)}:{int(r['run_wall_s'] % 60):02d} | {r['peak_rss_gb']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    plt = common.pyplot("the validated runs' learning curves")
+    if plt is None or not results:
+        return
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7))
+    for ax, (key, alt, title) in zip(axes.flat, CURVES):
+        for r in results:
+            pts = [(m["step"], m.get(key, m.get(alt) if alt else None)) for m in r["metrics"]]
+            pts = [(s, v) for s, v in pts if v is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=r["name"], marker="." if key.startswith("eval") else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes.flat[-1].axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    print(f"wrote {path}")
+
+
+def tables() -> None:
+    """Rewrite the README's block between <!-- validate:rl --> and <!-- /validate:rl --> from the JSON."""
+    results = load_results()
+    plot(results, os.path.join(ROOT, "docs", "validate_rl.png"))
+    readme = os.path.join(ROOT, "README.md")
+    text = open(readme).read()
+    begin, end = "<!-- validate:rl -->", "<!-- /validate:rl -->"
+    if begin not in text:
+        sys.exit(f"README.md has no {begin} ... {end} block")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(readme, "w") as f:
+        f.write(head + begin + "\n" + table(results) + "\n" + end + tail)
+    print(f"README.md: {len(results)} validated runs")
+
+
+def main(argv: list[str]) -> None:
+    seed = int(argv[argv.index("--seed") + 1]) if "--seed" in argv else 0
+    threads = int(argv[argv.index("--threads") + 1]) if "--threads" in argv else 2
+    what = argv[0] if argv else "list"
+    if what == "list":
+        for name, (start, script, desc) in CONFIGS.items():
+            print(f"{name:10s} python {' '.join(STARTS[start])} then python {' '.join(script)} --model <start>   # {desc}")
+    elif what == "tables":
+        tables()
+    elif what == "all":
+        for name in CONFIGS:
+            if not os.path.exists(os.path.join(RESULTS, f"{name}.json")):
+                validate(name, seed, threads)
+        tables()
+    elif what in CONFIGS:
+        validate(what, seed, threads)
+    else:
+        sys.exit(f"unknown configuration {what!r}; one of: list, tables, all, {', '.join(CONFIGS)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
