@@ -11,12 +11,18 @@ Then, per answer token t, with ρ_t = π(y_t|·) / π_old(y_t|·):
 averaged over tokens (--loss-agg token, DAPO), over each answer then over answers (sequence, the
 original GRPO) or summed over a fixed budget (constant, Dr. GRPO). ε_high > ε_low is DAPO's
 clip-higher. The KL term sits in the loss, as in GRPO's eq. 3 (not in the reward, as PPO-RLHF puts it);
---beta 0 drops the reference model.
+--beta 0 drops the reference model. Newer options, each named after its paper in Args:
+    --importance-level sequence   GSPO (arXiv:2507.18071): ρ_i = (π(y_i)/π_old(y_i))^(1/|y_i|), one per answer
+    --policy-loss cispo           CISPO (MiniMax-M1, arXiv:2506.13585): ℓ_t = −sg(clip(ρ_t)) A_i log π_t
+    --kl-weighted                 β·sg(ρ_t)·k3_t, unbiased when μ > 1 (DeepSeek-V3.2, arXiv:2512.02556)
+    --scale batch                 A_i = (r_i − mean_g r) / std_batch r (Lite PPO, arXiv:2508.08221)
 
     torchrun --nproc_per_node 2 grpo.py
 """
 
 import copy
+import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -58,14 +64,26 @@ class Args:
     """generation budget per answer (the T of --loss-agg constant)"""
     gen_batch_size: int = 64
     """answers decoded together (all of a rank's groups at once by default)"""
-    scale: Literal["std", "none"] = "std"
-    """advantage: divide by the group's std (GRPO) or not (Dr. GRPO)"""
-    clip_low: float = 0.2
-    """ε_low: ρ is clipped below at 1 − ε_low"""
-    clip_high: float = 0.28
-    """ε_high: ρ is clipped above at 1 + ε_high (DAPO's clip-higher; = clip_low for plain GRPO)"""
+    scale: Literal["std", "none", "batch"] = "std"
+    """advantage: r − group mean, divided by the group's std (GRPO), by nothing (Dr. GRPO) or by the std
+    of the whole step's rewards over all ranks (batch: "Lite PPO", arXiv:2508.08221; ScaleRL)"""
+    policy_loss: Literal["clip", "cispo"] = "clip"
+    """clip: PPO's clipped surrogate (GRPO, DAPO); cispo: the clipped, stop-gradient ratio times log π
+    (MiniMax-M1, arXiv:2506.13585 eq. 4), so clipped tokens keep their gradient"""
+    importance_level: Literal["token", "sequence"] = "token"
+    """token: one ratio per token (GRPO); sequence: one per answer, the geometric mean of its token
+    ratios, clipped as a whole (GSPO, arXiv:2507.18071 eq. 5-7)"""
+    clip_low: float | None = None
+    """ε_low: the ratio is clipped below at 1 − ε_low; default 0.2, GSPO's 3e-4 with --importance-level
+    sequence, 1.0 (no lower bound, as MiniMax-M1) with --policy-loss cispo"""
+    clip_high: float | None = None
+    """ε_high: the ratio is clipped above at 1 + ε_high; default 0.28 (DAPO's clip-higher; = clip_low
+    for plain GRPO), GSPO's 4e-4 with --importance-level sequence"""
     beta: float = 0.04
     """β of the k3 KL term in the loss (DeepSeekMath's 0.04); 0 loads no reference model"""
+    kl_weighted: bool = False
+    """weight k3 by the detached ratio π/π_old, so the KL term stays unbiased when the samples come from
+    π_old (μ > 1); as DeepSeek-V3.2 (arXiv:2512.02556) does. Identical to plain k3 at μ = 1"""
     loss_agg: Literal["token", "sequence", "constant"] = "token"
     """token: mean over all answer tokens (DAPO); sequence: per answer, then over answers (GRPO);
     constant: sum / (answers × max_new_tokens) (Dr. GRPO)"""
@@ -111,17 +129,21 @@ class Args:
 # ───────────── advantages and loss ─────────────
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: str = "std") -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "std", batch_std: float | None = None) -> Tensor:
     """rewards: (B,) with the G = group_size answers of each prompt adjacent. Returns (B,).
 
     A_i = (r_i − mean_g) / std_g        GRPO, arXiv:2402.03300 (§4.1.2)
     A_i =  r_i − mean_g                 scale="none", Dr. GRPO, arXiv:2503.20783
+    A_i = (r_i − mean_g) / std_batch    scale="batch", Lite PPO, arXiv:2508.08221: the std of every
+                                        reward of the step (batch_std; default: of `rewards`)
     A group whose rewards are all equal gets exactly A = 0 (no NaN, and not the float rounding of
     r − mean, which the clamped std would blow up): it carries no signal."""
     r = rewards.view(-1, group_size)  # (B,) -> (B/G, G)
     adv = r - r.mean(dim=1, keepdim=True)
     if scale == "std":
         adv = adv / r.std(dim=1, keepdim=True).nan_to_num(0.0).clamp(min=1e-6)
+    elif scale == "batch":
+        adv = adv / max(float(rewards.std()) if batch_std is None else batch_std, 1e-6)
     tied = (r == r[:, :1]).all(dim=1, keepdim=True)  # (B/G, 1)
     return adv.masked_fill(tied, 0.0).view(-1)
 
@@ -129,12 +151,17 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "std") -> Te
 def grpo_loss(
     logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: Tensor, mask: Tensor,
     clip_low: float, clip_high: float, beta: float, agg: str = "token",
+    policy_loss: str = "clip", level: str = "token", kl_weighted: bool = False,
 ) -> tuple[Tensor, dict]:  # fmt: skip
     """Clipped surrogate + β·k3, aggregated. logp, old_logp, ref_logp, mask: (B, T) per answer token;
     adv: (B,). Returns (loss, diagnostics).
 
-        ρ = exp(logp − old_logp)
+        ρ = exp(logp − old_logp)                                           level="token"
+        ρ = exp(Σ_t (logp − old_logp) / |y|), the same for every token     level="sequence" (GSPO eq. 7)
         ℓ = −min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A) + β k3(logp, ref_logp)
+        ℓ = −sg(clip(ρ, 1 − ε_low, 1 + ε_high)) A logp + β k3                policy_loss="cispo" (MiniMax-M1 eq. 4)
+        with kl_weighted, β·sg(π/π_old)·k3: the samples come from π_old, so this is the unbiased estimate
+        of KL(π‖π_ref) when μ > 1 (DeepSeek-V3.2, arXiv:2512.02556, its unbiased KL estimate)
         token:    Σ ℓ·mask / Σ mask                          DAPO
         sequence: mean_i (Σ_t ℓ·mask / Σ_t mask)             GRPO
         constant: Σ ℓ·mask / (B · T), T = mask.shape[-1]     Dr. GRPO (T: the generation budget)
@@ -144,11 +171,18 @@ def grpo_loss(
     approximations, http://joschu.net/blog/kl-approx.html; the gradient is checked exactly in tests/test_grpo.py).
     Masked tokens (padding, cut-off answers) are out of both numerator and denominator."""
     mask = mask.float()
-    ratio = torch.exp(logp - old_logp)
+    log_ratio = logp - old_logp
+    if level == "sequence":  # GSPO: one length-normalised ratio per answer, on each of its tokens
+        log_ratio = ((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(logp)
+    ratio = torch.exp(log_ratio)
     a = adv[:, None]  # (B,) -> (B, 1), one advantage for every token of an answer
-    surrogate = torch.min(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
-    per_token = -surrogate
+    if policy_loss == "cispo":  # the weight is a constant: a clipped token still carries A·∇log π
+        per_token = -ratio.clamp(1 - clip_low, 1 + clip_high).detach() * a * logp
+    else:
+        per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
     kl = common.kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    if kl_weighted:
+        kl = torch.exp(logp - old_logp).detach() * kl
     if beta:
         per_token = per_token + beta * kl
     if agg == "token":
@@ -207,7 +241,11 @@ def training_samples(gens: list[dict], reward: Tensor, args: Args) -> tuple[list
     (--overlong mask) and groups whose rewards are all equal (--filter-zero-std; such a group carries no
     signal). Returns (samples, the fraction of answers in equal-reward groups)."""
     ended = torch.tensor([g["ended"] for g in gens])
-    adv = group_advantages(reward, args.group_size, args.scale)
+    batch_std = None
+    if args.scale == "batch":  # the std of the step's rewards on all ranks, so 1 or N ranks give the same A
+        t = common.sum_over_ranks({"n": len(reward), "sum": float(reward.sum()), "sq": float((reward.double() ** 2).sum())})
+        batch_std = math.sqrt(max(t["sq"] - t["sum"] ** 2 / t["n"], 0.0) / max(t["n"] - 1, 1))
+    adv = group_advantages(reward, args.group_size, args.scale, batch_std)
     zero_std = (reward.view(-1, args.group_size).std(1).nan_to_num(0.0) == 0).repeat_interleave(args.group_size)
     keep = torch.ones(len(gens), dtype=torch.bool)
     if args.overlong == "mask":
@@ -244,9 +282,18 @@ def old_and_ref_logps(policy, ref, samples: list[dict], args: Args, device) -> N
 # ───────────── training ─────────────
 
 
+def clip_range(args: Args) -> tuple[float, float]:
+    """(ε_low, ε_high): the given ones, else the chosen loss's: GSPO's (3e-4, 4e-4), the paper's own setting (a
+    sequence ratio is a geometric mean, so it strays far less than a token's), CISPO's (1.0, 0.28)
+    (no lower bound: MiniMax-M1 tunes only the upper one), DAPO's (0.2, 0.28) otherwise."""
+    low, high = (3e-4, 4e-4) if args.importance_level == "sequence" else (1.0, 0.28) if args.policy_loss == "cispo" else (0.2, 0.28)
+    return (low if args.clip_low is None else args.clip_low, high if args.clip_high is None else args.clip_high)
+
+
 def main(args: Args) -> str:
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)
+    args = dataclasses.replace(args, **dict(zip(("clip_low", "clip_high"), clip_range(args))))  # args.json shows them
     out_dir = common.start_run(args, "grpo", rank)
     if args.prompts_per_step % world:
         raise common.UserError(
@@ -314,7 +361,8 @@ def main(args: Args) -> str:
                 old = torch.stack([s["old"] for s in in_batch]).to(device) if args.mu > 1 else logp.detach()
                 ref_logp = torch.stack([s["ref"] for s in in_batch]).to(device) if ref is not None else None
                 adv = torch.tensor([s["adv"] for s in in_batch], device=device)
-                loss, st = grpo_loss(logp, old, ref_logp, adv, mask, args.clip_low, args.clip_high, args.beta, args.loss_agg)
+                loss, st = grpo_loss(logp, old, ref_logp, adv, mask, args.clip_low, args.clip_high, args.beta, args.loss_agg,
+                                     args.policy_loss, args.importance_level, args.kl_weighted)  # fmt: skip
                 units = mask.sum() if args.loss_agg == "token" else float(len(in_batch))
                 share = loss * units / total  # the micro-batch's share of the step's aggregate
                 share.backward()

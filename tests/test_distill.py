@@ -86,7 +86,7 @@ def test_top_k_forward_kl_renormalises_the_teacher_and_equals_the_full_kl_at_k_v
 
 
 def test_bimodal_teacher_reverse_kl_picks_a_mode_forward_kl_covers_both():
-    """Seed §14.3: a two-peaked teacher on a grid, a one-peaked student (a discretised Gaussian with a
+    """The mode-seeking picture MiniLLM (arXiv:2306.08543) draws for the reverse KL: a two-peaked teacher on a grid, a one-peaked student (a discretised Gaussian with a
     learnable mean and width). Minimising the reverse KL puts the student on one peak; minimising the
     forward KL spreads it over both."""
     x = torch.linspace(-6, 6, 121, dtype=torch.float64)

@@ -8,6 +8,7 @@ and --resume, bad input.
 """
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -30,7 +31,15 @@ def test_group_advantages_by_hand_with_equal_groups_and_g_2():
     assert g2.tolist() == pytest.approx([1 / math.sqrt(2), -1 / math.sqrt(2), 0.0, 0.0])
 
 
-@pytest.mark.parametrize("scale", ["std", "none"])
+def test_batch_scale_divides_by_the_std_of_every_reward_of_the_step():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    std = statistics.stdev(r.tolist())  # over all 8 rewards, not per group
+    adv = grpo.group_advantages(r, 4, scale="batch")
+    assert adv.tolist() == pytest.approx([0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std, 0, 0, 0, 0])
+    assert grpo.group_advantages(r, 4, "batch", batch_std=2.0)[:4].tolist() == [0.25, -0.25, -0.25, 0.25]  # other ranks' std
+
+
+@pytest.mark.parametrize("scale", ["std", "none", "batch"])
 @pytest.mark.parametrize("value", [0.1, 0.3, 1 / 3, -7.7])
 def test_an_all_equal_group_gets_exactly_zero_advantage_whatever_its_float_rounding(value, scale):
     """fp32 leaves r − mean ≈ 2e-8 for [0.1] × 8, and std = 0 clamped to 1e-6 would turn it into ±0.02."""
@@ -104,7 +113,106 @@ def test_k3_term_is_zero_when_the_policy_is_the_reference():
     assert st["kl"].item() == 0.0
 
 
-def test_seed_9_4_2_k3_in_the_loss_follows_the_forward_kl_and_k2_the_reverse_kl():
+def random_batch(seed=0, b=6, t=9):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(b, t, generator=g, dtype=torch.float64) * 3
+    old = logp + torch.randn(b, t, generator=g, dtype=torch.float64) * 0.3
+    ref = logp + torch.randn(b, t, generator=g, dtype=torch.float64) * 0.5
+    mask = torch.rand(b, t, generator=g) < 0.7
+    mask[1, 1:] = False  # a one-token answer next to long ones
+    return logp, old, ref, torch.randn(b, generator=g, dtype=torch.float64), mask
+
+
+def test_gspo_is_the_sequence_level_clipped_objective_of_its_paper():
+    """GSPO (arXiv:2507.18071 eq. 5, 7): s_i = (π(y_i)/π_old(y_i))^(1/|y_i|), loss = −mean_i min(s_i A_i,
+    clip(s_i, 1 − ε_l, 1 + ε_h) A_i), written per answer with Python floats; value and gradient."""
+    logp, old, _, adv, mask = random_batch()
+    lo, hi = 3e-4, 4e-4
+
+    def paper(lp):
+        terms = []
+        for i in range(len(adv)):
+            n = int(mask[i].sum())
+            if n == 0:
+                terms.append(lp.sum() * 0)
+                continue
+            s_i = torch.exp((lp[i][mask[i]] - old[i][mask[i]]).sum() / n)  # the geometric mean of token ratios
+            terms.append(-torch.min(s_i * adv[i], s_i.clamp(1 - lo, 1 + hi) * adv[i]))
+        return torch.stack(terms).mean()
+
+    x = logp.clone().requires_grad_()
+    ours, _ = grpo.grpo_loss(x, old, None, adv, mask, lo, hi, 0.0, "sequence", level="sequence")
+    y = logp.clone().requires_grad_()
+    expected = paper(y)
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-12)
+    ours.backward(), expected.backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-10, atol=1e-12)
+    # where it differs from GRPO: a token's ratio far out of range clips the token there, but only moves the
+    # long answer's geometric mean by 1/|y|
+    tok, _ = grpo.grpo_loss(logp, old, None, adv, mask, lo, hi, 0.0, "sequence")
+    assert abs(tok.item() - ours.item()) > 1e-3
+
+
+def test_cispo_keeps_the_gradient_of_clipped_tokens_with_a_constant_clipped_weight():
+    """MiniMax-M1 (arXiv:2506.13585 eq. 4): ℓ_t = −sg(clip(ρ_t, 1 − ε_l, 1 + ε_h)) A log π_t, so dℓ_t/dlogp_t =
+    −clip(ρ_t) A, nonzero even where ρ_t is clipped (there PPO's clipped surrogate gives exactly 0)."""
+    logp, old, _, adv, mask = random_batch(1)
+    lo, hi = 1.0, 0.28
+    x = logp.clone().requires_grad_()
+    loss, _ = grpo.grpo_loss(x, old, None, adv, mask, lo, hi, 0.0, "token", policy_loss="cispo")
+    loss.backward()
+    n = int(mask.sum())
+    rho = torch.exp(logp - old)
+    weight = rho.clamp(1 - lo, 1 + hi)
+    assert loss.item() == pytest.approx(float(-(weight * adv[:, None] * logp)[mask].sum() / n), rel=1e-12)
+    torch.testing.assert_close(x.grad, torch.where(mask, -weight * adv[:, None] / n, 0.0), rtol=1e-12, atol=0)
+    clipped = mask & (rho > 1 + hi)
+    assert clipped.any() and (x.grad[clipped] != 0).all()
+    z = logp.clone().requires_grad_()  # the clipped surrogate: no gradient through those tokens when A > 0
+    grpo.grpo_loss(z, old, None, adv, mask, 0.2, hi, 0.0, "token")[0].backward()
+    assert (z.grad[clipped & (adv[:, None] > 0)] == 0).all()
+
+
+def test_weighted_k3_is_unbiased_for_samples_from_the_old_policy():
+    """μ = 2: the second update's samples come from π_old ≠ π. E_{a~π_old}[sg(π/π_old)·k3(a)] = KL(π‖π_ref)
+    exactly (enumerated on a 6-token categorical), while the plain k3 average is off; and the gradient of
+    the weighted term is β·ρ·(1 − π_ref/π) per token."""
+    g = torch.Generator().manual_seed(3)
+    pi, pi_old, pi_ref = (torch.softmax(torch.randn(6, generator=g, dtype=torch.float64), 0) for _ in range(3))
+    kl = float((pi * (pi.log() - pi_ref.log())).sum())
+    logp, old, ref = pi.log()[None], pi_old.log()[None], pi_ref.log()[None]  # one "answer" whose 6 tokens are the outcomes
+    weights = pi_old[None]  # E over a ~ π_old = Σ_a π_old(a) · (...): as a token-weighted mean with these weights
+    _, st = grpo.grpo_loss(logp, old, ref, torch.zeros(1, dtype=torch.float64), weights > 0, 0.2, 0.28, 1.0, kl_weighted=True)
+    per_token = torch.exp(logp - old) * common.kl_k3(logp, ref)
+    assert float((weights * per_token).sum()) == pytest.approx(kl, rel=1e-12)
+    assert abs(float((weights * common.kl_k3(logp, ref)).sum()) - kl) > 1e-3  # unweighted: biased under π_old
+    assert st["kl"].item() == pytest.approx(float(per_token.mean()), rel=1e-12)  # the logged term is the weighted one
+    x = logp.clone().requires_grad_()
+    grpo.grpo_loss(x, old, ref, torch.zeros(1, dtype=torch.float64), weights > 0, 0.2, 0.28, 0.5, kl_weighted=True)[0].backward()
+    rho, r = torch.exp(logp - old), torch.exp(ref - logp)
+    torch.testing.assert_close(x.grad, 0.5 * rho * (1 - r) / 6, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("log_r", [1e-3, 1e-5, 1e-7, -1e-6])
+def test_k3_keeps_its_digits_when_the_log_ratio_is_tiny(log_r):
+    """k3 = expm1(x) − x ≈ x²/2: in float32 the plain (e^x − 1) − x cancels to noise for |x| ≲ 1e-4."""
+    truth = math.expm1(log_r) - log_r  # float64
+    logp = torch.zeros(1, dtype=torch.float32)
+    ours = common.kl_k3(logp, torch.tensor([log_r], dtype=torch.float32)).item()
+    assert ours == pytest.approx(truth, rel=1e-3)
+    if abs(log_r) <= 1e-5:
+        x = torch.tensor(log_r, dtype=torch.float32)
+        assert abs(((torch.exp(x) - 1) - x).item() - truth) > 10 * truth  # the naive form is wrong here
+
+
+def test_clip_range_defaults_follow_the_chosen_loss():
+    assert grpo.clip_range(grpo.Args()) == (0.2, 0.28)
+    assert grpo.clip_range(grpo.Args(importance_level="sequence")) == (3e-4, 4e-4)
+    assert grpo.clip_range(grpo.Args(policy_loss="cispo")) == (1.0, 0.28)
+    assert grpo.clip_range(grpo.Args(policy_loss="cispo", clip_high=4.0)) == (1.0, 4.0)
+
+
+def test_k3_in_the_loss_follows_the_forward_kl_and_k2_the_reverse_kl():
     # a 5-token categorical policy π_θ = softmax(θ); expectations over a ~ π computed exactly by enumeration
     g = torch.Generator().manual_seed(0)
     theta = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
@@ -203,3 +311,13 @@ def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path):
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     args = cli(tmp_path) + ["--max-steps", "6", "--save-every", "3", "--eval-every", "0"]
     check_resume_matches_uninterrupted("grpo.py", args, tmp_path, steps=6)
+
+
+def test_the_newer_loss_options_give_one_process_s_weights_on_two_and_resume_exactly(tmp_path):
+    """--scale batch (the batch std is summed over ranks), GSPO's sequence ratio, CISPO's weight and the
+    weighted k3 with μ = 2 inner updates, all at once: 2 gloo processes = 1, and a killed run resumes exactly."""
+    options = ["--scale", "batch", "--importance-level", "sequence", "--policy-loss", "cispo", "--kl-weighted", "--mu", "2",
+               "--beta", "0.1", "--max-tokens", "300"]  # fmt: skip
+    check_two_processes_match_one("grpo.py", cli(tmp_path) + options + ["--max-steps", "3"], tmp_path / "procs", lr=2e-3)
+    args = cli(tmp_path) + options + ["--max-steps", "4", "--save-every", "2", "--eval-every", "0"]
+    check_resume_matches_uninterrupted("grpo.py", args, tmp_path / "resume", steps=4)
