@@ -891,12 +891,16 @@ class RowSampler:
     def __init__(self, seeds: list[int], temperature: float, device):
         self.temperature = temperature
         self.gens = [torch.Generator(device).manual_seed(s) for s in seeds]
+        self.logps = []  # per decoding step, (B,): the sampler's own log-prob of the token it drew
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         v = scores.shape[-1]
         u = torch.stack([torch.rand(v, generator=g, device=scores.device) for g in self.gens])  # (B, V) in [0, 1)
         gumbel = -torch.log(-torch.log(u.clamp(min=1e-20)))
-        return scores.float() / self.temperature + gumbel
+        z = scores.float() / self.temperature
+        drawn = (z + gumbel).argmax(-1, keepdim=True)
+        self.logps.append((z.gather(-1, drawn) - torch.logsumexp(z, -1, keepdim=True)).squeeze(-1).cpu())
+        return z + gumbel
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -922,7 +926,9 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     the model's generation_config (repetition_penalty, no_repeat_ngram_size, min_new_tokens, top-k/p)
     is set aside for the call. Left-padded batches with the KV cache; an answer ends at any of
     stop_token_ids. Returns a list of dicts with "text", "prompt_ids", "completion_ids" (the stop token
-    included when produced, padding removed) and "ended" (a stop token was produced). A progress bar
+    included when produced, padding removed) and "ended" (a stop token was produced); when sampling,
+    also "sampler_logps", the sampler's own log-prob of each completion token (what the trainer's
+    recomputation should match; it differs under bf16 or another inference engine). A progress bar
     named `what` counts the prompts.
 
     A model sharded with FSDP gathers its weights in every forward, a collective: then every rank
@@ -958,12 +964,15 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
                 processors.append(RowSampler(seeds[i : i + batch_size], temperature, model.device))
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors,
                                  synced_gpus=synced)  # fmt: skip
-            for row, attn, g in zip(enc["input_ids"], enc["attention_mask"], gen[:, enc["input_ids"].shape[1] :]):
+            drawn = torch.stack(processors[0].logps, 1) if temperature > 0 else None  # (rows, steps)
+            for k, (row, attn, g) in enumerate(zip(enc["input_ids"], enc["attention_mask"], gen[:, enc["input_ids"].shape[1] :])):
                 g = g.tolist()
                 end = next((j for j, t in enumerate(g) if t in stops), None)
                 g = g if end is None else g[: end + 1]
                 out.append({"text": tokenizer.decode(g, skip_special_tokens=True), "prompt_ids": row[attn.bool()].tolist(),
                             "completion_ids": g, "ended": end is not None})  # fmt: skip
+                if drawn is not None:
+                    out[-1]["sampler_logps"] = drawn[k, : len(g)].tolist()
     finally:
         bar.close()
         tokenizer.padding_side = side
@@ -1031,6 +1040,13 @@ def init_distributed() -> tuple[int, int, torch.device]:
 def all_reduce_sum(x: Tensor) -> Tensor:
     if dist.is_initialized():
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_max(x: Tensor) -> Tensor:
+    """Elementwise max of x over all ranks (identity on one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
 
 

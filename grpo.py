@@ -16,6 +16,7 @@ clip-higher. The KL term sits in the loss, as in GRPO's eq. 3 (not in the reward
     --policy-loss cispo           CISPO (MiniMax-M1, arXiv:2506.13585): ℓ_t = −sg(clip(ρ_t)) A_i log π_t
     --kl-weighted                 β·sg(ρ_t)·k3_t, unbiased when μ > 1 (DeepSeek-V3.2, arXiv:2512.02556)
     --scale batch                 A_i = (r_i − mean_g r) / std_batch r (Lite PPO, arXiv:2508.08221)
+    --tis-cap, --mismatch-band    reweight tokens / drop answers by π_old/π_sampler, the sampler–trainer mismatch
 
     torchrun --nproc_per_node 2 grpo.py
 """
@@ -87,6 +88,13 @@ class Args:
     loss_agg: Literal["token", "sequence", "constant"] = "token"
     """token: mean over all answer tokens (DAPO); sequence: per answer, then over answers (GRPO);
     constant: sum / (answers × max_new_tokens) (Dr. GRPO)"""
+    tis_cap: float = 0.0
+    """truncated importance sampling against the sampler–trainer mismatch: each token's policy term is
+    weighted by min(π_old/π_sampler, C), π_sampler the sampler's own probability (Yao et al. 2025, "Your
+    Efficient RL Framework Secretly Brings You Off-Policy RL Training"); 0: off"""
+    mismatch_band: float = 0.0
+    """leave out answers whose geometric-mean ratio π_old/π_sampler is outside [1 − δ, 1 + δ]
+    (sequence-level masking against the mismatch); 0: off"""
     mu: int = 1
     """μ: policy updates per rollout batch (1: on-policy, ρ = 1 and no old-policy pass)"""
     filter_zero_std: bool = False
@@ -151,7 +159,7 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "std", batch
 def grpo_loss(
     logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: Tensor, mask: Tensor,
     clip_low: float, clip_high: float, beta: float, agg: str = "token",
-    policy_loss: str = "clip", level: str = "token", kl_weighted: bool = False,
+    policy_loss: str = "clip", level: str = "token", kl_weighted: bool = False, is_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict]:  # fmt: skip
     """Clipped surrogate + β·k3, aggregated. logp, old_logp, ref_logp, mask: (B, T) per answer token;
     adv: (B,). Returns (loss, diagnostics).
@@ -162,6 +170,7 @@ def grpo_loss(
         ℓ = −sg(clip(ρ, 1 − ε_low, 1 + ε_high)) A logp + β k3                policy_loss="cispo" (MiniMax-M1 eq. 4)
         with kl_weighted, β·sg(π/π_old)·k3: the samples come from π_old, so this is the unbiased estimate
         of KL(π‖π_ref) when μ > 1 (DeepSeek-V3.2, arXiv:2512.02556, its unbiased KL estimate)
+        is_weight (B, T), when given, multiplies each token's policy term (TIS, see sampler_correction)
         token:    Σ ℓ·mask / Σ mask                          DAPO
         sequence: mean_i (Σ_t ℓ·mask / Σ_t mask)             GRPO
         constant: Σ ℓ·mask / (B · T), T = mask.shape[-1]     Dr. GRPO (T: the generation budget)
@@ -180,6 +189,8 @@ def grpo_loss(
         per_token = -ratio.clamp(1 - clip_low, 1 + clip_high).detach() * a * logp
     else:
         per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
+    if is_weight is not None:
+        per_token = per_token * is_weight
     kl = common.kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     if kl_weighted:
         kl = torch.exp(logp - old_logp).detach() * kl
@@ -201,6 +212,18 @@ def grpo_loss(
             "kl": (kl * mask).sum() / n,
         }
     return loss, stats
+
+
+def sampler_correction(old: Tensor, sampler: Tensor, mask: Tensor, cap: float, band: float) -> tuple[Tensor, Tensor]:
+    """The sampler–trainer mismatch. old, sampler, mask: (B, T): the trainer's log-probs of the sampled
+    tokens and the sampler's own. Returns (weights (B, T), keep (B,)):
+        weights = min(π_old/π_sampler, cap) per token, TIS (1 when cap is 0)
+        keep    = 1 − band ≤ exp(mean_t log(π_old/π_sampler)) ≤ 1 + band per answer (all when band is 0)"""
+    log_ratio = (old - sampler) * mask
+    weights = torch.exp(log_ratio).clamp(max=cap) if cap else torch.ones_like(old)
+    geo = torch.exp(log_ratio.sum(-1) / mask.sum(-1).clamp(min=1))
+    keep = (geo >= 1 - band) & (geo <= 1 + band) if band else torch.ones(len(old), dtype=torch.bool, device=old.device)
+    return weights, keep
 
 
 # ───────────── rollout ─────────────
@@ -236,6 +259,15 @@ def rollout(policy, tokenizer, prompts: list[dict], seeds: list[int], args: Args
     return gens, reward, stats
 
 
+def sampler_row(gen: dict, width: int) -> dict:
+    """The sampler's own log-probs of an answer's tokens, left aligned in a (width,) row, and the row's
+    answer mask (nothing when the answer was decoded greedily)."""
+    if "sampler_logps" not in gen:
+        return {}
+    n = len(gen["sampler_logps"])
+    return {"sampler": torch.tensor(gen["sampler_logps"] + [0.0] * (width - n)), "answer_mask": torch.arange(width) < n}
+
+
 def training_samples(gens: list[dict], reward: Tensor, args: Args) -> tuple[list[dict], float]:
     """Answers -> training samples with their group-relative advantage, leaving out cut-off answers
     (--overlong mask) and groups whose rewards are all equal (--filter-zero-std; such a group carries no
@@ -252,8 +284,15 @@ def training_samples(gens: list[dict], reward: Tensor, args: Args) -> tuple[list
         keep &= ended  # a cut-off answer has no honest ending: out of the loss (DAPO's overlong filtering)
     if args.filter_zero_std:
         keep &= ~zero_std
-    samples = [{**common.answer_sample(g), "adv": a} for g, a, k in zip(gens, adv.tolist(), keep.tolist()) if k and g["completion_ids"]]
+    samples = [{**common.answer_sample(g), "adv": a, **sampler_row(g, args.max_new_tokens)}
+               for g, a, k in zip(gens, adv.tolist(), keep.tolist()) if k and g["completion_ids"]]  # fmt: skip
     return samples, float(zero_std.float().mean())
+
+
+def needs_old(args: Args) -> bool:
+    """Old log-probs need their own pass when the update is off-policy (μ > 1) or answers are masked by
+    their mismatch before the update (--mismatch-band); else the update's own forward gives them."""
+    return args.mu > 1 or args.mismatch_band > 0
 
 
 @torch.no_grad()
@@ -261,19 +300,19 @@ def old_and_ref_logps(policy, ref, samples: list[dict], args: Args, device) -> N
     """Record each sample's old log-probs (μ > 1) and reference log-probs (β > 0), micro-batch by
     micro-batch exactly as the update will see them."""
     batches = common.packed_batches(samples, args.max_tokens)
-    for item in common.even_out(batches, policy) if args.mu > 1 else batches:
+    for item in common.even_out(batches, policy) if needs_old(args) else batches:
         if item is None:  # --fsdp: this rank is out of micro-batches
             common.stand_in(policy, device)
             continue
         batch_idx, batch = item
         batch = common.to_device(batch, device)
         with common.autocast(device):
-            if args.mu > 1:
+            if needs_old(args):
                 old, _ = common.answer_logps(policy, batch, args.max_new_tokens, args.temperature)
             if ref is not None:
                 ref_logp, _ = common.answer_logps(ref, batch, args.max_new_tokens, args.temperature)
         for j, i in enumerate(batch_idx):
-            if args.mu > 1:
+            if needs_old(args):
                 samples[i]["old"] = old[j].cpu()
             if ref is not None:
                 samples[i]["ref"] = ref_logp[j].cpu()
@@ -294,6 +333,8 @@ def main(args: Args) -> str:
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)
     args = dataclasses.replace(args, **dict(zip(("clip_low", "clip_high"), clip_range(args))))  # args.json shows them
+    if (args.tis_cap or args.mismatch_band) and args.temperature <= 0:
+        raise common.UserError("--tis-cap / --mismatch-band compare the trainer with the sampler: they need --temperature > 0")
     out_dir = common.start_run(args, "grpo", rank)
     if args.prompts_per_step % world:
         raise common.UserError(
@@ -335,8 +376,15 @@ def main(args: Args) -> str:
         gens, reward, stats = rollout(policy, tokenizer, [prompts[i] for i in idx], seeds, args, reward_model, device)
         # 2. group-relative advantages; cut-off answers and equal-reward groups left out as the options say
         samples, stats["zero_std_frac"] = training_samples(gens, reward, args)
-        # 3. old (μ > 1) and reference (β > 0) log-probs of the answers kept
+        # 3. old (μ > 1, --mismatch-band) and reference (β > 0) log-probs of the answers kept; answers the
+        #    sampler drew too differently from the trainer leave the update (--mismatch-band)
         old_and_ref_logps(policy, ref, samples, args, device)
+        if args.mismatch_band:
+            rows = [torch.stack([x[k] for x in samples]) for k in ("old", "sampler", "answer_mask")] if samples else None
+            keep = sampler_correction(*rows, 0.0, args.mismatch_band)[1].tolist() if samples else []
+            dropped = common.sum_over_ranks({"out": keep.count(False), "all": len(keep)})  # the same on every rank
+            stats["mismatch/masked_frac"] = dropped["out"] / max(dropped["all"], 1)
+            samples = [x for x, k in zip(samples, keep) if k]
         t0 = time.time()
         # 4. the step's denominators over all ranks: answer tokens (token) or answers (sequence, constant)
         n_tok = float(
@@ -346,8 +394,9 @@ def main(args: Args) -> str:
         total = n_tok if args.loss_agg == "token" else n_seq
         # 5. μ updates on the rollout; old log-probs were recorded at sampling time (μ = 1: the current
         #    ones, ρ = 1 and the clipped surrogate is the plain policy gradient)
-        sums = common.Sums("clip_frac_low", "clip_frac_high", "kl", "entropy", "tokens", "loss")  # token-weighted, but loss
-        for _ in range(args.mu):
+        sums = common.Sums("clip_frac_low", "clip_frac_high", "kl", "entropy", "tokens", "loss", "mismatch_abs", "mismatch_seq")
+        mismatch_max = torch.zeros(())
+        for inner in range(args.mu):
             for item in common.even_out(common.packed_batches(samples, args.max_tokens) if total else [], policy):
                 if item is None:  # --fsdp: this rank is out of micro-batches
                     common.stand_in(policy, device, backward=True)
@@ -358,11 +407,19 @@ def main(args: Args) -> str:
                 with common.autocast(device):
                     logp, entropy = common.answer_logps(policy, batch, args.max_new_tokens, args.temperature, entropy=True)
                 mask = common.completion_matrix((batch["labels"] != common.IGNORE).float(), batch, args.max_new_tokens)
-                old = torch.stack([s["old"] for s in in_batch]).to(device) if args.mu > 1 else logp.detach()
+                old = torch.stack([s["old"] for s in in_batch]).to(device) if needs_old(args) else logp.detach()
                 ref_logp = torch.stack([s["ref"] for s in in_batch]).to(device) if ref is not None else None
                 adv = torch.tensor([s["adv"] for s in in_batch], device=device)
+                weight = None
+                if "sampler" in in_batch[0]:  # the mismatch: the trainer's log-probs against the sampler's own
+                    sampler = torch.stack([s["sampler"] for s in in_batch]).to(device)
+                    gap = (old - sampler) * mask
+                    if inner == 0:
+                        mismatch_max = torch.maximum(mismatch_max, gap.abs().max().cpu())
+                        sums.add(mismatch_abs=gap.abs().sum(), mismatch_seq=-gap.sum())
+                    weight = sampler_correction(old, sampler, mask, args.tis_cap, 0.0)[0] if args.tis_cap else None
                 loss, st = grpo_loss(logp, old, ref_logp, adv, mask, args.clip_low, args.clip_high, args.beta, args.loss_agg,
-                                     args.policy_loss, args.importance_level, args.kl_weighted)  # fmt: skip
+                                     args.policy_loss, args.importance_level, args.kl_weighted, weight)  # fmt: skip
                 units = mask.sum() if args.loss_agg == "token" else float(len(in_batch))
                 share = loss * units / total  # the micro-batch's share of the step's aggregate
                 share.backward()
@@ -382,8 +439,10 @@ def main(args: Args) -> str:
 
         s = sums.total()
         tok = max(s.pop("tokens"), 1.0)
+        mismatch = {"mismatch/abs_mean": s.pop("mismatch_abs") * args.mu / tok, "mismatch/kl_seq": s.pop("mismatch_seq") / max(n_seq, 1),
+                    "mismatch/abs_max": float(common.all_reduce_max(mismatch_max))}  # fmt: skip
         metrics = {"loss": s.pop("loss"), **common.reduce_metrics(stats, world), **{k: v / tok for k, v in s.items()},
-                   "lr": scheduler.get_last_lr()[0], "time/training_s": time.time() - t0}  # fmt: skip
+                   **(mismatch if args.temperature > 0 else {}), "lr": scheduler.get_last_lr()[0], "time/training_s": time.time() - t0}  # fmt: skip
         metrics["trained_answers"] = n_seq  # over all ranks, after --overlong mask and --filter-zero-std
         if total:
             metrics["grad_norm"] = float(grad_norm)

@@ -265,6 +265,59 @@ def test_old_logprobs_recorded_at_sampling_give_a_ratio_of_exactly_one(tmp_path,
         assert (logp != 0).any()
 
 
+def test_the_sampler_records_the_log_prob_the_trainer_recomputes(tmp_path, chatml):
+    """On CPU in fp32 the sampler's own log-probs (RowSampler) and the trainer's packed recomputation of
+    log_softmax(logits / τ) agree to float rounding: the mismatch is ~0 here, and what --tis-cap and
+    --mismatch-band correct for elsewhere (bf16, another inference engine)."""
+    args = tiny_args(tmp_path, temperature=0.7)
+    policy = common.load_model("tiny", chatml)
+    gens, reward, _ = grpo.rollout(policy, chatml, common.builtin_prompts("train", 2), [1, 2], args, None, torch.device("cpu"))
+    samples, _ = grpo.training_samples(gens, reward, args)
+    for idx, batch in common.packed_batches(samples, args.max_tokens):
+        logp, _ = common.answer_logps(policy.eval(), batch, args.max_new_tokens, args.temperature)
+        for j, i in enumerate(idx):
+            n = int(samples[i]["answer_mask"].sum())
+            assert n == len(gens[i]["completion_ids"]) and n > 0
+            torch.testing.assert_close(logp[j, :n], samples[i]["sampler"][:n], atol=2e-5, rtol=0)
+
+
+def test_tis_weights_and_the_mismatch_band_for_a_sampler_perturbed_by_a_known_amount():
+    """sampler = old − δ_i on answer i: π_old/π_sampler = e^δ_i on every token, so the TIS weight is
+    min(e^δ_i, C) exactly and the geometric-mean ratio is e^δ_i."""
+    old = -torch.rand(4, 5, dtype=torch.float64)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[3, 2:] = False
+    delta = torch.tensor([0.0, 0.05, -0.3, 0.3], dtype=torch.float64)
+    weights, keep = grpo.sampler_correction(old, old - delta[:, None], mask, cap=1.2, band=0.1)
+    expected = torch.minimum(torch.exp(delta), torch.tensor(1.2, dtype=torch.float64))[:, None].expand(4, 5)
+    torch.testing.assert_close(weights[mask], expected[mask], rtol=1e-12, atol=0)
+    assert keep.tolist() == [True, True, False, False]  # e^±0.3 leaves [0.9, 1.1]; e^0.05 stays
+    assert grpo.sampler_correction(old, old - delta[:, None], mask, cap=0.0, band=0.0)[1].all()  # off: all kept, weight 1
+
+
+def test_a_perturbed_sampler_is_measured_masked_and_reweighted_in_a_run(tmp_path, monkeypatch):
+    """Every other answer's sampler log-probs are lowered by 0.2 nats a token after sampling, as a bf16
+    or vLLM sampler might: the run logs that mismatch, and --mismatch-band 0.1 drops exactly those answers."""
+    generate = common.generate
+
+    def perturbed(*a, **k):
+        gens = generate(*a, **k)
+        for g in gens[::2]:
+            if "sampler_logps" in g:  # sampled, not the greedy evaluation
+                g["sampler_logps"] = [x - 0.2 for x in g["sampler_logps"]]
+        return gens
+
+    monkeypatch.setattr(common, "generate", perturbed)
+    rows = [r for r in read_metrics(grpo.main(tiny_args(tmp_path, max_steps=1, mismatch_band=0.1, tis_cap=2.0, eval_every=0)))
+            if "loss" in r]  # fmt: skip
+    assert rows[0]["mismatch/masked_frac"] == 0.5
+    assert rows[0]["mismatch/abs_mean"] < 1e-4  # what is left after masking: the unperturbed half
+    rows = [r for r in read_metrics(grpo.main(tiny_args(tmp_path, max_steps=1, output_dir=str(tmp_path / "b"), eval_every=0)))
+            if "loss" in r]  # fmt: skip
+    assert rows[0]["mismatch/abs_max"] == pytest.approx(0.2, abs=1e-4)  # nothing masked: the perturbation is seen
+    assert 0.05 < rows[0]["mismatch/abs_mean"] < 0.15 and rows[0]["mismatch/kl_seq"] < 0
+
+
 def test_grpo_raises_the_mean_reward_of_a_learnable_reward(tmp_path, monkeypatch):
     # the reward: the share of lowercase letters in the answer (about 0.1 for the near-uniform random model)
     share = lambda t: sum(c.islower() for c in t) / max(len(t), 1)
@@ -314,10 +367,11 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
 
 
 def test_the_newer_loss_options_give_one_process_s_weights_on_two_and_resume_exactly(tmp_path):
-    """--scale batch (the batch std is summed over ranks), GSPO's sequence ratio, CISPO's weight and the
-    weighted k3 with μ = 2 inner updates, all at once: 2 gloo processes = 1, and a killed run resumes exactly."""
+    """--scale batch (the batch std is summed over ranks), GSPO's sequence ratio, CISPO's weight, the
+    weighted k3 with μ = 2 inner updates, TIS and the mismatch band (its count is summed over ranks), all
+    at once: 2 gloo processes = 1, and a killed run resumes exactly."""
     options = ["--scale", "batch", "--importance-level", "sequence", "--policy-loss", "cispo", "--kl-weighted", "--mu", "2",
-               "--beta", "0.1", "--max-tokens", "300"]  # fmt: skip
+               "--beta", "0.1", "--tis-cap", "2", "--mismatch-band", "0.5", "--max-tokens", "300"]  # fmt: skip
     check_two_processes_match_one("grpo.py", cli(tmp_path) + options + ["--max-steps", "3"], tmp_path / "procs", lr=2e-3)
     args = cli(tmp_path) + options + ["--max-steps", "4", "--save-every", "2", "--eval-every", "0"]
     check_resume_matches_uninterrupted("grpo.py", args, tmp_path / "resume", steps=4)
