@@ -53,6 +53,11 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "remax": ("sft5", ["rloo_remax.py", "--estimator", "remax"], "ReMax"),
     "ppo": ("sft5", ["ppo.py"], "PPO with the rule reward"),
     "grpo-nokl": ("sft5", ["grpo.py", "--beta", "0"], "ablation: GRPO without the k3 term"),
+    # grpo.py's newer loss options, each next to the default on the same start and budget
+    "gspo": ("sft5", ["grpo.py", "--importance-level", "sequence"], "GSPO: sequence-level ratio and clip"),
+    "cispo": ("sft5", ["grpo.py", "--policy-loss", "cispo"], "CISPO: clipped stop-gradient IS weight"),
+    "grpo-batchstd": ("sft5", ["grpo.py", "--scale", "batch"], "advantages over the batch std (Lite PPO)"),
+    "grpo-mu2-klw": ("sft5", ["grpo.py", "--mu", "2", "--kl-weighted"], "two updates per rollout, weighted k3"),
 }
 
 
@@ -183,9 +188,11 @@ def plot(results: list[dict], path: str) -> None:
         for r in results:
             pts = [(m["step"], m.get(key, m.get(alt) if alt else None)) for m in r["metrics"]]
             pts = [(s, v) for s, v in pts if v is not None]
+            if pts and not key.startswith("eval"):  # per-step values of 4 prompts are noisy: a 5-step running mean
+                pts = [(s, sum(v for _, v in pts[max(0, i - 4) : i + 1]) / len(pts[max(0, i - 4) : i + 1])) for i, (s, _) in enumerate(pts)]
             if pts:
                 ax.plot(*zip(*pts), label=r["name"], marker="." if key.startswith("eval") else None)
-        ax.set_title(title)
+        ax.set_title(title if key.startswith("eval") else f"{title}, 5-step mean")
         ax.set_xlabel("step")
     axes.flat[-1].axis("off")
     axes.flat[0].legend(fontsize=8)
