@@ -899,7 +899,7 @@ class RowSampler:
         gumbel = -torch.log(-torch.log(u.clamp(min=1e-20)))
         z = scores.float() / self.temperature
         drawn = (z + gumbel).argmax(-1, keepdim=True)
-        self.logps.append((z.gather(-1, drawn) - torch.logsumexp(z, -1, keepdim=True)).squeeze(-1).cpu())
+        self.logps.append((z.gather(-1, drawn) - torch.logsumexp(z, -1, keepdim=True)).squeeze(-1))  # stays on the device
         return z + gumbel
 
 
@@ -964,7 +964,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
                 processors.append(RowSampler(seeds[i : i + batch_size], temperature, model.device))
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors,
                                  synced_gpus=synced)  # fmt: skip
-            drawn = torch.stack(processors[0].logps, 1) if temperature > 0 else None  # (rows, steps)
+            drawn = torch.stack(processors[0].logps, 1).cpu() if temperature > 0 else None  # (rows, steps), one copy
             for k, (row, attn, g) in enumerate(zip(enc["input_ids"], enc["attention_mask"], gen[:, enc["input_ids"].shape[1] :])):
                 g = g.tolist()
                 end = next((j for j, t in enumerate(g) if t in stops), None)
