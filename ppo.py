@@ -318,9 +318,10 @@ def evaluate(policy, tokenizer, problems: list[dict], args: Args, reward_model, 
     mine = problems[rank::world]
     gens = common.generate(policy, tokenizer, [p["prompt"] for p in mine], args.max_new_tokens)
     texts = [g["text"] for g in gens]
-    rm_score = common.answer_scores(mine, texts, reward_model, device, max_tokens=args.max_tokens) if reward_model and mine else 0
-    total = common.sum_over_ranks({"right": sum(common.rule_reward(t, p["answer"]) for t, p in zip(texts, mine)),
-                                   "rm_score": float(rm_score.sum()) if reward_model and mine else 0.0})  # fmt: skip
+    scored = reward_model is not None and mine
+    rm_score = float(common.answer_scores(mine, texts, reward_model, device, max_tokens=args.max_tokens).sum()) if scored else 0.0
+    right = sum(common.rule_reward(t, p["answer"]) for t, p in zip(texts, mine))
+    total = common.sum_over_ranks({"right": right, "rm_score": rm_score})
     out = {"eval/accuracy": total["right"] / len(problems)}
     if reward_model is not None:
         out["eval/rm_score"] = total["rm_score"] / len(problems)
