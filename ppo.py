@@ -115,8 +115,8 @@ class Args:
     """actor AdamW learning rate (peak, cosine decay)"""
     critic_lr: float = 2e-5
     """critic AdamW learning rate (peak, cosine decay): higher, its head starts from scratch"""
-    max_steps: int = 20
-    """rollout steps (20 × 16 answers: the validated run, tests/validate.py ppo)"""
+    max_steps: int = 16
+    """rollout steps (16 × 16 answers: the validated run, tests/validate.py ppo)"""
     warmup_steps: int = 0
     """linear warm-up rollout steps before the cosine decay"""
     max_grad_norm: float = 1.0
@@ -124,9 +124,9 @@ class Args:
     max_tokens: int = 4096
     """tokens per packed micro-batch"""
     # run
-    eval_every: int = 6
+    eval_every: int = 8
     """steps between greedy evaluations (also before and after training); 0: only those"""
-    save_every: int = 6
+    save_every: int = 8
     """steps between resumable checkpoints; 0: none"""
     keep_checkpoints: bool = False
     """keep the checkpoints after the final save (by default they go: the saved model is the result)"""
