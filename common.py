@@ -1037,25 +1037,34 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
-def all_reduce_sum(x: Tensor) -> Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+def _all_reduce(x: Tensor, op) -> Tensor:
+    """x reduced over all ranks, in place (identity on one process). NCCL reduces only CUDA tensors, so
+    a CPU tensor (the scripts' counters and sums) makes a round trip through the GPU there."""
+    if not dist.is_initialized():
+        return x
+    if dist.get_backend() == "nccl" and x.device.type != "cuda":
+        y = x.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(y, op=op)
+        return x.copy_(y)
+    dist.all_reduce(x, op=op)
     return x
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Elementwise sum of x over all ranks (identity on one process)."""
+    return _all_reduce(x, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(x: Tensor) -> Tensor:
     """Elementwise max of x over all ranks (identity on one process)."""
-    if dist.is_initialized():
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
+    return _all_reduce(x, dist.ReduceOp.MAX)
 
 
 def check_finite(x: Tensor, what: str, step: int) -> None:
     """Raise FloatingPointError on every rank together when `x` is not finite on any rank: a collective,
     because one rank raising alone before the gradient all-reduce leaves the others waiting forever."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
     local = not bool(torch.isfinite(x).all())
-    bad = int(all_reduce_sum(torch.tensor([float(local)], device=device)).item())
+    bad = int(all_reduce_sum(torch.tensor([float(local)])).item())
     if bad:
         here = f"{x.tolist()} on this rank" if x.numel() == 1 else ("not finite on this rank" if local else "finite on this rank")
         raise FloatingPointError(f"step {step}: {what} is not finite on {bad} rank(s) ({here}); stopping before the update")
@@ -1111,8 +1120,7 @@ def even_out(batches: list, model) -> list:
     (a sharded forward waits for every rank's); unchanged otherwise. A loop runs stand_in for a None."""
     if not sharded(model):
         return list(batches)
-    most = torch.tensor(len(batches))
-    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    most = all_reduce_max(torch.tensor(len(batches)))
     return list(batches) + [None] * (int(most) - len(batches))
 
 
@@ -1156,6 +1164,18 @@ def clip_grad_norm(model, max_norm: float) -> Tensor:
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for g in shards + plain:
         g.mul_(scale.to(g.device))
+    return norm
+
+
+def optimizer_step(model, optimizer, max_norm: float, step: int) -> Tensor:
+    """One update from the accumulated gradients: summed over ranks (sync_grads), clipped to a global
+    L2 norm of max_norm, checked finite on every rank together (a NaN or inf stops the run before it
+    reaches the weights or the optimizer's moments), applied and cleared. Returns the norm before clipping."""
+    sync_grads(model)
+    norm = clip_grad_norm(model, max_norm)
+    check_finite(norm, "the gradient norm", step)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return norm
 
 

@@ -664,16 +664,11 @@ def main(args: Args) -> str:
         loss_sum = float(common.all_reduce_sum(loss_sum))
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"step {step}: loss is {loss_sum}; stopping before the update")
-        if n_tok:
-            common.sync_grads(student)
-            grad_norm = common.clip_grad_norm(student, args.max_grad_norm)
-        optimizer.step()  # without answer tokens no parameter has a gradient, and nothing changes
-        optimizer.zero_grad(set_to_none=True)
+        metrics = {"loss": loss_sum, "answer_tokens": n_tok, **data_stats, "time/generation_s": gen_s}
+        if n_tok:  # without answer tokens no parameter has a gradient: only the schedule moves
+            metrics["grad_norm"] = float(common.optimizer_step(student, optimizer, args.max_grad_norm, step))
         scheduler.step()
-        metrics = {"loss": loss_sum, "lr": scheduler.get_last_lr()[0], "answer_tokens": n_tok, **data_stats,
-                   "time/generation_s": gen_s, "time/step_s": time.time() - t0}  # fmt: skip
-        if n_tok:
-            metrics["grad_norm"] = float(grad_norm)
+        metrics |= {"lr": scheduler.get_last_lr()[0], "time/step_s": time.time() - t0}
         log.log(step + 1, metrics)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             log.log(step + 1, evaluate_now())

@@ -406,11 +406,8 @@ def main(args: Args) -> str:
             tokens += common.num_tokens(batch)
         common.check_finite(torch.tensor(stats["loss"], dtype=torch.float64), "the loss", step)
         # 3. sum gradients over ranks, clip, step
-        common.sync_grads(policy)
-        grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
-        optimizer.step()
+        grad_norm = common.optimizer_step(policy, optimizer, args.max_grad_norm, step)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
         metrics = {k: v / float(num_pairs) for k, v in stats.total().items()}  # means over the step's pairs
         metrics |= {"rewards/margins": metrics["rewards/chosen"] - metrics["rewards/rejected"], "grad_norm": float(grad_norm),

@@ -429,13 +429,8 @@ def main(args: Args) -> str:
                          loss=share.item() / args.mu)  # fmt: skip
             if not total:
                 break  # no answer left to train on this step (all cut off or filtered), on every rank
-            common.sync_grads(policy)
-            grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"step {step}: gradient norm is {grad_norm.item()}; stopping before the update")
-            optimizer.step()
+            grad_norm = common.optimizer_step(policy, optimizer, args.max_grad_norm, step)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
 
         s = sums.total()
         tok = max(s.pop("tokens"), 1.0)

@@ -10,11 +10,9 @@ Four models:
                                                                  policy's backbone (--critic-init)
     reference  π_ref  frozen: the actor as it started          its log-probs anchor the KL penalty
     reward     r      frozen: an rm.py output (--reward PATH)  or the built-in rule reward (--reward rule)
-The memory is four 135M models plus AdamW state for two: ~6-7 GB in fp32 on the default model. It could
-be cut by one backbone with a policy and a value head (one model fewer, but the two losses then pull on
-the same weights), by LoRA adapters with the reference as the adapter-free base (no reference copy, tiny
-optimizer state), or by keeping the frozen models in bf16; this file keeps four separate models so each
-role is visible.
+Memory: four 135M models and AdamW state for two, ~8 GB in fp32. One backbone with two heads (the losses
+then pull on the same weights), LoRA with the reference as the adapter-free base, or bf16 frozen models
+would cut it; four separate models keep each role visible.
 
 One step:
  1. sample an answer per prompt (temperature τ, stop at EOS); score it: r(x, y), minus
@@ -73,13 +71,11 @@ class Args:
     prompts_per_step: int = 16
     """rollout batch: prompts (one answer each) per step, over all ranks"""
     temperature: float = 1.0
-    """sampling temperature; the ratio, the KL and the entropy use logits / τ too, so they describe the
-    policy that sampled"""
+    """sampling temperature; the ratio, KL and entropy use logits / τ too: they describe the policy that sampled"""
     max_new_tokens: int = 64
     """generation budget per answer"""
     missing_eos_penalty: float = 1.0
-    """subtracted from the score of an answer cut off before EOS: otherwise the RM rewards unfinished text
-    it was never trained on (N details #4)"""
+    """subtracted from the score of an answer cut off before EOS, unfinished text no RM was trained on (N details #4)"""
     # reward shaping
     beta: float = 0.05
     """initial β of the per-token KL penalty −β·k1 in the reward"""
@@ -379,8 +375,7 @@ def main(args: Args) -> str:
     if start == 0 and problems:
         log.log(0, evaluate(policy, tokenizer, problems, args, reward_model, rank, world, device))
     for step in range(start, args.max_steps):
-        # 1. sample and score an answer per prompt: this rank's prompts (global indices gid), each
-        #    sampled from a seed of (seed, step, gid)
+        # 1. sample and score an answer per prompt: this rank's prompts (global index gid), seeded by (seed, step, prompt)
         order = common.step_indices(len(prompts), args.prompts_per_step, step, args.seed)
         gids = list(range(args.prompts_per_step))[rank::world]
         seeds = [common.hash_int([args.seed, step, order[g]]) for g in gids]
@@ -416,9 +411,8 @@ def main(args: Args) -> str:
                     idx, batch = item
                     batch = common.to_device(batch, device)
                     in_batch = [samples[i] for i in idx]
-                    old, old_values, returns, adv, mask = (
-                        torch.stack([s[k] for s in in_batch]).to(device) for k in ("old", "values", "returns", "adv", "mask")
-                    )
+                    old, old_values, returns, adv, mask = (torch.stack([s[k] for s in in_batch]).to(device)
+                                                           for k in ("old", "values", "returns", "adv", "mask"))  # fmt: skip
                     with common.autocast(device):
                         logp, entropy = common.answer_logps(policy, batch, args.max_new_tokens, args.temperature, entropy=True)
                         values = answer_values(critic, batch, args.max_new_tokens)
@@ -430,14 +424,7 @@ def main(args: Args) -> str:
                     epoch_kl.add(approx_kl=st["approx_kl"].item() * n, tokens=n)
                 for model, opt, sched in ((policy, optimizer, scheduler), (critic, critic_opt, critic_sched)):
                     if n_tok:  # an empty minibatch (on every rank) only ticks the schedule
-                        common.sync_grads(model)
-                        grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
-                        if not torch.isfinite(grad_norm):
-                            raise FloatingPointError(
-                                f"step {step}: gradient norm is {grad_norm.item()}; stopping before the update"
-                            )
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
+                        common.optimizer_step(model, opt, args.max_grad_norm, step)
                     sched.step()
                 updates += bool(n_tok)
             epoch_kl = epoch_kl.total()
@@ -448,8 +435,7 @@ def main(args: Args) -> str:
                 break
         # 6. metrics over all ranks, then the KL controller
         tot, d = common.sum_over_ranks(sums), diag.total()
-        tok, answers = max(d["tokens"], 1.0), tot["answers"]
-        n_tok = max(tot["tokens"], 1.0)
+        tok, answers, n_tok = max(d["tokens"], 1.0), tot["answers"], max(tot["tokens"], 1.0)
         ret_var = tot["ret_sq"] / n_tok - (tot["ret_sum"] / n_tok) ** 2
         err_var = tot["err_sq"] / n_tok - (tot["err_sum"] / n_tok) ** 2
         kl = tot["kl_seq"] / answers

@@ -233,13 +233,8 @@ def main(args: Args) -> str:
             loss = reinforce_loss(seq, adv).sum() / n_answers
             loss.backward()
             loss_sum += loss.item()
-        common.sync_grads(policy)
-        grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"step {step}: gradient norm is {grad_norm.item()}; stopping before the update")
-        optimizer.step()
+        grad_norm = common.optimizer_step(policy, optimizer, args.max_grad_norm, step)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
         loss_total = float(common.all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64)))
         metrics = {"loss": loss_total, **common.reduce_metrics(stats, world), "grad_norm": float(grad_norm),

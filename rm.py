@@ -556,11 +556,8 @@ def main(args: Args) -> str:
             tokens += common.num_tokens(batch)
         common.check_finite(torch.tensor(sums["loss"], dtype=torch.float64), "the loss", step)
         # 3. sum gradients over ranks, clip, step
-        common.sync_grads(model)
-        grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
-        optimizer.step()
+        grad_norm = common.optimizer_step(model, optimizer, args.max_grad_norm, step)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
         metrics = {k: v / float(total) for k, v in sums.total().items()}  # means over the step's pairs or steps
         metrics |= {"grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],

@@ -212,11 +212,8 @@ def main(args: Args) -> str:
             tokens += common.num_tokens(batch)
         common.check_finite(loss_sum, "the loss", step)
         # 3. sum gradients over ranks, clip, step
-        common.sync_grads(model)
-        grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
-        optimizer.step()
+        grad_norm = common.optimizer_step(model, optimizer, args.max_grad_norm, step)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
         metrics = {
             "loss": float(common.all_reduce_sum(loss_sum)),

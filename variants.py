@@ -420,11 +420,8 @@ def main(args: Args) -> str:
             tokens += common.num_tokens(batch)
         common.check_finite(sums["loss"], "the loss", step)
         # 3. sum gradients over ranks, clip, step
-        common.sync_grads(policy)
-        grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
-        optimizer.step()
+        grad_norm = common.optimizer_step(policy, optimizer, args.max_grad_norm, step)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
         names = sorted(sums)
         total = dict(zip(names, common.all_reduce_sum(torch.stack([sums[k] for k in names])).tolist()))
