@@ -151,8 +151,7 @@ def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
     mask = mask.to(values.dtype)
     values, rewards = values * mask, rewards * mask
     adv = torch.zeros_like(values)
-    next_value = torch.zeros_like(values[:, 0])
-    next_adv = torch.zeros_like(values[:, 0])
+    next_value = next_adv = torch.zeros_like(values[:, 0])
     for t in reversed(range(values.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
@@ -194,8 +193,8 @@ def ppo_loss(
 
 
 def shaped_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, beta: float) -> Tensor:
-    """Per-token rewards (B, T), the KL in the reward (InstructGPT, arXiv:2203.02155 eq. 2): −β·k1 on every valid answer token, and the score of the whole
-    answer (B,) added at its last valid token. An answer with no valid token gets nothing."""
+    """Per-token rewards (B, T), the KL in the reward (InstructGPT, arXiv:2203.02155 eq. 2): −β·k1 on every
+    valid answer token, and the score of the whole answer (B,) added at its last one (none if it has none)."""
     mask = mask.to(logp.dtype)
     rewards = -beta * common.kl_k1(logp, ref_logp) * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)
@@ -365,11 +364,9 @@ def main(args: Args) -> str:
     beta, start = args.beta, 0
     if args.resume:
         start, extra = common.load_checkpoint(out_dir, policy, optimizer, scheduler)
-        if start:
-            critic.load_state_dict(extra["critic"])
-            critic_opt.load_state_dict(extra["critic_optimizer"])
-            critic_sched.load_state_dict(extra["critic_scheduler"])
-            beta = extra["beta"]
+        for obj, key in ((critic, "critic"), (critic_opt, "critic_optimizer"), (critic_sched, "critic_scheduler")):
+            obj.load_state_dict(extra[key])
+        beta = extra["beta"]
 
     log = common.MetricsLog(out_dir, args.max_steps, start, rank, keys=("score", "kl", "accuracy"))
     if start == 0 and problems:
