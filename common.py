@@ -123,13 +123,20 @@ def token_logps(model, batch: dict, chunk: int = 256, temperature: float = 1.0, 
         logits = model(input_ids).logits[:, :-1].float() / τ
         logp[:, 1:] = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
-    Memory: see hidden_logps."""
+    In a row with shared prefixes (collate_shared) token t is predicted at position prev[t]: the prompt's
+    last token for an answer's first one. Memory: see hidden_logps."""
     hidden = forward_hidden(model, batch)  # (B, T, H)
     b, t, h = hidden.shape
-    hs, target = hidden[:, :-1].reshape(-1, h), batch["input_ids"][:, 1:].reshape(-1)
     logits_fn = functools.partial(output_logits, model)
     if temperature != 1.0:
         logits_fn = lambda x: output_logits(model, x) / temperature  # noqa: E731
+    if "prev" in batch:
+        prev = batch["prev"][0]
+        has = prev >= 0  # tokens with a predictor (not a group's first)
+        logp, ent = hidden_logps(hidden[0, prev[has]], logits_fn, batch["input_ids"][0, has], chunk, entropy)
+        place = lambda x: x.new_zeros(t).masked_scatter(has, x).unsqueeze(0)  # noqa: E731
+        return place(logp), (place(ent) if entropy else None)
+    hs, target = hidden[:, :-1].reshape(-1, h), batch["input_ids"][:, 1:].reshape(-1)
     logp, ent = hidden_logps(hs, logits_fn, target, chunk, entropy)
     starts = batch["position_ids"] == 0  # document starts: the previous token belongs to another document
     zero = hidden.new_zeros(b, 1, dtype=torch.float32)
@@ -148,6 +155,8 @@ def sequence_logps(logp: Tensor, batch: dict) -> Tensor:
 def last_token_hidden(model, batch: dict) -> Tensor:
     """Final hidden state at the last token of every document -> (num_docs, H)."""
     hidden = forward_hidden(model, batch)
+    if "ends" in batch:  # shared prefixes: each answer ends inside its group
+        return hidden[0, batch["ends"]]
     if "cu_seqlens" in batch:
         return hidden[0, batch["cu_seqlens"][1:].long() - 1]
     last = batch["attention_mask"].shape[1] - 1 - batch["attention_mask"].flip(1).argmax(1)  # right or left padding
@@ -258,6 +267,52 @@ def collate_packed(samples: list[dict], extra: tuple[str, ...] = ()) -> dict:
     return batch
 
 
+def shared_prefix(group: list[dict]) -> int:
+    """How many leading tokens every sample of a group has in common and none is trained on (the prompt),
+    at most the shortest one's length − 1: every sample keeps a token of its own."""
+    n, first = min(len(s["input_ids"]) for s in group) - 1, group[0]["input_ids"]
+    p = 0
+    while p < n and all(s["input_ids"][p] == first[p] and s["labels"][p] == IGNORE for s in group):
+        p += 1
+    return p
+
+
+def collate_shared(groups: list[list[dict]]) -> dict:
+    """Groups of samples that start with the same prompt (a preference pair, an RL group) packed with one
+    copy of each prompt (Wang & Hegde 2024, arXiv:2410.20305): prompt, answer 1, ..., answer k. An answer
+    attends causally to its prompt and to itself, never to a sibling, and its positions continue from the
+    prompt's end, so every token sees exactly what it would see in its own document (collate_packed).
+    Besides collate_packed's keys (cu_seqlens: the groups) the row carries
+        segments  [(q0, q1, p0, p1)]: queries q0..q1 attend to keys p0..p1 (their prompt) and q0..q1
+        prev      (1, T) where each token is predicted: the prompt's last token for an answer's first
+        doc, ends the document (sample) of each token, and each sample's last token."""
+    ids, labels, pos, prev, doc, segments, ends, cu = [], [], [], [], [], [], [], [0]
+    for group in groups:
+        p, start = shared_prefix(group), len(ids)
+        ids += group[0]["input_ids"][:p]
+        labels += [IGNORE] * p
+        pos += range(p)
+        prev += [-1] + list(range(start, start + p - 1)) if p else []  # -1: a group's first token has no predictor
+        doc += [len(ends)] * p
+        segments += [(start, start + p, start, start)] if p else []
+        for s in group:
+            a, n = len(ids), len(s["input_ids"]) - p
+            ids += s["input_ids"][p:]
+            labels += s["labels"][p:]
+            pos += range(p, p + n)
+            prev += [start + p - 1 if p else -1] + list(range(a, a + n - 1))
+            doc += [len(ends)] * n
+            segments.append((a, a + n, start, start + p))
+            ends.append(a + n - 1)
+        cu.append(len(ids))
+    row = lambda x: torch.tensor(x).unsqueeze(0)  # noqa: E731
+    return {
+        "input_ids": row(ids), "labels": row(labels), "position_ids": row(pos), "prev": row(prev), "doc": row(doc),
+        "cu_seqlens": torch.tensor(cu, dtype=torch.int32), "max_seqlen": max(b - a for a, b in zip(cu, cu[1:])),
+        "segments": segments, "ends": torch.tensor(ends),
+    }  # fmt: skip
+
+
 def collate_padded(samples: list[dict], pad_id: int, side: str = "right") -> dict:
     """Pad samples to one length: input_ids, labels (IGNORE on pads), attention_mask, position_ids."""
     width = max(len(s["input_ids"]) for s in samples)
@@ -285,7 +340,10 @@ def to_device(batch: dict, device) -> dict:
 
 
 def doc_ids(batch: dict) -> Tensor:
-    """(B, T) index of the document each token belongs to, counted over the whole batch."""
+    """(B, T) index of the document each token belongs to, counted over the whole batch (in a shared-prefix
+    row the prompt is counted with its group's first document; its tokens carry no label)."""
+    if "doc" in batch:
+        return batch["doc"]
     if "cu_seqlens" in batch:
         return (batch["position_ids"] == 0).long().cumsum(1) - 1
     b, t = batch["input_ids"].shape
@@ -297,7 +355,7 @@ def completion_matrix(x: Tensor, batch: dict, width: int) -> Tensor:
     aligned, zeros after. width is the generation budget, so every answer fits."""
     mask = batch["labels"][0] != IGNORE
     doc = doc_ids(batch)[0][mask]
-    n_docs = len(batch["cu_seqlens"]) - 1
+    n_docs = len(batch["ends"]) if "ends" in batch else len(batch["cu_seqlens"]) - 1
     counts = torch.bincount(doc, minlength=n_docs)
     pos = torch.arange(len(doc), device=doc.device) - (counts.cumsum(0) - counts)[doc]
     out = x.new_zeros(n_docs, width)
@@ -354,6 +412,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
     cu = kwargs.pop("cu_seq_lens_q", None)
     max_len = kwargs.pop("max_length_q", None)
+    segments = kwargs.pop("shared_segments", None)
     for k in ("cu_seq_lens_k", "max_length_k"):
         kwargs.pop(k, None)
     unknown = sorted(k for k, v in kwargs.items() if k not in _HARMLESS and v is not None)
@@ -364,6 +423,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         if softcap is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         return explicit_attention(query, key, value, attention_mask, scaling, softcap, dropout), None
+    if segments is not None:  # shared prefixes (collate_shared): each segment's queries see their prompt and themselves
+        out = torch.cat([segment_attention(query, key, value, s, scaling, sliding_window, softcap, dropout) for s in segments], 2)
+        return out.transpose(1, 2), None
     kernel = packed_kernel(query, softcap, dropout)
     if kernel != "per-document":
         half = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.get_autocast_dtype("cuda")
@@ -397,6 +459,27 @@ def document_attention(q, k, v, scaling, sliding_window=None, softcap=None, drop
     allowed = i[:, None] >= i[None, :]  # causal: query i sees keys j ≤ i
     if sliding_window:
         allowed &= i[:, None] - i[None, :] < sliding_window
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling, enable_gqa=True)
+    return explicit_attention(q, k, v, allowed, scaling, softcap, dropout).transpose(1, 2)
+
+
+def segment_attention(query, key, value, segment, scaling, sliding_window=None, softcap=None, dropout=0.0) -> Tensor:
+    """Attention of the queries q0..q1 of a shared-prefix row to their prompt's keys p0..p1 and, causally,
+    to their own: query i (position P + i, P = p1 − p0) sees every prompt key and own keys j ≤ i, within
+    the sliding window by position. With no prompt it is document_attention. (1, H, T, D) in, (1, H, q1 − q0, D) out.
+    Exact on every device; on CUDA it is one SDPA call per segment, not a varlen kernel (a kernel with
+    separate query and key lengths could take them all at once: not done yet)."""
+    q0, q1, p0, p1 = segment
+    q = query[:, :, q0:q1]
+    k, v = (torch.cat([x[:, :, p0:p1], x[:, :, q0:q1]], 2) for x in (key, value))
+    if p1 == p0:
+        return document_attention(q, k, v, scaling, sliding_window, softcap, dropout)
+    pos_q = torch.arange(p1 - p0, p1 - p0 + q1 - q0, device=q.device)
+    pos_k = torch.cat([torch.arange(p1 - p0, device=q.device), pos_q])
+    allowed = pos_k[None, :] <= pos_q[:, None]
+    if sliding_window:
+        allowed &= pos_q[:, None] - pos_k[None, :] < sliding_window
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling, enable_gqa=True)
     return explicit_attention(q, k, v, allowed, scaling, softcap, dropout).transpose(1, 2)
@@ -461,6 +544,8 @@ def forward_hidden(model, batch: dict) -> Tensor:
         device = batch["input_ids"].device
         cu, m = batch["cu_seqlens"].to(device), int(batch["max_seqlen"])
         kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
+        if "segments" in batch:
+            kwargs["shared_segments"] = batch["segments"]
         mask = torch.ones(1, 1, 0, 0, dtype=torch.bool, device=device)
     out = model.get_decoder()(
         input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False, **kwargs

@@ -1,0 +1,109 @@
+"""Shared prefixes (common.collate_shared): one copy of the prompt for a preference pair or an RL group.
+Every answer must get exactly the log-probs, entropies and gradients it gets in its own document
+(common.collate_packed), on every family of the model zoo, and must not see its siblings.
+
+    python -m pytest tests/test_shared_prefix.py
+"""
+
+import pytest
+import torch
+
+import common
+import zoo
+
+IGNORE = common.IGNORE
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return common.tiny_tokenizer()
+
+
+def groups_of(vocab: int, prompt_lens: list[int], answer_lens: list[list[int]], seed: int = 0) -> list[list[dict]]:
+    """Random groups: a prompt of each length (labels IGNORE) followed by answers of the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+    out = []
+    for p, lens in zip(prompt_lens, answer_lens):
+        prompt = rand(p)
+        out.append([{"input_ids": prompt + a, "labels": [IGNORE] * p + a} for a in map(rand, lens)])
+    return out
+
+
+def per_answer(model, batch: dict, width: int = 16):
+    """Each answer's token log-probs and entropies, (n, width), and the gradient of their sum."""
+    model.zero_grad()
+    logp, ent = common.token_logps(model, batch, entropy=True)
+    mask = (batch["labels"] != IGNORE).float()
+    ((logp * mask).sum() + 0.1 * (ent * mask).sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return common.completion_matrix(logp, batch, width), common.completion_matrix(ent, batch, width), grads
+
+
+SHAPES = {  # prompt lengths, answer lengths per group
+    "pairs": ([7, 5, 9], [[4, 6], [1, 3], [5, 5]]),
+    "groups of 8": ([6, 3], [[1, 2, 3, 4, 5, 6, 7, 8], [4] * 8]),
+    "prompt of 1, answers of 1": ([1, 1], [[1, 1], [1] * 8]),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_shared_prefix_log_probs_entropy_and_gradients_equal_one_document_per_answer(family, shape, tok):
+    model = common.prepare_model(zoo.tiny_family(family, tok))
+    groups = groups_of(len(tok), *SHAPES[shape])
+    flat = [s for g in groups for s in g]
+    want_logp, want_ent, want_grad = per_answer(model, common.collate_packed(flat))
+    batch = common.collate_shared(groups)
+    # each group's prompt once: its length is saved once per answer beyond the first
+    assert batch["input_ids"].shape[1] == len(common.collate_packed(flat)["input_ids"][0]) - sum(
+        (len(g) - 1) * common.shared_prefix(g) for g in groups)
+    logp, ent, grad = per_answer(model, batch)
+    torch.testing.assert_close(logp, want_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, want_ent, atol=1e-5, rtol=0)
+    assert grad.keys() == want_grad.keys()
+    for name in grad:
+        torch.testing.assert_close(grad[name], want_grad[name], atol=1e-5, rtol=1e-4, msg=name)
+    seq = common.sequence_logps(common.token_logps(model, batch)[0], batch)
+    want = common.sequence_logps(common.token_logps(model, common.collate_packed(flat))[0], common.collate_packed(flat))
+    torch.testing.assert_close(seq, want, atol=1e-5, rtol=0)
+
+
+def test_a_sibling_cannot_influence_an_answer(tok):
+    """Perturb one answer of a group: every other answer's log-probs are bit-identical."""
+    model = common.prepare_model(zoo.tiny_family("llama", tok)).eval()
+    groups = groups_of(len(tok), [6], [[5, 4, 6, 3]])
+    changed = [[dict(s) for s in groups[0]]]
+    changed[0][1] = {"input_ids": changed[0][1]["input_ids"][:6] + [4, 5, 6, 7], "labels": [IGNORE] * 6 + [4, 5, 6, 7]}
+    with torch.no_grad():
+        a = common.completion_matrix(common.token_logps(model, common.collate_shared(groups))[0], common.collate_shared(groups), 8)
+        b = common.completion_matrix(common.token_logps(model, common.collate_shared(changed))[0], common.collate_shared(changed), 8)
+    assert not torch.equal(a[1], b[1])
+    for i in (0, 2, 3):
+        assert torch.equal(a[i], b[i]), i
+
+
+def test_the_shared_prefix_is_the_untrained_common_start_and_leaves_every_answer_a_token():
+    s = lambda ids, n: {"input_ids": ids, "labels": [IGNORE] * n + ids[n:]}  # noqa: E731
+    assert common.shared_prefix([s([1, 2, 3, 4], 2), s([1, 2, 3, 5], 2)]) == 2  # token 3 is trained: not shared
+    assert common.shared_prefix([s([1, 2, 3, 4], 3), s([1, 2, 9, 5], 3)]) == 2  # the prompts differ at token 2
+    assert common.shared_prefix([s([1, 2], 2), s([1, 2, 3], 2)]) == 1  # the shorter one keeps a token
+    assert common.shared_prefix([s([7, 2], 1), s([1, 2], 1)]) == 0  # nothing in common: two documents
+    batch = common.collate_shared([[s([7, 2], 1), s([1, 2], 1)], [s([1, 2, 3], 2), s([1, 2, 4], 2)]])
+    assert batch["input_ids"].tolist() == [[7, 2, 1, 2, 1, 2, 3, 4]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 0, 1, 2, 2]]
+    assert batch["prev"].tolist() == [[-1, 0, -1, 2, -1, 4, 5, 5]]
+    assert batch["doc"].tolist() == [[0, 0, 1, 1, 2, 2, 2, 3]]
+    assert batch["segments"] == [(0, 2, 0, 0), (2, 4, 0, 0), (4, 6, 4, 4), (6, 7, 4, 6), (7, 8, 4, 6)]
+    assert batch["ends"].tolist() == [1, 3, 6, 7]
+    assert batch["cu_seqlens"].tolist() == [0, 4, 8]
+
+
+def test_reward_model_last_token_of_each_shared_answer_equals_its_own_document(tok):
+    model = common.prepare_model(zoo.tiny_family("llama", tok)).eval()
+    groups = groups_of(len(tok), [5, 3], [[4, 2], [3, 6]])
+    flat = [s for g in groups for s in g]
+    with torch.no_grad():
+        want = common.last_token_hidden(model, common.collate_packed(flat))
+        got = common.last_token_hidden(model, common.collate_shared(groups))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
