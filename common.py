@@ -371,10 +371,34 @@ def answer_logps(model, batch: dict, width: int, temperature: float = 1.0, entro
     return completion_matrix(logp, batch, width), (completion_matrix(ent, batch, width) if entropy else None)
 
 
-def packed_batches(samples: list[dict], max_tokens: int) -> list[tuple[list[int], dict]]:
-    """The samples in packed rows of at most max_tokens tokens: [(sample indices, batch)]."""
-    bins = pack_bins([len(s["input_ids"]) for s in samples], max_tokens)
-    return [(b, collate_packed([samples[i] for i in b])) for b in bins]
+def packed_batches(samples: list[dict], max_tokens: int, share: bool = False) -> list[tuple[list[int], dict]]:
+    """The samples in packed rows of at most max_tokens tokens: [(sample indices, batch)], the batch's
+    documents in the order of the indices. share: samples with the same prompt (the same untrained first
+    tokens: an RL group) go into one row as a group with that prompt once (collate_shared); a group too
+    long for one row is split into parts that fit."""
+    if not share:
+        bins = pack_bins([len(s["input_ids"]) for s in samples], max_tokens)
+        return [(b, collate_packed([samples[i] for i in b])) for b in bins]
+    by_prompt = {}
+    for i, s in enumerate(samples):
+        first = next((t for t, label in enumerate(s["labels"]) if label != IGNORE), len(s["labels"]))
+        by_prompt.setdefault(tuple(s["input_ids"][:first]), []).append(i)
+    groups = []
+    for members in by_prompt.values():  # split a group greedily where its shared length would pass max_tokens
+        part = []
+        for i in members:
+            if part and shared_length([samples[j] for j in part + [i]]) > max_tokens:
+                groups.append(part)
+                part = []
+            part.append(i)
+        groups.append(part)
+    bins = pack_bins([shared_length([samples[i] for i in g]) for g in groups], max_tokens)
+    return [([i for k in b for i in groups[k]], collate_shared([[samples[i] for i in groups[k]] for k in b])) for b in bins]
+
+
+def shared_length(group: list[dict]) -> int:
+    """Tokens of a group packed with its prompt once (collate_shared)."""
+    return sum(len(s["input_ids"]) for s in group) - (len(group) - 1) * shared_prefix(group)
 
 
 # ───────────────────────────── attention for packed rows ─────────────────────────────

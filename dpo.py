@@ -50,6 +50,9 @@ class Args:
     """built-in held-out pairs and problems"""
     max_tokens: int = 2048
     """tokens per packed micro-batch (chosen and rejected of a pair always share one)"""
+    share_prompt: bool = True
+    """one copy of a pair's prompt in the packed row, both answers attending to it (common.collate_shared):
+    the same log-probs as two documents, fewer tokens forwarded"""
     # algorithm
     beta: float = 0.1
     """β: strength of the pull towards the reference (the implicit KL coefficient)"""
@@ -155,14 +158,15 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_tokens: int) -> tuple[list[d
     return pairs, skipped
 
 
-def pair_batches(pairs: list[dict], max_tokens: int) -> list[tuple[list[int], dict]]:
-    """Pack pairs into micro-batches: each is (pair indices, packed row chosen_0, rejected_0, chosen_1, ...)."""
-    lengths = [len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in pairs]
-    out = []
-    for b in common.pack_bins(lengths, max_tokens):
-        docs = [p[k] for i in b for p in [pairs[i]] for k in ("chosen", "rejected")]
-        out.append((b, common.collate_packed(docs)))
-    return out
+def pair_batches(pairs: list[dict], max_tokens: int, share: bool = True) -> list[tuple[list[int], dict]]:
+    """Pack pairs into micro-batches: each is (pair indices, packed row chosen_0, rejected_0, chosen_1, ...),
+    with each pair's prompt once (share) or in both documents."""
+    groups = [[p["chosen"], p["rejected"]] for p in pairs]
+    if share:
+        bins = common.pack_bins([common.shared_length(g) for g in groups], max_tokens)
+        return [(b, common.collate_shared([groups[i] for i in b])) for b in bins]
+    bins = common.pack_bins([len(c["input_ids"]) + len(r["input_ids"]) for c, r in groups], max_tokens)
+    return [(b, common.collate_packed([doc for i in b for doc in groups[i]])) for b in bins]
 
 
 def pair_logps(model, batch: dict) -> tuple[Tensor, Tensor]:
@@ -173,14 +177,14 @@ def pair_logps(model, batch: dict) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def all_pair_logps(model, pairs, max_tokens, rank, world, device, what: str = "log-probs") -> Tensor:
+def all_pair_logps(model, pairs, max_tokens, rank, world, device, what: str = "log-probs", share: bool = True) -> Tensor:
     """(N, 2) chosen/rejected log-probs of every pair under `model`: one eval-mode pass split across ranks
     (a progress bar named `what`)."""
     was_training = model.training
     model.eval()  # no dropout, exactly like the policy's evaluation
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
     mine = list(range(rank, len(pairs), world))
-    for item in common.progress(common.even_out(pair_batches([pairs[i] for i in mine], max_tokens) if mine else [], model), what):
+    for item in common.progress(common.even_out(pair_batches([pairs[i] for i in mine], max_tokens, share) if mine else [], model), what):
         if item is None:  # --fsdp: this rank is out of micro-batches
             common.stand_in(model, device)
             continue
@@ -200,7 +204,7 @@ def cached_reference_logps(model, pairs, tag: str, args, out_dir, rank, world, d
     path = os.path.join(out_dir, f"ref_logps-{tag}.pt")
     if common.cached(path, key, "reference log-probs", rank):
         return torch.load(path, weights_only=True)
-    ref = all_pair_logps(model, pairs, args.max_tokens, rank, world, device, f"reference log-probs ({tag})")
+    ref = all_pair_logps(model, pairs, args.max_tokens, rank, world, device, f"reference log-probs ({tag})", args.share_prompt)
     if rank == 0:
         common.write_cached(path, key, lambda tmp: torch.save(ref, tmp))
     return ref
@@ -216,7 +220,7 @@ def evaluate(model, tokenizer, eval_pairs, eval_ref, problems, args, rank, world
     model.eval()
     out = {}
     if eval_pairs:
-        pi = all_pair_logps(model, eval_pairs, args.max_tokens, rank, world, device, "held-out log-probs")
+        pi = all_pair_logps(model, eval_pairs, args.max_tokens, rank, world, device, "held-out log-probs", args.share_prompt)
         _, r_w, r_l = dpo_loss(pi[:, 0], pi[:, 1], eval_ref[:, 0], eval_ref[:, 1], args.beta)
         out["eval/rewards/accuracies"] = float((r_w > r_l).float().mean())
         out["eval/rewards/ties"] = float((r_w == r_l).float().mean())
@@ -383,7 +387,7 @@ def main(args: Args) -> str:
         stats = common.Sums("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
                              "logps/rejected", "logps/chosen_drift", "logps/rejected_drift")  # summed over pairs  # fmt: skip
         tokens = 0
-        for item in common.even_out(pair_batches([pairs[i] for i in idx], args.max_tokens), policy):
+        for item in common.even_out(pair_batches([pairs[i] for i in idx], args.max_tokens, args.share_prompt), policy):
             if item is None:  # --fsdp: this rank is out of micro-batches
                 common.stand_in(policy, device, backward=True)
                 continue

@@ -113,6 +113,8 @@ class Args:
     """gradient clipping threshold (global L2 norm)"""
     max_tokens: int = 4096
     """tokens per packed micro-batch of the update"""
+    share_prompt: bool = True
+    """a group's prompt once in the packed row, its answers attending to it (common.collate_shared): exact, fewer tokens"""
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory, ~30% more compute"""
     # run
@@ -299,7 +301,7 @@ def needs_old(args: Args) -> bool:
 def old_and_ref_logps(policy, ref, samples: list[dict], args: Args, device) -> None:
     """Record each sample's old log-probs (μ > 1) and reference log-probs (β > 0), micro-batch by
     micro-batch exactly as the update will see them."""
-    batches = common.packed_batches(samples, args.max_tokens)
+    batches = common.packed_batches(samples, args.max_tokens, args.share_prompt)
     for item in common.even_out(batches, policy) if needs_old(args) else batches:
         if item is None:  # --fsdp: this rank is out of micro-batches
             common.stand_in(policy, device)
@@ -397,7 +399,7 @@ def main(args: Args) -> str:
         sums = common.Sums("clip_frac_low", "clip_frac_high", "kl", "entropy", "tokens", "loss", "mismatch_abs", "mismatch_seq")
         mismatch_max = torch.zeros(())
         for inner in range(args.mu):
-            for item in common.even_out(common.packed_batches(samples, args.max_tokens) if total else [], policy):
+            for item in common.even_out(common.packed_batches(samples, args.max_tokens, args.share_prompt) if total else [], policy):
                 if item is None:  # --fsdp: this rank is out of micro-batches
                     common.stand_in(policy, device, backward=True)
                     continue

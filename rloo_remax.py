@@ -73,6 +73,8 @@ class Args:
     """gradient clipping threshold (global L2 norm)"""
     max_tokens: int = 4096
     """tokens per packed micro-batch of the update"""
+    share_prompt: bool = True
+    """a group's prompt once in the packed row, its answers attending to it (common.collate_shared): exact, fewer tokens"""
     # run
     eval_every: int = 10
     """steps between greedy evaluations (also before and after training); 0: only those"""
@@ -151,7 +153,7 @@ def rollout(
     samples = [common.answer_sample(g) for g in gens]
     kl = torch.zeros(len(samples))
     if ref is not None:  # KL in the reward: the summed k1 of each answer comes off its reward
-        for idx, batch in common.packed_batches(samples, args.max_tokens):
+        for idx, batch in common.packed_batches(samples, args.max_tokens, args.share_prompt):
             batch = common.to_device(batch, device)
             with torch.no_grad(), common.autocast(device):
                 kl[idx] = (seq_logps(policy, batch, args.temperature) - seq_logps(ref, batch, args.temperature)).float().cpu()
@@ -225,7 +227,7 @@ def main(args: Args) -> str:
         # 2. one policy-gradient update, −A · log π(y|x) averaged over all answers of all ranks
         n_answers = float(common.all_reduce_sum(torch.tensor(float(len(samples)))))
         loss_sum = 0.0
-        for batch_idx, batch in common.packed_batches(samples, args.max_tokens):
+        for batch_idx, batch in common.packed_batches(samples, args.max_tokens, args.share_prompt):
             batch = common.to_device(batch, device)
             with common.autocast(device):
                 seq = seq_logps(policy, batch, args.temperature)  # (n,)

@@ -60,6 +60,8 @@ class Args:
     """built-in held-out pairs / solutions / problems"""
     max_tokens: int = 2048
     """tokens per packed micro-batch (chosen and rejected of a pair always share one)"""
+    share_prompt: bool = True
+    """orm: a pair's prompt once in the packed row, both answers attending to it (common.collate_shared): exact, fewer tokens"""
     # algorithm
     center_coef: float = 0.0
     """η of the reward-centering term η·(r_w + r_l)² (arXiv:2312.09244 uses 0.01); 0: off"""
@@ -291,13 +293,16 @@ def prm_samples(rows: list[dict], tokenizer, sep: str, max_tokens: int) -> tuple
     return out, skipped
 
 
-def micro_batches(samples: list[dict], kind: str, max_tokens: int) -> list[tuple[list[int], dict]]:
+def micro_batches(samples: list[dict], kind: str, max_tokens: int, share: bool = True) -> list[tuple[list[int], dict]]:
     """Packed rows of at most max_tokens: (sample indices, batch). A pair's chosen and rejected are
-    adjacent documents of one row."""
+    adjacent documents of one row, their prompt once (share) or in both."""
     if kind == "orm":
-        lengths = [len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in samples]
-        docs = lambda b: [samples[i][k] for i in b for k in ("chosen", "rejected")]
-        return [(b, common.collate_packed(docs(b))) for b in common.pack_bins(lengths, max_tokens)]
+        pairs = [[p["chosen"], p["rejected"]] for p in samples]
+        if share:
+            bins = common.pack_bins([common.shared_length(g) for g in pairs], max_tokens)
+            return [(b, common.collate_shared([pairs[i] for i in b])) for b in bins]
+        bins = common.pack_bins([len(c["input_ids"]) + len(r["input_ids"]) for c, r in pairs], max_tokens)
+        return [(b, common.collate_packed([d for i in b for d in pairs[i]])) for b in bins]
     lengths = [len(s["input_ids"]) for s in samples]
     return [
         (b, common.collate_packed([samples[i] for i in b], extra=("step_labels",)))
@@ -327,13 +332,13 @@ def mc_step_labels(policy, tokenizer, rows: list[dict], k: int, max_new_tokens: 
 
 
 @torch.no_grad()
-def evaluate(model, samples: list[dict], kind: str, max_tokens: int, rank: int, world: int, device) -> dict:
+def evaluate(model, samples: list[dict], kind: str, max_tokens: int, rank: int, world: int, device, share: bool = True) -> dict:
     """ORM: held-out pairwise accuracy (r_w > r_l) and mean margin. PRM: step accuracy (σ(r) > ½ where the
     label is > ½) and solution accuracy (min_t r_t > 0 exactly when every step is right)."""
     model.eval()
     sums = common.Sums("right", "margin", "pairs") if kind == "orm" else common.Sums("right_steps", "steps", "right_solutions", "solutions")
     mine = samples[rank::world]
-    for _, batch in common.progress(micro_batches(mine, kind, max_tokens) if mine else [], "held-out rewards"):
+    for _, batch in common.progress(micro_batches(mine, kind, max_tokens, share) if mine else [], "held-out rewards"):
         batch = common.to_device(batch, device)
         with common.autocast(device):
             if kind == "orm":
@@ -526,7 +531,7 @@ def main(args: Args) -> str:
 
     log = common.MetricsLog(out_dir, args.max_steps, start, rank, keys=("loss", "accuracy"))
     if start == 0:
-        log.log(0, evaluate(model, held_out, args.kind, args.max_tokens, rank, world, device))
+        log.log(0, evaluate(model, held_out, args.kind, args.max_tokens, rank, world, device, args.share_prompt))
     for step in range(start, args.max_steps):
         t0 = time.time()
         # 1. this rank's share of the step; the loss is divided by the pairs (orm) or steps (prm) of the
@@ -536,7 +541,7 @@ def main(args: Args) -> str:
         total = common.all_reduce_sum(torch.tensor(float(units)))
         names = ("rewards/margins", "rewards/chosen", "rewards/rejected") if args.kind == "orm" else ("scores/mean_prob",)
         sums, tokens = common.Sums("loss", "accuracy", *names), 0  # summed over pairs (orm) or steps (prm)
-        for local, batch in micro_batches(mine, args.kind, args.max_tokens):
+        for local, batch in micro_batches(mine, args.kind, args.max_tokens, args.share_prompt):
             batch = common.to_device(batch, device)
             with common.autocast(device):
                 # 2. rewards of chosen and rejected from one packed forward, and the Bradley-Terry loss
@@ -564,11 +569,11 @@ def main(args: Args) -> str:
                     "tokens_per_s": float(common.all_reduce_sum(torch.tensor(float(tokens)))) / (time.time() - t0)}  # fmt: skip
         log.log(step + 1, metrics)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
-            log.log(step + 1, evaluate(model, held_out, args.kind, args.max_tokens, rank, world, device))
+            log.log(step + 1, evaluate(model, held_out, args.kind, args.max_tokens, rank, world, device, args.share_prompt))
         if args.save_every and (step + 1) % args.save_every == 0:
             common.save_checkpoint(out_dir, step + 1, model, optimizer, scheduler, rank)
 
-    log.log(args.max_steps, evaluate(model, held_out, args.kind, args.max_tokens, rank, world, device))
+    log.log(args.max_steps, evaluate(model, held_out, args.kind, args.max_tokens, rank, world, device, args.share_prompt))
     load = f"common.load_reward_model({{!r}}, kind={args.kind!r})  # cleanpost's common.py"
     return common.finish_run(log, model, tokenizer, out_dir, rank, args.keep_checkpoints, load)
 

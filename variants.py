@@ -50,6 +50,8 @@ class Args:
     """built-in held-out pairs and problems"""
     max_tokens: int = 2048
     """tokens per packed micro-batch"""
+    share_prompt: bool = True
+    """a unit's common prompt once in the packed row, its documents attending to it (common.collate_shared): exact, fewer tokens"""
     # algorithm
     tau: float = 0.1
     """IPO τ: the log-ratio margin is regressed onto 1/(2τ)"""
@@ -247,10 +249,15 @@ def check_kto_balance(examples: list[dict], lambda_d: float, lambda_u: float, ra
         )
 
 
-def unit_batches(units: list[dict], keys: tuple[str, ...], max_tokens: int) -> list[tuple[list[int], dict]]:
-    """Pack units into micro-batches: (unit indices, packed row of the documents `keys` of each unit, in order)."""
-    lengths = [sum(len(u[k]["input_ids"]) for k in keys) for u in units]
-    return [(b, common.collate_packed([units[i][k] for i in b for k in keys])) for b in common.pack_bins(lengths, max_tokens)]
+def unit_batches(units: list[dict], keys: tuple[str, ...], max_tokens: int, share: bool = True) -> list[tuple[list[int], dict]]:
+    """Pack units into micro-batches: (unit indices, packed row of the documents `keys` of each unit, in order),
+    with the documents' common prompt once (share) or in each."""
+    groups = [[u[k] for k in keys] for u in units]
+    if share:
+        bins = common.pack_bins([common.shared_length(g) for g in groups], max_tokens)
+        return [(b, common.collate_shared([groups[i] for i in b])) for b in bins]
+    bins = common.pack_bins([sum(len(d["input_ids"]) for d in g) for g in groups], max_tokens)
+    return [(b, common.collate_packed([d for i in b for d in groups[i]])) for b in bins]
 
 
 def doc_logps(model, batch: dict, width: int) -> tuple[Tensor, Tensor]:
@@ -262,12 +269,12 @@ def doc_logps(model, batch: dict, width: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def unit_logps(model, units: list[dict], keys: tuple[str, ...], max_tokens: int, device) -> Tensor:
+def unit_logps(model, units: list[dict], keys: tuple[str, ...], max_tokens: int, device, share: bool = True) -> Tensor:
     """(n, len(keys), 2) summed log-probs and answer lengths of each unit's documents, in eval mode."""
     was_training = model.training
     model.eval()
     out = torch.zeros(len(units), len(keys), 2, dtype=torch.float64)
-    for idx, batch in common.progress(unit_batches(units, keys, max_tokens) if units else [], "log-probs"):
+    for idx, batch in common.progress(unit_batches(units, keys, max_tokens, share) if units else [], "log-probs"):
         with common.autocast(device):
             seq, lengths = doc_logps(model, common.to_device(batch, device), len(keys))
         out[idx] = torch.stack([seq, lengths], -1).double().cpu()
@@ -275,11 +282,12 @@ def unit_logps(model, units: list[dict], keys: tuple[str, ...], max_tokens: int,
     return out
 
 
-def all_logps(model, units: list[dict], keys: tuple[str, ...], max_tokens: int, rank: int, world: int, device) -> Tensor:
+def all_logps(model, units: list[dict], keys: tuple[str, ...], max_tokens: int, rank: int, world: int, device,
+              share: bool = True) -> Tensor:  # fmt: skip
     """unit_logps of every unit, (N, len(keys), 2): one pass split across ranks."""
     out = torch.zeros(len(units), len(keys), 2, dtype=torch.float64)
     mine = list(range(rank, len(units), world))
-    out[mine] = unit_logps(model, [units[i] for i in mine], keys, max_tokens, device)
+    out[mine] = unit_logps(model, [units[i] for i in mine], keys, max_tokens, device, share)
     return common.all_reduce_sum(out).float()
 
 
@@ -307,7 +315,7 @@ def evaluate(model, tokenizer, eval_pairs, start_logps, problems, args, rank, wo
     model.eval()
     out = {}
     if eval_pairs:
-        pi = all_logps(model, eval_pairs, ("chosen", "rejected"), args.max_tokens, rank, world, device)
+        pi = all_logps(model, eval_pairs, ("chosen", "rejected"), args.max_tokens, rank, world, device, args.share_prompt)
         r_w, r_l = pair_rewards(args, pi[..., 0], pi[..., 1], start_logps[..., 0])
         out["eval/rewards/accuracies"] = float((r_w > r_l).float().mean())
         out["eval/logps/chosen_drift"] = float((pi[:, 0, 0] - start_logps[:, 0, 0]).mean())
@@ -354,9 +362,9 @@ def main(args: Args) -> str:
     # the starting policy scores everything once: π_ref of IPO / KTO (no reference model kept in memory)
     # and the start point of the held-out drift; ORPO and SimPO never need a reference for training
     start_logps = (
-        all_logps(policy, eval_pairs, ("chosen", "rejected"), args.max_tokens, rank, world, device) if eval_pairs else None
+        all_logps(policy, eval_pairs, ("chosen", "rejected"), args.max_tokens, rank, world, device, args.share_prompt) if eval_pairs else None
     )
-    ref = all_logps(policy, train, keys, args.max_tokens, rank, world, device)[..., 0] if args.loss in ("ipo", "kto") else None
+    ref = all_logps(policy, train, keys, args.max_tokens, rank, world, device, args.share_prompt)[..., 0] if args.loss in ("ipo", "kto") else None
 
     policy = common.shard_model(policy, args.fsdp)
     policy.train()
@@ -376,12 +384,12 @@ def main(args: Args) -> str:
         #    one estimate over the whole step (all micro-batches and ranks), as TRL gathers it across processes
         kl = torch.zeros((), device=device)
         if args.loss == "kto":
-            mismatch = unit_logps(policy, mine, ("mismatch",), args.max_tokens, device)[:, 0, 0]  # (n,), this rank's
+            mismatch = unit_logps(policy, mine, ("mismatch",), args.max_tokens, device, args.share_prompt)[:, 0, 0]  # (n,), this rank's
             kl = (common.all_reduce_sum((mismatch - ref[idx, 1]).sum().double()) / n_global).clamp(min=0).float().to(device)
         sums = {}
         tokens = 0
         trained = keys[:1] if args.loss == "kto" else keys  # KTO's mismatched answers only feed z_ref (step 1)
-        for local, batch in unit_batches(mine, trained, args.max_tokens):
+        for local, batch in unit_batches(mine, trained, args.max_tokens, args.share_prompt):
             batch = common.to_device(batch, device)
             rows = [idx[i] for i in local]
             with common.autocast(device):

@@ -5,6 +5,7 @@
     python tests/bench.py sft              # sft.py vs TRL SFTTrainer: tokens/s, peak RSS, FLOP/s
     python tests/bench.py dpo              # dpo.py vs TRL DPOTrainer: step time, peak RSS
     python tests/bench.py grpo [mask|keep]  # grpo.py vs TRL GRPOTrainer (vLLM off): generation / training time, peak RSS
+    python tests/bench.py shared           # one copy of the prompt per pair / group: tokens forwarded, forward + backward time
     python tests/bench.py plot OUT.png RUN_DIR[:label] ... --keys=loss,eval/accuracy
 
 Every measurement runs in a subprocess of its own, so its peak RSS is its alone. Both sides use the
@@ -310,6 +311,58 @@ def bench_grpo(*modes):
     print(table(rows, ["run", "step_s", "generation_s", "training_s", "completion_len", "speedup_vs_trl", "peak_rss_MB"]))
 
 
+# ───────────── shared prefixes ─────────────
+
+SHAPES = {  # name: (groups, answers per group); None: the built-in data
+    "dpo: 8 built-in pairs": None,
+    "grpo: 4 built-in prompts x G = 8, answers of 40": (4, 8, None, 40),
+    "long prompt: 2 prompts of 400 x G = 8, answers of 100": (2, 8, 400, 100),
+}
+
+
+def worker_shared(shape: str, share: str) -> dict:
+    """Forward + backward of the summed answer log-probs of one shape's batch, shared or not (median of 3
+    after a warm-up); answers are random tokens (their values do not change the cost)."""
+    import dpo
+
+    tok = common.load_tokenizer(common.DEFAULT_MODEL)
+    model = common.load_model(common.DEFAULT_MODEL, tok).train()
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(100, len(tok) - 100, (n,), generator=g).tolist()  # noqa: E731
+    if SHAPES[shape] is None:
+        pairs, _ = dpo.tokenize_pairs(common.builtin_preferences("train", 8), tok, 4096)
+        batches = [b for _, b in dpo.pair_batches(pairs, 10**6, share == "shared")]
+        unshared = sum(len(p[k]["input_ids"]) for p in pairs for k in ("chosen", "rejected"))
+    else:
+        n_groups, size, prompt_len, answer_len = SHAPES[shape]
+        prompts = [common.tokenize_conversation(tok, common.as_messages(p["prompt"]))["input_ids"] if prompt_len is None
+                   else rand(prompt_len) for p in common.builtin_prompts("train", n_groups)]  # fmt: skip
+        samples = [{"input_ids": p + a, "labels": [common.IGNORE] * len(p) + a} for p in prompts for a in (rand(answer_len) for _ in range(size))]
+        batches = [b for _, b in common.packed_batches(samples, 10**6, share == "shared")]
+        unshared = sum(len(s["input_ids"]) for s in samples)
+    times = []
+    for _ in range(4):
+        t0 = time.time()
+        for b in batches:
+            logp, _ = common.token_logps(model, b)
+            (logp * (b["labels"] != common.IGNORE)).sum().backward()
+        model.zero_grad(set_to_none=True)
+        times.append(time.time() - t0)
+    return {"tokens": sum(b["input_ids"].shape[1] for b in batches), "unshared_tokens": unshared,
+            "fwd_bwd_s": statistics.median(times[1:]), "peak_rss_MB": peak_rss_mb()}  # fmt: skip
+
+
+def bench_shared():
+    rows = []
+    for shape in SHAPES:
+        pair = [{"shape": shape, "layout": share, **in_subprocess("shared", shape, share)} for share in ("unshared", "shared")]
+        pair[1]["speedup"], pair[0]["speedup"] = pair[0]["fwd_bwd_s"] / pair[1]["fwd_bwd_s"], 1.0
+        rows += pair
+        print(pair, flush=True)
+    print(f"SmolLM2-135M fp32, {torch.get_num_threads()} threads, forward + backward of the answers' log-probs")
+    print(table(rows, ["shape", "layout", "tokens", "fwd_bwd_s", "speedup", "peak_rss_MB"]))
+
+
 # ───────────── plots ─────────────
 
 
@@ -374,4 +427,4 @@ if __name__ == "__main__":
         keys = next((a.split("=", 1)[1] for a in rest if a.startswith("--keys=")), "loss").split(",")
         plot(rest[0], [a for a in rest[1:] if not a.startswith("--keys=")], keys)
     else:
-        {"logps": bench_logps, "sft": bench_sft, "dpo": bench_dpo, "grpo": bench_grpo}[cmd](*rest)
+        {"logps": bench_logps, "sft": bench_sft, "dpo": bench_dpo, "grpo": bench_grpo, "shared": bench_shared}[cmd](*rest)

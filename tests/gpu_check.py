@@ -7,7 +7,8 @@ not part of the default test run (its CPU mode is: tests/test_gpu_check.py).
 
 1. attention  packed rows (flash-attn's varlen kernel when installed, else torch's varlen_attn) against
               each document alone through SDPA, float32 and bf16 autocast, for every model family of
-              tests/zoo.py: per-token log-probs and gradients, within the tolerances in TOLERANCE
+              tests/zoo.py: per-token log-probs and gradients, within the tolerances in TOLERANCE; and
+              a group of answers sharing one prompt (common.collate_shared) against each answer alone
 2. scripts    3 steps of every algorithm script on the tiny model, through torchrun with 1 process
               (and 2 when the machine has 2 GPUs), bf16 autocast on CUDA: finite losses, and a saved
               model that reloads (merge.py merges two of the outputs)
@@ -22,6 +23,7 @@ with its error and the run goes on, so one run shows everything that is wrong.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -122,14 +124,17 @@ def check_attention(device, families: list[str]) -> list[dict]:
     lengths = (45, 130, 17, 64)  # longer and shorter than the families' sliding windows (6)
     docs = [torch.randint(3, len(tokenizer), (n,), generator=gen).tolist() for n in lengths]
     samples = [{"input_ids": d, "labels": [common.IGNORE] + d[1:]} for d in docs]
-    packed = [common.collate_packed(samples)]
-    alone = [common.collate_padded([s], tokenizer.pad_token_id) for s in samples]
+    prompt = docs[1][:40]  # a group: one prompt, four answers (shared-prefix layout)
+    group = [{"input_ids": prompt + d[:k], "labels": [common.IGNORE] * len(prompt) + d[:k]} for d, k in zip(docs, (20, 60, 1, 33))]
+    layouts = {"packed": ([common.collate_packed(samples)], [common.collate_padded([s], tokenizer.pad_token_id) for s in samples]),
+               "shared prompt": ([common.collate_shared([group])], [common.collate_padded([s], tokenizer.pad_token_id) for s in group])}
     rows = []
     for name in families:
         model = common.prepare_model(tiny_family(name, tokenizer).to(device))
         model.train()  # dropout is off (prepare_model); train mode is how the scripts take gradients
-        for precision, half in (("float32", False), ("bf16", True)):
-            row = {"check": "attention", "family": name, "precision": precision, "path": attention_path(model, device, half)}
+        for (precision, half), (layout, (packed, alone)) in itertools.product((("float32", False), ("bf16", True)), layouts.items()):
+            path = attention_path(model, device, half) if layout == "packed" else "per segment (SDPA)"
+            row = {"check": "attention", "family": name, "precision": precision, "layout": layout, "path": path}
             try:
                 lp, gp = logps_and_grads(model, packed, device, half)
                 lr, gr = logps_and_grads(model, alone, device, half)
@@ -381,8 +386,13 @@ def profile_sft_step(model, batches: list[dict], device) -> dict:
 
 
 def check_dpo_speed(model, tokenizer, device, cpu: bool, row_tokens: int) -> list[dict]:
-    """dpo.py's step: policy log-probs of each pair in one packed row, the reference's precomputed."""
-    row = {"check": "speed", "what": "dpo"}
+    """dpo.py's step: policy log-probs of each pair in one packed row, the reference's precomputed; with
+    the pair's prompt once (--share-prompt, the default) and in both documents."""
+    return [dpo_speed(model, tokenizer, device, cpu, row_tokens, share) for share in (True, False)]
+
+
+def dpo_speed(model, tokenizer, device, cpu: bool, row_tokens: int, share: bool) -> dict:
+    row = {"check": "speed", "what": "dpo, shared prompt" if share else "dpo, prompt in both documents"}
     try:
         pairs, _ = dpo.tokenize_pairs(common.builtin_preferences("train", 64 if cpu else 512), tokenizer, row_tokens)
         n_steps, per_step = (2, 16) if cpu else (4, 128)
@@ -392,8 +402,8 @@ def check_dpo_speed(model, tokenizer, device, cpu: bool, row_tokens: int) -> lis
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
         times = []
         for step_pairs in steps:
-            batches = dpo.pair_batches(step_pairs, row_tokens)
-            ref = dpo.all_pair_logps(model, step_pairs, row_tokens, 0, 1, device).to(device)
+            batches = dpo.pair_batches(step_pairs, row_tokens, share)
+            ref = dpo.all_pair_logps(model, step_pairs, row_tokens, 0, 1, device, share=share).to(device)
             with Clock(device) as clock:
                 for local, batch in batches:
                     batch = common.to_device(batch, device)
@@ -406,11 +416,11 @@ def check_dpo_speed(model, tokenizer, device, cpu: bool, row_tokens: int) -> lis
                 optimizer.zero_grad(set_to_none=True)
             times.append(clock.seconds)
         timed = times[1:]
-        tokens = sum(common.num_tokens(b) for _, b in dpo.pair_batches(steps[-1], row_tokens))
+        tokens = sum(common.num_tokens(b) for _, b in dpo.pair_batches(steps[-1], row_tokens, share))
         row.update(pairs_per_step=per_step, step_s=sum(timed) / len(timed), tokens_per_s=tokens / timed[-1], ok=True)
     except Exception as e:
         row.update(ok=False, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc(limit=6))
-    return [row]
+    return row
 
 
 def check_generation_speed(model, tokenizer, device, cpu: bool) -> list[dict]:

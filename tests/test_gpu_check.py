@@ -22,9 +22,10 @@ def test_the_gpu_check_runs_every_section_on_cpu_and_passes(tmp_path):
         by_check.setdefault(row["check"], []).append(row)
     from zoo import FAMILIES
 
-    assert {(r["family"], r["precision"]) for r in by_check["attention"]} == {(f, p) for f in FAMILIES for p in ("float32", "bf16")}
+    assert {(r["family"], r["precision"], r["layout"]) for r in by_check["attention"]} == {
+        (f, p, lay) for f in FAMILIES for p in ("float32", "bf16") for lay in ("packed", "shared prompt")}
     assert {r["script"] for r in by_check["script"]} == {"sft", "dpo", "grpo", "merge"}
-    assert {r["what"] for r in by_check["speed"]} == {"sft", "dpo", "generate"}
+    assert {r["what"] for r in by_check["speed"]} == {"sft", "dpo, shared prompt", "dpo, prompt in both documents", "generate"}
     assert len(by_check["precision"]) == 2
     assert all(r["ok"] for c in ("attention", "script", "speed", "precision") for r in by_check[c])
     assert all(r["tokens_per_s"] > 0 for r in by_check["speed"])

@@ -107,3 +107,65 @@ def test_reward_model_last_token_of_each_shared_answer_equals_its_own_document(t
         want = common.last_token_hidden(model, common.collate_packed(flat))
         got = common.last_token_hidden(model, common.collate_shared(groups))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_packed_batches_share_groups_by_prompt_and_split_a_group_too_long_for_a_row(tok):
+    """RL samples in any order (some answers of a group filtered out, one empty): rows group them by
+    prompt; each sample's answer log-probs equal the unshared rows'; a group over max_tokens is split."""
+    model = common.prepare_model(zoo.tiny_family("llama", tok)).eval()
+    groups = groups_of(len(tok), [5, 7, 3], [[3, 4, 2, 5], [2, 6], [4, 1, 1]])
+    samples = [groups[0][0], groups[1][0], groups[0][2], groups[2][1], groups[0][3], groups[2][0], groups[1][1],
+               {"input_ids": groups[2][2]["input_ids"][:3], "labels": [IGNORE] * 3}]  # fmt: skip
+    want = torch.zeros(len(samples), 8)
+    got = torch.zeros(len(samples), 8)
+    with torch.no_grad():
+        for idx, batch in common.packed_batches(samples, 4096):
+            want[idx] = common.answer_logps(model, batch, 8)[0]
+        rows = common.packed_batches(samples, 4096, share=True)
+        assert len(rows) == 1 and sorted(i for idx, _ in rows for i in idx) == list(range(len(samples)))
+        assert rows[0][1]["input_ids"].shape[1] == sum(len(s["input_ids"]) for s in samples) - 2 * 5 - 1 * 7 - 2 * 2
+        for idx, batch in rows:
+            got[idx] = common.answer_logps(model, batch, 8)[0]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        rows = common.packed_batches(samples, 14, share=True)  # groups 0 (15 tokens shared) and 1 (15) must split
+        assert max(b["input_ids"].shape[1] for _, b in rows) <= 14 and len(rows) >= 3
+        assert sorted(i for idx, _ in rows for i in idx) == list(range(len(samples)))
+        for idx, batch in rows:
+            got[idx] = common.answer_logps(model, batch, 8)[0]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+# ───────────── the scripts: --share-prompt changes nothing but the tokens forwarded ─────────────
+
+import dpo  # noqa: E402
+import grpo  # noqa: E402
+import rloo_remax  # noqa: E402
+import rm  # noqa: E402
+import variants  # noqa: E402
+from helpers import assert_same_weights, read_metrics, tiny_reward_model  # noqa: E402
+
+PAIRS = dict(model="tiny", num_train=24, num_eval=4, batch_size=8, lr=2e-3, warmup_steps=1, max_steps=2, save_every=0)
+GROUPS = dict(model="tiny", num_train=8, num_eval=2, group_size=4, prompts_per_step=2, max_new_tokens=6, lr=2e-3,
+              max_steps=2, save_every=0)  # fmt: skip
+SCRIPTS = {
+    "dpo": lambda out, share, _: dpo.main(dpo.Args(**PAIRS, max_new_tokens=2, share_prompt=share, output_dir=out)),
+    "variants-ipo": lambda out, share, _: variants.main(variants.Args(**PAIRS, loss="ipo", max_new_tokens=2, share_prompt=share,
+                                                                      output_dir=out)),
+    "rm": lambda out, share, _: rm.main(rm.Args(**PAIRS, share_prompt=share, output_dir=out)),
+    "grpo": lambda out, share, reward: grpo.main(grpo.Args(**GROUPS, overlong="none", mu=2, reward_model=reward,
+                                                           share_prompt=share, output_dir=out)),
+    "rloo": lambda out, share, reward: rloo_remax.main(rloo_remax.Args(**GROUPS, reward_model=reward, share_prompt=share,
+                                                                       output_dir=out)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sharing_the_prompt_gives_the_update_of_one_document_per_answer(script, tmp_path):
+    reward = tiny_reward_model(tmp_path / "reward") if script in ("grpo", "rloo") else None
+    outs = [str(tmp_path / f"share-{share}") for share in (True, False)]
+    for out, share in zip(outs, (True, False)):
+        SCRIPTS[script](out, share, reward)
+    assert_same_weights(*outs, atol=0.05 * 2e-3, mean_atol=1e-7)
+    losses = [[m["loss"] for m in read_metrics(out) if "loss" in m] for out in outs]
+    assert len(losses[0]) == 2
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-6)
