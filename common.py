@@ -6,7 +6,9 @@ Reading guide, what each script takes from the maths:
     every script      token_logps: log π(x_t | x_<t) per token of a packed row (the chunked equal of
                       log_softmax(logits).gather(...)); collate_packed and doc_ids: several documents
                       in one row, each attending only to itself (packed_attention);
-                      tokenize_conversation: labels on the assistant's tokens only
+                      tokenize_conversation: labels on the assistant's tokens only;
+                      collate_shared: a pair's or a group's prompt once, its answers attending to it
+                      (--share-prompt in dpo, variants, rm, grpo, rloo_remax)
     sft.py            + fit_length, pack_bins, collate_padded (--no-packing)
     dpo.py, variants  + sequence_logps: a document's summed completion log-prob
     grpo.py           + answer_logps (each answer's tokens of a packed row, via completion_matrix), kl_k3,
