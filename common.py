@@ -394,8 +394,19 @@ def packed_batches(samples: list[dict], max_tokens: int, share: bool = False) ->
                 part = []
             part.append(i)
         groups.append(part)
-    bins = pack_bins([shared_length([samples[i] for i in g]) for g in groups], max_tokens)
-    return [([i for k in b for i in groups[k]], collate_shared([[samples[i] for i in groups[k]] for k in b])) for b in bins]
+    rows = group_batches([[samples[i] for i in g] for g in groups], max_tokens)
+    return [([i for k in b for i in groups[k]], batch) for b, batch in rows]
+
+
+def group_batches(groups: list[list[dict]], max_tokens: int, share: bool = True) -> list[tuple[list[int], dict]]:
+    """Groups of documents (a preference pair, an RL group) packed whole into rows of at most max_tokens:
+    [(group indices, batch)], each group's documents adjacent and in order, with their common prompt
+    once (share: collate_shared) or in each document (collate_packed)."""
+    if share:
+        bins = pack_bins([shared_length(g) for g in groups], max_tokens)
+        return [(b, collate_shared([groups[i] for i in b])) for b in bins]
+    bins = pack_bins([sum(len(d["input_ids"]) for d in g) for g in groups], max_tokens)
+    return [(b, collate_packed([d for i in b for d in groups[i]])) for b in bins]
 
 
 def shared_length(group: list[dict]) -> int:

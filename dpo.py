@@ -161,12 +161,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_tokens: int) -> tuple[list[d
 def pair_batches(pairs: list[dict], max_tokens: int, share: bool = True) -> list[tuple[list[int], dict]]:
     """Pack pairs into micro-batches: each is (pair indices, packed row chosen_0, rejected_0, chosen_1, ...),
     with each pair's prompt once (share) or in both documents."""
-    groups = [[p["chosen"], p["rejected"]] for p in pairs]
-    if share:
-        bins = common.pack_bins([common.shared_length(g) for g in groups], max_tokens)
-        return [(b, common.collate_shared([groups[i] for i in b])) for b in bins]
-    bins = common.pack_bins([len(c["input_ids"]) + len(r["input_ids"]) for c, r in groups], max_tokens)
-    return [(b, common.collate_packed([doc for i in b for doc in groups[i]])) for b in bins]
+    return common.group_batches([[p["chosen"], p["rejected"]] for p in pairs], max_tokens, share)
 
 
 def pair_logps(model, batch: dict) -> tuple[Tensor, Tensor]:

@@ -297,12 +297,7 @@ def micro_batches(samples: list[dict], kind: str, max_tokens: int, share: bool =
     """Packed rows of at most max_tokens: (sample indices, batch). A pair's chosen and rejected are
     adjacent documents of one row, their prompt once (share) or in both."""
     if kind == "orm":
-        pairs = [[p["chosen"], p["rejected"]] for p in samples]
-        if share:
-            bins = common.pack_bins([common.shared_length(g) for g in pairs], max_tokens)
-            return [(b, common.collate_shared([pairs[i] for i in b])) for b in bins]
-        bins = common.pack_bins([len(c["input_ids"]) + len(r["input_ids"]) for c, r in pairs], max_tokens)
-        return [(b, common.collate_packed([d for i in b for d in pairs[i]])) for b in bins]
+        return common.group_batches([[p["chosen"], p["rejected"]] for p in samples], max_tokens, share)
     lengths = [len(s["input_ids"]) for s in samples]
     return [
         (b, common.collate_packed([samples[i] for i in b], extra=("step_labels",)))

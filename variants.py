@@ -252,12 +252,7 @@ def check_kto_balance(examples: list[dict], lambda_d: float, lambda_u: float, ra
 def unit_batches(units: list[dict], keys: tuple[str, ...], max_tokens: int, share: bool = True) -> list[tuple[list[int], dict]]:
     """Pack units into micro-batches: (unit indices, packed row of the documents `keys` of each unit, in order),
     with the documents' common prompt once (share) or in each."""
-    groups = [[u[k] for k in keys] for u in units]
-    if share:
-        bins = common.pack_bins([common.shared_length(g) for g in groups], max_tokens)
-        return [(b, common.collate_shared([groups[i] for i in b])) for b in bins]
-    bins = common.pack_bins([sum(len(d["input_ids"]) for d in g) for g in groups], max_tokens)
-    return [(b, common.collate_packed([d for i in b for d in groups[i]])) for b in bins]
+    return common.group_batches([[u[k] for k in keys] for u in units], max_tokens, share)
 
 
 def doc_logps(model, batch: dict, width: int) -> tuple[Tensor, Tensor]:
