@@ -74,6 +74,12 @@ def run(cmd: list[str], log: str, threads: int) -> tuple[float, float]:
     return time.time() - t0, usage.ru_maxrss / 2**20
 
 
+def git_commit() -> str:
+    """The commit the run's code came from (with "+changes" when the working tree differs from it)."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Chen et al.'s unbiased pass@k from n samples of which c are right: 1 − C(n − c, k) / C(n, k)."""
     return 1.0 - (math.comb(n - c, k) / math.comb(n, k) if n - c >= k else 0.0)
@@ -142,7 +148,7 @@ def validate(name: str, seed: int, threads: int) -> dict:
         "command": f"python {' '.join(args)} --model <{start} start>", "seed": seed, "threads": threads,
         "before": {k: v for k, v in before.items() if k != "right"}, "after": {k: v for k, v in after.items() if k != "right"},
         "gain": gain, "gain_se_paired": gain_se, "run_wall_s": wall, "eval_wall_s": after["eval_s"],
-        "peak_rss_gb": rss, "metrics": metrics,
+        "peak_rss_gb": rss, "metrics": metrics, "commit": git_commit(),
     }  # fmt: skip
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{tag}.json"), "w") as f:
