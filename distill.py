@@ -13,13 +13,7 @@
                       samples the answers and the teacher scores every sampled prefix; the default
                       divergence is the reverse KL(p_S‖p_T), GKD with λ = 1 (--on-policy-frac < 1 mixes
                       in the data's own answers)
-    --mode cai        Constitutional AI's supervised stage (Bai et al. 2022, arXiv:2212.08073):
-                      the model answers (y0), a critic (--critic, default the model itself) critiques
-                      the answer against a principle drawn from --constitution and revises it, --revisions
-                      rounds; the model is fine-tuned on (prompt, final revision) with the SFT loss.
-                      Every (y0, critique, revision) chain goes to cai_data.jsonl and the pairs (final
-                      revision chosen, y0 rejected) to cai_preferences.jsonl, for `dpo.py --data` (RL-CAI
-                      offline; `dpo.py --online --judge` is the online form)
+(Constitutional AI's critique-and-revision stage, self-distillation from revised answers, is cai.py.)
 
 Divergences over the full vocabulary, at temperature τ (both distributions from logits / τ):
     forward  KL(p_T‖p_S) = Σ_v p_T (log p_T − log p_S)     mean-seeking: the student covers every mode
@@ -31,19 +25,15 @@ backward), so no (T, V) float32 tensor ever exists, let alone two.
 
 The default student is the teacher with --student-layers of its layers kept (evenly spaced, first and
 last included): it shares the tokenizer and runs offline. Any --student with the same vocabulary works.
-In cai mode the default student is the --teacher itself (self-improvement), and the teacher stays as
-the frozen starting point the held-out KL is measured against.
 
     torchrun --nproc_per_node 2 distill.py --mode on-policy --teacher runs/sft-default
 """
 
 import copy
 import functools
-import json
 import math
 import os
 import random
-import re
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -60,21 +50,20 @@ import common
 class Args:
     """Distillation (sequence-level, token-level, on-policy) and rejection-sampling fine-tuning."""
 
-    mode: Literal["seqkd", "rft", "token", "on-policy", "cai"] = "token"
+    mode: Literal["seqkd", "rft", "token", "on-policy"] = "token"
     """what the student learns from: the teacher's answers, its own filtered answers, the teacher's
-    distributions on the data's answers, the teacher's distributions on its own samples, or its own
-    answers revised after a critique against a constitution"""
+    distributions on the data's answers, or the teacher's distributions on its own samples"""
     # models and data
     teacher: str = common.DEFAULT_MODEL
     """the teacher; "tiny" for tests. A fine-tuned checkpoint (e.g. runs/sft-default) is the useful one"""
     student: str = ""
-    """the student; empty: the teacher with --student-layers of its layers (cai: the teacher itself)"""
+    """the student; empty: the teacher with --student-layers of its layers"""
     dropout: bool = False
     """keep the model's dropout while training (off by default, as in TRL: a random mask makes π differ from itself)"""
     student_layers: int = 10
     """layers of the teacher the default student keeps (SmolLM2-135M has 30)"""
     data: str = "builtin"
-    """token / on-policy: SFT JSONL ("messages" or "prompt"/"completion"); seqkd / rft / cai: prompts
+    """token / on-policy: SFT JSONL ("messages" or "prompt"/"completion"); seqkd / rft: prompts
     JSONL ({"prompt"}, plus "answer" for the rule reward); or "builtin" """
     num_train: int = 2000
     """built-in training samples"""
@@ -99,7 +88,7 @@ class Args:
     on_policy_frac: float = 1.0
     """GKD's λ: the share of on-policy prompts answered by a fresh student sample (else the data's answer)"""
     sample_temperature: float = 1.0
-    """temperature of the student's samples (on-policy, rft) and of cai's answers, critiques and revisions"""
+    """temperature of the student's samples (on-policy, rft)"""
     max_new_tokens: int = 64
     """generation budget per answer"""
     teacher_temperature: float = 1.0
@@ -107,23 +96,15 @@ class Args:
     distribution; 0: greedy, the teacher's mode (Kim & Rush's beam search), which fits a sharper target
     and raises the student's KL to the full teacher distribution (seen on the tiny model)"""
     num_generate: int = 256
-    """seqkd: prompts the teacher answers; rft: prompts per round the student samples for; cai: prompts
-    answered, critiqued and revised"""
+    """seqkd: prompts the teacher answers; rft: prompts per round the student samples for"""
     rft_samples: int = 4
     """rft: N answers per prompt"""
     rft_threshold: float = 1.0
     """rft: the best answer is kept only if its reward reaches this (1: the right answer)"""
     rft_rounds: int = 2
     """rft: sample-filter-train rounds; each gets max_steps / rft_rounds steps"""
-    constitution: str = "builtin"
-    """cai: the principles, a text file (one per line) or JSONL ({"name"?, "principle"}); builtin:
-    DEFAULT_CONSTITUTION below (helpful, correct, harmless, concise)"""
-    revisions: int = 1
-    """cai: critique-revision rounds per answer (the seed: typically 1-3)"""
-    critic: str = ""
-    """cai: the model that critiques and revises (e.g. a larger one); empty: the student itself"""
     reward_model: str = ""
-    """rft, cai: score answers with this rm.py output instead of the rule reward"""
+    """rft: score answers with this rm.py output instead of the rule reward"""
     format_reward: float = 0.1
     """rft rule reward: added when the answer uses the format "The answer is N" """
     # optimisation
@@ -309,142 +290,6 @@ def on_policy_samples(student, tokenizer, convs: list[list[dict]], idx: list[int
     return [common.answer_sample(by_idx[i]) if i in by_idx else common.tokenize_conversation(tokenizer, convs[i]) for i in idx]
 
 
-# ───────────── Constitutional AI: critique and revision ─────────────
-
-DEFAULT_CONSTITUTION = [
-    {"name": "helpful", "principle": "The answer addresses exactly what was asked and gives the reader what they need."},
-    {"name": "correct", "principle": "Every step of the working is right, and so is the final result."},
-    {"name": "harmless", "principle": "The answer contains nothing harmful, unsafe, rude or misleading."},
-    {"name": "concise", "principle": "The answer says what it must in as few words as it can, with no repetition."},
-]
-
-# The two requests the critic sees, after the prompt and the answer under review (a fresh conversation
-# each round, so the context stays as short as one answer):
-#   user: <prompt>   assistant: <answer>   user: CRITIQUE_REQUEST   assistant: <critique>
-#   user: REVISION_REQUEST   assistant: <revision>
-CRITIQUE_REQUEST = (
-    "Critique your last answer against this principle: {principle} "
-    "Point out specifically where the answer falls short of it, if anywhere."
-)
-REVISION_REQUEST = (
-    "Rewrite your last answer so that it follows the principle: {principle} "
-    "Use your critique, keep what was right, and reply with the rewritten answer only."
-)
-# A revision that declines to answer: the conservative collapse the seed warns of.
-REFUSAL = re.compile(r"\b(I can ?not|I can't|I won't|I'm sorry|I am sorry|I'm unable|I am unable|as an AI)\b", re.IGNORECASE)
-
-
-def read_constitution(path: str) -> list[dict]:
-    """Principles as [{"name", "principle"}]: the built-in set, a JSONL file ({"principle", "name"?}) or
-    a text file with one principle per line (its name: the line)."""
-    if path == "builtin":
-        return DEFAULT_CONSTITUTION
-    if path.endswith(".jsonl"):
-        rows = common.read_jsonl(path, {"principle": str})
-        principles = [{"name": r.get("name", r["principle"]), "principle": r["principle"]} for r in rows]
-    else:
-        with open(path) as f:
-            principles = [{"name": line.strip(), "principle": line.strip()} for line in f if line.strip()]
-    if not principles:
-        raise common.DataError(f"{path}: no principles")
-    return principles
-
-
-def critique_conversation(prompt, answer: str, principle: dict) -> list[dict]:
-    """What the critic is asked, to critique `answer` to `prompt` against `principle`."""
-    request = CRITIQUE_REQUEST.format(principle=principle["principle"])
-    return common.as_messages(prompt, answer) + [{"role": "user", "content": request}]
-
-
-def revision_conversation(prompt, answer: str, principle: dict, critique: str) -> list[dict]:
-    """What the critic is asked, after its critique, to revise `answer`."""
-    request = REVISION_REQUEST.format(principle=principle["principle"])
-    return critique_conversation(prompt, answer, principle) + [
-        {"role": "assistant", "content": critique},
-        {"role": "user", "content": request},
-    ]
-
-
-def drop_reason(revision: str, reward: float | None, original_reward: float | None) -> str | None:
-    """Why a revision is not used: "empty", "refusal", or "reward" (its reward is below the original
-    answer's; None when there is no reward to compare); None when it is kept."""
-    if not revision.strip():
-        return "empty"
-    if REFUSAL.search(revision):
-        return "refusal"
-    if reward is not None and original_reward is not None and reward < original_reward:
-        return "reward"
-    return None
-
-
-def add_round(row: dict, principle: str, critique: str, revision: str, reward: float | None) -> None:
-    """Record one critique-revision round of `row` ({"y0", "y0_reward", "final", "rounds", "dropped"}):
-    a kept revision becomes the answer the next round revises; a dropped one ends the chain."""
-    reason = drop_reason(revision, reward, row["y0_reward"])
-    row["rounds"].append({"principle": principle, "critique": critique, "revision": revision, "reward": reward,
-                          "dropped": reason})  # fmt: skip
-    if reason:
-        row["dropped"] = reason
-    else:
-        row["final"] = revision
-
-
-def revised(row: dict) -> bool:
-    """Whether the chain kept at least one revision: only those rows are trained on."""
-    return any(r["dropped"] is None for r in row["rounds"])
-
-
-def cai_stats(rows: list[dict]) -> dict:
-    """Counts for the log: prompts, rows kept for training, preference pairs, and each kind of drop."""
-    out = {"cai/prompts": len(rows), "cai/kept": sum(map(revised, rows)), "cai/pairs": len(preference_pairs(rows))}
-    out |= {f"cai/dropped_{k}": sum(r["dropped"] == k for r in rows) for k in ("empty", "refusal", "reward")}
-    out["cai/unchanged"] = sum(revised(r) and r["final"] == r["y0"] for r in rows)
-    return out
-
-
-def preference_pairs(rows: list[dict]) -> list[dict]:
-    """RL-CAI's offline pairs: the final revision chosen over the first answer (dpo.py's format)."""
-    return [{"prompt": r["prompt"], "chosen": r["final"], "rejected": r["y0"]}
-            for r in rows if revised(r) and r["final"] != r["y0"]]  # fmt: skip
-
-
-def cai_data(model, tokenizer, critic, critic_tokenizer, prompts: list[dict], principles: list[dict], args: Args,
-             reward_model, rank: int, world: int, device) -> list[dict]:  # fmt: skip
-    """For each prompt: the model's seeded answer y0, then --revisions rounds in which the critic
-    critiques the current answer against a principle (drawn by a hash of the prompt and round) and
-    revises it. Rewards (the rule, or --reward-model) are None when the prompts carry no answer.
-    Each rank works on its share; every rank returns all rows in prompt order."""
-    mine = list(range(len(prompts)))[rank::world]
-    with_reward = reward_model is not None or all("answer" in p for p in prompts)
-
-    def sample(m, tok, chats, ids, tag):
-        seeds = [common.hash_int([args.seed, tag, i]) for i in ids]
-        gens = common.generate(m, tok, chats, args.max_new_tokens, temperature=args.sample_temperature, seeds=seeds)
-        return [g["text"] for g in gens]
-
-    def rewards(ids, texts):
-        if not with_reward:
-            return [None] * len(texts)
-        return common.answer_scores([prompts[i] for i in ids], texts, reward_model, device, args.format_reward, args.max_tokens).tolist()
-
-    y0 = sample(model, tokenizer, [prompts[i]["prompt"] for i in mine], mine, "cai-y0")
-    rows = [{"i": i, "prompt": prompts[i]["prompt"], "y0": y, "y0_reward": r, "final": y, "rounds": [], "dropped": None}
-            for i, y, r in zip(mine, y0, rewards(mine, y0))]  # fmt: skip
-    for rnd in range(args.revisions):
-        live = [r for r in rows if r["dropped"] is None]
-        if not live:
-            break
-        ids = [r["i"] for r in live]
-        picked = [random.Random(common.hash_int([args.seed, "principle", rnd, i])).choice(principles) for i in ids]
-        chats = [critique_conversation(r["prompt"], r["final"], p) for r, p in zip(live, picked)]
-        critiques = sample(critic, critic_tokenizer, chats, ids, f"cai-critique{rnd}")
-        chats = [revision_conversation(r["prompt"], r["final"], p, c) for r, p, c in zip(live, picked, critiques)]
-        revisions = sample(critic, critic_tokenizer, chats, ids, f"cai-revision{rnd}")
-        for r, p, c, y, w in zip(live, picked, critiques, revisions, rewards(ids, revisions)):
-            add_round(r, p["name"], c, y, w)
-    return sorted(common.all_gather_objects(rows), key=lambda r: r["i"])
-
-
 # ───────────── evaluation ─────────────
 
 
@@ -533,8 +378,6 @@ def main(args: Args) -> str:
                                 "teacher's ({sizes}): distillation needs the same vocabulary")  # fmt: skip
         student = common.load_model(args.student, tokenizer, seed=args.seed, dropout=args.dropout).to(device)
         check_same_outputs(teacher, student)
-    elif args.mode == "cai":
-        student = copy.deepcopy(teacher).requires_grad_(True)
     else:
         student = layer_subset(teacher, args.student_layers).requires_grad_(True)
     student = common.shard_model(student, args.fsdp)
@@ -544,11 +387,11 @@ def main(args: Args) -> str:
         reward_model = (common.load_reward_model(args.reward_model).to(device), common.load_tokenizer(args.reward_model))
 
     builtin = args.data == "builtin"
-    uses_prompts = args.mode in ("seqkd", "rft", "cai")
+    uses_prompts = args.mode in ("seqkd", "rft")
     if uses_prompts:
         prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data, tokenizer)
         prompts, eval_prompts, eval_convs = held_out(args, prompts)
-        prompts = prompts[: args.num_generate] if args.mode in ("seqkd", "cai") else prompts
+        prompts = prompts[: args.num_generate] if args.mode == "seqkd" else prompts
         if args.mode == "rft" and reward_model is None and not all("answer" in p for p in prompts):
             missing = next(p for p in prompts if "answer" not in p)
             raise common.DataError(
@@ -577,39 +420,13 @@ def main(args: Args) -> str:
     scheduler = common.cosine_schedule(optimizer, args.warmup_steps, args.max_steps)
     start = common.load_checkpoint(out_dir, student, optimizer, scheduler)[0] if args.resume else 0
 
-    train, first_stats = None, {}
-    if args.mode == "cai":
-        critic, critic_tok = student, tokenizer
-        if args.critic:
-            critic_tok = common.load_tokenizer(args.critic)
-            critic = common.load_model(args.critic, critic_tok, seed=args.seed).to(device).requires_grad_(False)
-        make = functools.partial(cai_data, student, tokenizer, critic.eval(), critic_tok, prompts,
-                                 read_constitution(args.constitution), args, reward_model, rank, world, device)  # fmt: skip
-        rows = common.cached_jsonl(os.path.join(out_dir, "cai_data.jsonl"), make, rank, data_key)
-        del critic
-        student.train()
-        train = [common.tokenize_conversation(tokenizer, common.as_messages(r["prompt"], r["final"]))
-                 for r in rows if revised(r)]  # fmt: skip
-        train, overlong, _ = common.fit_length(train, args.max_tokens, "drop")
-        if rank == 0 and overlong:
-            print(f"cai: skipped {overlong} revised samples over {args.max_tokens} tokens")
-        if rank == 0:
-            with open(os.path.join(out_dir, "cai_preferences.jsonl"), "w") as f:
-                f.writelines(json.dumps(p) + "\n" for p in preference_pairs(rows))
-        first_stats = cai_stats(rows)
-        if rank == 0:
-            print("cai data: " + ", ".join(f"{k.removeprefix('cai/')} {v}" for k, v in first_stats.items()))
-            if not train:
-                print("cai: no revision was kept; the run trains on nothing")
-
+    train = None
     log = common.MetricsLog(out_dir, args.max_steps, start, rank, keys=("loss",))
     evaluate_now = functools.partial(evaluate, student, teacher, tokenizer, teacher_samples, data_samples, problems, args,
                                      rank, world, device)  # fmt: skip
     if start == 0:
-        teacher_acc = (
-            common.greedy_accuracy(teacher, tokenizer, problems, args.max_new_tokens, rank, world) if problems else None
-        )
-        log.log(0, evaluate_now() | ({"teacher/accuracy": teacher_acc} if problems else {}) | first_stats)
+        teacher_acc = common.greedy_accuracy(teacher, tokenizer, problems, args.max_new_tokens, rank, world) if problems else None
+        log.log(0, evaluate_now() | ({"teacher/accuracy": teacher_acc} if problems else {}))
     if args.mode == "seqkd":
         train = common.cached_jsonl(os.path.join(out_dir, "seqkd_data.jsonl"),
                                lambda: seqkd_data(teacher, tokenizer, prompts, args, rank, world), rank, data_key)  # fmt: skip
@@ -631,7 +448,7 @@ def main(args: Args) -> str:
             }
             if not train:
                 print(f"rft round {rnd}: no answer reached --rft-threshold {args.rft_threshold}; the round trains on nothing")
-        if args.mode in ("seqkd", "rft", "cai"):
+        if args.mode in ("seqkd", "rft"):
             idx = common.step_indices(len(train), args.batch_size, step, args.seed) if train else []
             batch_samples = [train[i] for i in idx[rank::world]]
         elif args.mode == "token":
@@ -653,7 +470,7 @@ def main(args: Args) -> str:
                 continue
             batch = common.to_device(batch, device)
             with common.autocast(device):
-                if args.mode in ("seqkd", "rft", "cai"):
+                if args.mode in ("seqkd", "rft"):
                     logp, _ = common.token_logps(student, batch)
                     total = -(logp * (batch["labels"] != common.IGNORE)).sum()
                 else:

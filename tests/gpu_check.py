@@ -167,6 +167,7 @@ def script_runs(out: str, fast: bool) -> list[tuple[str, str, list[str]]]:
         ("distill-token", "distill.py", ["--teacher", "tiny", "--student-layers", "1", "--num-train", "32", "--num-eval", "4",
                                          "--batch-size", "8", "--max-new-tokens", "8", "--num-generate", "8", "--max-steps", "3",
                                          "--save-every", "0"]),
+        ("cai", "cai.py", small + ["--num-generate", "8", "--batch-size", "4", "--max-new-tokens", "8"]),
     ]  # fmt: skip
     if fast:  # CPU: the scripts' own tests run each of them far more thoroughly; keep one of each kind
         runs = [r for r in runs if r[0] in ("sft", "dpo", "grpo")]

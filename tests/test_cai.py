@@ -1,0 +1,177 @@
+"""Constitutional AI's supervised stage (cai.py): the critique and revision requests, the constitution,
+the drop rule, and an end-to-end run whose preference pairs dpo.py then trains on.
+
+    python -m pytest tests/test_cai.py
+"""
+
+import json
+
+import pytest
+import torch
+from helpers import check_resume_matches_uninterrupted, check_two_processes_match_one, read_metrics
+
+import cai
+import common
+import sft
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny model fine-tuned on the built-in task: answers in the format, worth critiquing."""
+    out = tmp_path_factory.mktemp("model")
+    return sft.main(sft.Args(model="tiny", num_train=64, num_eval=4, max_steps=30, batch_size=8, lr=3e-3, warmup_steps=1,
+                             max_new_tokens=4, save_every=0, output_dir=str(out)))  # fmt: skip
+
+
+def tiny_args(tmp_path, model, **kw):
+    base = {"model": model, "num_train": 64, "num_eval": 8, "batch_size": 8, "max_new_tokens": 12, "num_generate": 16,
+            "lr": 3e-3, "warmup_steps": 1, "max_steps": 12, "save_every": 0, "output_dir": str(tmp_path / "run")}  # fmt: skip
+    return cai.Args(**{**base, **kw})
+
+
+# ───────────── critique, revision, the constitution and the drop rule ─────────────
+
+
+def test_critique_and_revision_prompts_render_the_documented_templates():
+    principle = {"name": "concise", "principle": "Say it in few words."}
+    critique = cai.critique_conversation("What is 2 + 3?", "The answer is 5.", principle)
+    assert critique == [
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "The answer is 5."},
+        {"role": "user", "content": "Critique your last answer against this principle: Say it in few words. "
+                                    "Point out specifically where the answer falls short of it, if anywhere."},
+    ]  # fmt: skip
+    revision = cai.revision_conversation("What is 2 + 3?", "The answer is 5.", principle, "It is fine.")
+    assert revision[:3] == critique
+    assert revision[3:] == [
+        {"role": "assistant", "content": "It is fine."},
+        {"role": "user", "content": "Rewrite your last answer so that it follows the principle: Say it in few words. "
+                                    "Use your critique, keep what was right, and reply with the rewritten answer only."},
+    ]  # fmt: skip
+    # a message-list prompt keeps its turns, and the chat template renders the whole exchange
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert cai.critique_conversation(system, "Hello", principle)[:2] == system
+
+
+def test_the_constitution_reads_from_the_builtin_set_a_text_file_and_jsonl(tmp_path):
+    names = [p["name"] for p in cai.read_constitution("builtin")]
+    assert names == ["helpful", "correct", "harmless", "concise"]
+    text = tmp_path / "c.txt"
+    text.write_text("Be kind.\n\n  Be brief.  \n")
+    assert cai.read_constitution(str(text)) == [{"name": "Be kind.", "principle": "Be kind."},
+                                                    {"name": "Be brief.", "principle": "Be brief."}]  # fmt: skip
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"name": "kind", "principle": "Be kind."}\n{"principle": "Be brief."}\n')
+    assert cai.read_constitution(str(jsonl))[0] == {"name": "kind", "principle": "Be kind."}
+    jsonl.write_text('{"principle": "Be kind."}\n{"name": "brief"}\n')
+    with pytest.raises(common.DataError, match=r"c.jsonl:2: missing field 'principle'"):
+        cai.read_constitution(str(jsonl))
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(common.DataError, match="no principles"):
+        cai.read_constitution(str(tmp_path / "empty.txt"))
+
+
+@pytest.mark.parametrize(
+    "revision, reward, original, reason",
+    [
+        ("", 1.0, 0.0, "empty"),
+        ("  \n ", 1.0, 0.0, "empty"),
+        ("I'm sorry, but I can't help with that.", 1.0, 0.0, "refusal"),
+        ("As an AI, I will not do arithmetic.", 1.0, 0.0, "refusal"),
+        ("I cannot answer this.", None, None, "refusal"),
+        ("3 + 4 = 8. The answer is 8.", 0.1, 1.1, "reward"),  # was right, now wrong
+        ("3 + 4 = 7. The answer is 7.", 1.1, 1.1, None),  # as good as the original: kept
+        ("3 + 4 = 7. The answer is 7.", 1.1, 0.1, None),  # better
+        ("Seven.", None, None, None),  # no reward to compare (prompts without an answer)
+        ("The scan cannot be read.", 0.0, 0.0, None),  # "cannot" alone is not a refusal
+    ],
+)
+def test_drop_reason_on_hand_made_revisions(revision, reward, original, reason):
+    assert cai.drop_reason(revision, reward, original) == reason
+
+
+def test_a_chain_keeps_its_last_good_revision_and_the_counts_add_up():
+    def row(y0, reward):
+        return {"prompt": "p", "y0": y0, "y0_reward": reward, "final": y0, "rounds": [], "dropped": None}
+
+    good_then_empty = row("The answer is 6.", 0.1)
+    cai.add_round(good_then_empty, "correct", "6 is wrong", "The answer is 7.", 1.1)
+    cai.add_round(good_then_empty, "concise", "ok", "", 0.0)
+    assert good_then_empty["final"] == "The answer is 7." and good_then_empty["dropped"] == "empty"
+    assert [r["dropped"] for r in good_then_empty["rounds"]] == [None, "empty"]
+    worse = row("The answer is 7.", 1.1)
+    cai.add_round(worse, "helpful", "too short", "The answer is 8.", 0.1)
+    refused = row("The answer is 7.", 1.1)
+    cai.add_round(refused, "harmless", "hm", "I'm sorry, I can't answer that.", 0.0)
+    unchanged = row("The answer is 7.", 1.1)
+    cai.add_round(unchanged, "correct", "fine", "The answer is 7.", 1.1)
+    rows = [good_then_empty, worse, refused, unchanged]
+    assert [cai.revised(r) for r in rows] == [True, False, False, True]
+    assert cai.preference_pairs(rows) == [{"prompt": "p", "chosen": "The answer is 7.", "rejected": "The answer is 6."}]
+    assert cai.cai_stats(rows) == {"cai/prompts": 4, "cai/kept": 2, "cai/pairs": 1, "cai/dropped_empty": 1,
+                                       "cai/dropped_refusal": 1, "cai/dropped_reward": 1, "cai/unchanged": 1}  # fmt: skip
+
+
+def test_cai_writes_its_chains_and_pairs_trains_on_them_and_dpo_trains_on_the_pairs(tmp_path, model):
+    import dpo
+
+    out = cai.main(tiny_args(tmp_path, model, revisions=2, max_steps=8))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "cai_data.jsonl")]
+    assert [r["i"] for r in rows] == list(range(16))
+    assert all(r["y0"] and 1 <= len(r["rounds"]) <= 2 and all("critique" in c for c in r["rounds"]) for r in rows)
+    metrics = read_metrics(out)
+    stats = {k: v for k, v in metrics[0].items() if k.startswith("cai/")}
+    assert stats == cai.cai_stats(rows) | {"cai/overlong": 0} and stats["cai/kept"] > 0
+    losses = [r["loss"] for r in metrics if "loss" in r]
+    assert losses[-1] < losses[0]  # the SFT loss on the revisions falls
+    assert metrics[0]["eval/kl_k1"] == 0.0 and metrics[0]["eval/kl_k3"] == 0.0  # the model is its start
+    assert metrics[-1]["eval/kl_k3"] > 0.0  # and then moves away from it
+    tok = common.load_tokenizer(model)
+    before, after = common.load_model(model, tok), common.load_model(out, tok)
+    assert not torch.equal(before.model.layers[0].mlp.up_proj.weight, after.model.layers[0].mlp.up_proj.weight)
+
+    pairs = common.read_preferences(str(tmp_path / "run" / "cai_preferences.jsonl"))
+    assert len(pairs) == stats["cai/pairs"] > 0
+    assert pairs[0]["rejected"] == next(r["y0"] for r in rows if cai.revised(r) and r["final"] != r["y0"])
+    dpo_out = dpo.main(dpo.Args(model=out, data=str(tmp_path / "run" / "cai_preferences.jsonl"), num_eval=4,
+                                batch_size=4, max_steps=3, lr=1e-3, save_every=0, output_dir=str(tmp_path / "dpo")))  # fmt: skip
+    assert [r["step"] for r in read_metrics(dpo_out) if "loss" in r] == [1, 2, 3]
+
+    # --critic: another model critiques and revises; the answers y0 stay the model's own
+    critic = tmp_path / "critic"
+    common.tiny_model(tok, seed=1).save_pretrained(critic)
+    tok.save_pretrained(critic)
+    cai.main(tiny_args(tmp_path, model, max_steps=1, critic=str(critic), output_dir=str(tmp_path / "critic-run")))
+    other = [json.loads(line) for line in open(tmp_path / "critic-run" / "cai_data.jsonl")]
+    assert [r["y0"] for r in other] == [r["y0"] for r in rows]
+    assert [r["rounds"][0]["critique"] for r in other] != [r["rounds"][0]["critique"] for r in rows]
+
+
+# ───────────── processes: torchrun, kill and resume ─────────────
+
+
+def cli(model):
+    return ["--model", model, "--num-train", "32", "--num-eval", "4", "--batch-size", "8", "--max-new-tokens", "8",
+            "--num-generate", "16", "--lr", "2e-3"]  # fmt: skip
+
+
+def test_two_gloo_processes_give_the_cai_weights_of_one_process(tmp_path, model):
+    args = cli(model) + ["--revisions", "2", "--max-steps", "3", "--max-tokens", "200"]
+    check_two_processes_match_one("cai.py", args, tmp_path, lr=2e-3)
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, model):
+    args = cli(model) + ["--max-steps", "6", "--save-every", "3"]
+    check_resume_matches_uninterrupted("cai.py", args, tmp_path, steps=6)
+
+
+def test_own_prompts_hold_out_the_last_num_eval_and_are_never_trained_on(tmp_path, model):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(12)))
+    out = cai.main(tiny_args(tmp_path, model, data=str(data), num_eval=4, max_steps=2))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "cai_data.jsonl")]
+    assert [r["prompt"] for r in rows] == [f"Say {i}." for i in range(8)]
+    assert all(r["y0_reward"] is None for r in rows)  # no answer, no reward model: nothing to compare
+    assert "eval/kl_k1" in read_metrics(out)[-1] and "eval/accuracy" not in read_metrics(out)[-1]
+    with pytest.raises(common.UserError, match="too few to hold out --num-eval 12"):
+        cai.main(tiny_args(tmp_path, model, data=str(data), num_eval=12, output_dir=str(tmp_path / "few")))
