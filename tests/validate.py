@@ -146,7 +146,7 @@ def validate(name: str, seed: int, threads: int) -> dict:
     result = {
         "name": tag, "what": what, "start": start, "start_command": start_info["command"],
         "command": f"python {' '.join(args)} --model <{start} start>", "seed": seed, "threads": threads,
-        "before": {k: v for k, v in before.items() if k != "right"}, "after": {k: v for k, v in after.items() if k != "right"},
+        "before": {k: v for k, v in before.items() if k != "right"}, "after": after,  # after["right"]: per problem, for paired comparisons between runs
         "gain": gain, "gain_se_paired": gain_se, "run_wall_s": wall, "eval_wall_s": after["eval_s"],
         "peak_rss_gb": rss, "metrics": metrics, "commit": git_commit(),
     }  # fmt: skip
