@@ -160,7 +160,7 @@ def validate(name: str, seed: int, threads: int) -> dict:
 
 # ───────────── the README's tables and plots ─────────────
 
-CURVES = [("reward/mean", "score", "reward"), ("eval/accuracy", None, "greedy accuracy (64 problems)"), ("kl", None, "KL to the reference: per token (GRPO), per answer (PPO, RLOO, ReMax)"),
+CURVES = [("reward/mean", "score", "reward"), ("eval/accuracy", None, "greedy accuracy (64 problems)"), ("kl", None, "KL to the reference\n(per token: GRPO; per answer: PPO, RLOO, ReMax)"),
           ("entropy", None, "entropy (nats/token)"), ("clip_frac_high", "clip_frac", "clip fraction"),
           ("zero_std_frac", None, "zero-std groups"), ("response_length", None, "response length")]  # fmt: skip
 
