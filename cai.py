@@ -342,8 +342,10 @@ def main(args: Args) -> str:
         loss_sum = common.all_reduce_sum(loss_sum)
         common.check_finite(loss_sum, "the loss", step)
         metrics = {"loss": float(loss_sum), "answer_tokens": n_tok}
-        if n_tok:  # without answer tokens no parameter has a gradient: only the schedule moves
+        if n_tok:
             metrics["grad_norm"] = float(common.optimizer_step(model, optimizer, args.max_grad_norm, step))
+        else:  # no answer token, no gradient: the step changes nothing (and the schedule follows an optimizer step)
+            optimizer.step()
         scheduler.step()
         log.log(step + 1, metrics | {"lr": scheduler.get_last_lr()[0], "time/step_s": time.time() - t0})
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:

@@ -482,8 +482,10 @@ def main(args: Args) -> str:
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"step {step}: loss is {loss_sum}; stopping before the update")
         metrics = {"loss": loss_sum, "answer_tokens": n_tok, **data_stats, "time/generation_s": gen_s}
-        if n_tok:  # without answer tokens no parameter has a gradient: only the schedule moves
+        if n_tok:
             metrics["grad_norm"] = float(common.optimizer_step(student, optimizer, args.max_grad_norm, step))
+        else:  # no answer token, no gradient: the step changes nothing (and the schedule follows an optimizer step)
+            optimizer.step()
         scheduler.step()
         metrics |= {"lr": scheduler.get_last_lr()[0], "time/step_s": time.time() - t0}
         log.log(step + 1, metrics)
