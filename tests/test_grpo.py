@@ -258,7 +258,7 @@ def test_old_logprobs_recorded_at_sampling_give_a_ratio_of_exactly_one(tmp_path,
     samples, _ = grpo.training_samples(gens, reward, args)
     grpo.old_and_ref_logps(policy, None, samples, args, torch.device("cpu"))
     policy.train()
-    for idx, batch in common.packed_batches(samples, args.max_tokens):
+    for idx, batch in common.packed_batches(samples, args.max_tokens, args.share_prompt):  # the update's rows
         logp, _ = common.answer_logps(policy, batch, args.max_new_tokens, args.temperature, entropy=True)  # the training forward
         old = torch.stack([samples[i]["old"] for i in idx])
         assert torch.equal(logp.detach(), old)  # ρ = exp(0) = 1 exactly on the first inner step
