@@ -53,6 +53,7 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "remax": ("sft5", ["rloo_remax.py", "--estimator", "remax"], "ReMax"),
     "ppo": ("sft5", ["ppo.py"], "PPO with the rule reward"),
     "grpo-nokl": ("sft5", ["grpo.py", "--beta", "0"], "ablation: GRPO without the k3 term"),
+    "rloo-lr2e-5": ("sft5", ["rloo_remax.py", "--lr", "2e-5"], "RLOO at twice the learning rate (no std scaling: a smaller step)"),
     # grpo.py's newer loss options, each next to the default on the same start and budget
     "gspo": ("sft5", ["grpo.py", "--importance-level", "sequence"], "GSPO: sequence-level ratio and clip"),
     "cispo": ("sft5", ["grpo.py", "--policy-loss", "cispo"], "CISPO: clipped stop-gradient IS weight"),
