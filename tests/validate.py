@@ -48,12 +48,16 @@ STARTS = {
 
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py"], "GRPO with the DAPO-style defaults"),
-    "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant"], "Dr. GRPO"),
-    "rloo": ("sft5", ["rloo_remax.py"], "RLOO"),
-    "remax": ("sft5", ["rloo_remax.py", "--estimator", "remax"], "ReMax"),
+    "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30"], "Dr. GRPO, 30 steps"),
+    "rloo": ("sft5", ["rloo_remax.py"], "RLOO (30 steps)"),
+    "remax": ("sft5", ["rloo_remax.py", "--estimator", "remax"], "ReMax (30 steps)"),
     "ppo": ("sft5", ["ppo.py"], "PPO with the rule reward"),
     "grpo-nokl": ("sft5", ["grpo.py", "--beta", "0"], "ablation: GRPO without the k3 term"),
-    "rloo-lr2e-5": ("sft5", ["rloo_remax.py", "--lr", "2e-5"], "RLOO at twice the learning rate (no std scaling: a smaller step)"),
+    # earlier attempts at RLOO, ReMax and Dr. GRPO (20 steps, as GRPO): kept, they show what fell short
+    "drgrpo-20steps": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "20"], "Dr. GRPO, 20 steps"),
+    "rloo-20steps": ("sft5", ["rloo_remax.py", "--max-steps", "20"], "RLOO, 20 steps"),
+    "remax-20steps": ("sft5", ["rloo_remax.py", "--estimator", "remax", "--max-steps", "20"], "ReMax, 20 steps"),
+    "rloo-lr2e-5": ("sft5", ["rloo_remax.py", "--lr", "2e-5", "--max-steps", "20"], "RLOO at twice the learning rate, 20 steps"),
     # grpo.py's newer loss options, each next to the default on the same start and budget
     "gspo": ("sft5", ["grpo.py", "--importance-level", "sequence"], "GSPO: sequence-level ratio and clip"),
     "cispo": ("sft5", ["grpo.py", "--policy-loss", "cispo"], "CISPO: clipped stop-gradient IS weight"),
