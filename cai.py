@@ -19,6 +19,7 @@ problems and the KL from the starting model, per token on its own held-out answe
     torchrun --nproc_per_node 2 cai.py --model runs/sft-default
 """
 
+import copy
 import functools
 import json
 import os
@@ -278,8 +279,8 @@ def main(args: Args) -> str:
     out_dir = common.start_run(args, "cai", rank)
 
     tokenizer = common.load_tokenizer(args.model)
-    start = common.load_model(args.model, tokenizer, seed=args.seed).to(device).requires_grad_(False).eval()
     model = common.load_model(args.model, tokenizer, seed=args.seed, dropout=args.dropout).to(device).train()
+    start = copy.deepcopy(model).requires_grad_(False).eval()  # the model before training, for the KL from it
     critic, critic_tok = model, tokenizer
     if args.critic:
         critic_tok = common.load_tokenizer(args.critic)

@@ -17,6 +17,8 @@ Reading guide, what each script takes from the maths:
     ppo.py            + answer_logps, kl_k1, masked_whiten, forward_hidden (the critic), generate, answer_scores
     rm.py             + forward_hidden, last_token_hidden (a scalar head on the last token)
     distill.py        + output_logits and hidden_logps (both models' logits, chunk by chunk)
+    cai.py            + generate (critiques and revisions), answer_scores (its drop rule), kl_k1 and kl_k3 (the KL
+                        from the start)
     merge.py          none: it streams safetensors; load_model and greedy_accuracy for its sweep
 
 Sections, the maths first: log-probs; KL estimators and masked statistics; packing; attention for packed
@@ -386,13 +388,14 @@ def packed_batches(samples: list[dict], max_tokens: int, share: bool = False) ->
         first = next((t for t, label in enumerate(s["labels"]) if label != IGNORE), len(s["labels"]))
         by_prompt.setdefault(tuple(s["input_ids"][:first]), []).append(i)
     groups = []
-    for members in by_prompt.values():  # split a group greedily where its shared length would pass max_tokens
-        part = []
+    for prompt, members in by_prompt.items():  # split a group greedily where its shared length would pass max_tokens
+        part, total, shortest = [], 0, 0
         for i in members:
-            if part and shared_length([samples[j] for j in part + [i]]) > max_tokens:
+            n = len(samples[i]["input_ids"])
+            if part and total + n - len(part) * min(len(prompt), min(shortest, n) - 1) > max_tokens:  # shared_length, O(1)
                 groups.append(part)
-                part = []
-            part.append(i)
+                part, total, shortest = [], 0, n
+            part, total, shortest = part + [i], total + n, min(shortest, n) if part else n
         groups.append(part)
     rows = group_batches([[samples[i] for i in g] for g in groups], max_tokens)
     return [([i for k in b for i in groups[k]], batch) for b, batch in rows]

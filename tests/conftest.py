@@ -1,4 +1,5 @@
-"""Shared fixtures: tokenizers built in code (ChatML and Llama-3 style) and the tiny random Llama."""
+"""Shared fixtures: tokenizers built in code (ChatML and Llama-3 style), the tiny random Llama, and a
+tiny model fine-tuned on the built-in task."""
 
 import os
 import sys
@@ -68,3 +69,14 @@ def tiny(chatml):
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tuned_tiny(tmp_path_factory):
+    """A tiny model fine-tuned on the built-in task (its directory): answers in the format and peaked
+    distributions, worth critiquing (test_cai) or distilling (test_distill). Tests only read it."""
+    import sft
+
+    out = tmp_path_factory.mktemp("tuned_tiny")
+    return sft.main(sft.Args(model="tiny", num_train=64, num_eval=4, max_steps=30, batch_size=8, lr=3e-3, warmup_steps=1,
+                             max_new_tokens=4, save_every=0, output_dir=str(out)))  # fmt: skip

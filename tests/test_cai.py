@@ -12,15 +12,12 @@ from helpers import check_resume_matches_uninterrupted, check_two_processes_matc
 
 import cai
 import common
-import sft
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """A tiny model fine-tuned on the built-in task: answers in the format, worth critiquing."""
-    out = tmp_path_factory.mktemp("model")
-    return sft.main(sft.Args(model="tiny", num_train=64, num_eval=4, max_steps=30, batch_size=8, lr=3e-3, warmup_steps=1,
-                             max_new_tokens=4, save_every=0, output_dir=str(out)))  # fmt: skip
+@pytest.fixture
+def model(tuned_tiny):
+    """The tiny model fine-tuned on the built-in task (conftest): answers in the format, worth critiquing."""
+    return tuned_tiny
 
 
 def tiny_args(tmp_path, model, **kw):

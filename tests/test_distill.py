@@ -17,7 +17,6 @@ from helpers import check_resume_matches_uninterrupted, check_two_processes_matc
 
 import common
 import distill
-import sft
 
 # ───────────── divergences against exact sums ─────────────
 
@@ -146,12 +145,10 @@ def test_on_policy_frac_mixes_fresh_samples_with_the_data_answers_the_same_on_an
 # ───────────── each mode on the tiny model ─────────────
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """A tiny model fine-tuned on the built-in task: peaked distributions worth distilling."""
-    out = tmp_path_factory.mktemp("teacher")
-    return sft.main(sft.Args(model="tiny", num_train=64, num_eval=4, max_steps=30, batch_size=8, lr=3e-3, warmup_steps=1,
-                             max_new_tokens=4, save_every=0, output_dir=str(out)))  # fmt: skip
+@pytest.fixture
+def teacher(tuned_tiny):
+    """The tiny model fine-tuned on the built-in task (conftest): peaked distributions worth distilling."""
+    return tuned_tiny
 
 
 def tiny_args(tmp_path, teacher, **kw):

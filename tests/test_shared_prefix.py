@@ -5,6 +5,8 @@ Every answer must get exactly the log-probs, entropies and gradients it gets in 
     python -m pytest tests/test_shared_prefix.py
 """
 
+import random
+
 import pytest
 import torch
 
@@ -131,6 +133,37 @@ def test_packed_batches_share_groups_by_prompt_and_split_a_group_too_long_for_a_
             got[idx] = common.answer_logps(model, batch, 8)[0]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
+
+def test_packed_batches_splits_a_group_where_its_shared_length_first_passes_max_tokens():
+    """packed_batches keeps a running shared length (O(1) per sample); brute force: the greedy split that
+    calls shared_length on each candidate part, over random groups that include answers with no token of
+    their own (they shorten the shared prompt by one for the whole part)."""
+    rng = random.Random(0)
+    for _ in range(500):
+        max_tokens, samples = rng.randint(8, 30), []
+        for pid in range(rng.randint(1, 3)):
+            p = rng.randint(1, 6)
+            for _ in range(rng.randint(1, 7)):
+                a = min(max_tokens - p, rng.choice([0, 0, 1, 2, 5, max_tokens]))
+                samples.append({"input_ids": [100 + pid] + list(range(1, p)) + [7] * a, "labels": [IGNORE] * p + [7] * a})
+        rng.shuffle(samples)
+        parts = {}
+        for i, s in enumerate(samples):  # by prompt, in order; a new part where the shared length would pass max_tokens
+            prompt = tuple(s["input_ids"][: s["labels"].index(7)] if 7 in s["labels"] else s["input_ids"])
+            chain = parts.setdefault(prompt, [[]])
+            if chain[-1] and common.shared_length([samples[j] for j in chain[-1] + [i]]) > max_tokens:
+                chain.append([])
+            chain[-1].append(i)
+        want = [part for chain in parts.values() for part in chain]
+        rows = common.packed_batches(samples, max_tokens, share=True)
+        got = [idx for idx, _ in rows]
+        assert all(b["input_ids"].shape[1] <= max_tokens for _, b in rows)
+        assert sorted(i for idx in got for i in idx) == list(range(len(samples)))
+        assert sum(len(b["cu_seqlens"]) - 1 for _, b in rows) == len(want)  # as many groups as the brute force
+        for part in want:  # each brute-force part is whole and in order inside one row
+            row = next(idx for idx in got if part[0] in idx)
+            k = row.index(part[0])
+            assert row[k : k + len(part)] == part
 
 # ───────────── the scripts: --share-prompt changes nothing but the tokens forwarded ─────────────
 
