@@ -6,7 +6,7 @@ cores).
     python tests/validate.py grpo              # the RL start (cached), the run, the evaluation, a JSON
     python tests/validate.py grpo --seed 1     # the same with another seed (a separate JSON)
     python tests/validate.py all               # every configuration not yet in docs/validate/
-    python tests/validate.py tables            # rewrite the README's tables and plots from docs/validate/*.json
+    python tests/validate.py tables            # rewrite the README's table and plots from docs/validate/*.json
 
 A configuration is a start (an sft.py run, cached under runs/validate/ and keyed by its own arguments,
 so configurations that share it train it once) and one script run on top of it with the script's
@@ -46,6 +46,7 @@ STARTS = {
     "sft5": ["sft.py", "--max-steps", "5", "--warmup-steps", "1"],
 }
 
+HEADLINE = ("grpo", "drgrpo", "rloo", "remax", "ppo")  # the validated configurations (the rest: attempts and ablations)
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py"], "GRPO with the DAPO-style defaults"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30"], "Dr. GRPO, 30 steps"),
@@ -171,9 +172,12 @@ CURVES = [("reward/mean", "score", "reward"), ("eval/accuracy", None, "greedy ac
 
 
 def load_results() -> list[dict]:
+    """Every result JSON, in the order of CONFIGS (a configuration's other seeds right after it)."""
     if not os.path.isdir(RESULTS):
         return []
-    return [json.load(open(os.path.join(RESULTS, f))) for f in sorted(os.listdir(RESULTS)) if f.endswith(".json")]
+    results = [json.load(open(os.path.join(RESULTS, f))) for f in os.listdir(RESULTS) if f.endswith(".json")]
+    order = {name: i for i, name in enumerate(CONFIGS)}
+    return sorted(results, key=lambda r: (order.get(r["name"].split("-seed")[0], len(order)), r["name"]))
 
 
 def table(results: list[dict]) -> str:
@@ -215,7 +219,10 @@ def plot(results: list[dict], path: str) -> None:
 def tables() -> None:
     """Rewrite the README's block between <!-- validate:rl --> and <!-- /validate:rl --> from the JSON."""
     results = load_results()
-    plot(results, os.path.join(ROOT, "docs", "validate_rl.png"))
+    headline = [r for r in results if r["name"].split("-seed")[0] in HEADLINE]
+    plot(headline, os.path.join(ROOT, "docs", "validate_rl.png"))
+    plot([r for r in results if r not in headline or r["name"] in ("rloo", "remax", "drgrpo")],
+         os.path.join(ROOT, "docs", "validate_rl_attempts.png"))  # fmt: skip
     readme = os.path.join(ROOT, "README.md")
     text = open(readme).read()
     begin, end = "<!-- validate:rl -->", "<!-- /validate:rl -->"
