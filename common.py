@@ -766,6 +766,8 @@ def _convert_embedded(out: str) -> None:
     os.makedirs(tmp)
     # not model.save_pretrained: under torchrun it silently writes nothing on ranks other than 0
     save_safetensors_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    # save_pretrained would record the class; tools that rebuild the model from config.json (TRL's reference model) need it
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     tok.save_pretrained(tmp)

@@ -3,7 +3,7 @@
     pip install -e ".[bench]"
     python tests/bench.py logps            # peak memory of per-token log-probs, T=4096, V=49152
     python tests/bench.py sft              # sft.py vs TRL SFTTrainer: tokens/s, peak RSS, FLOP/s
-    python tests/bench.py dpo              # dpo.py vs TRL DPOTrainer: step time, peak RSS
+    python tests/bench.py dpo [precompute|live]  # dpo.py vs TRL DPOTrainer: step time, peak RSS
     python tests/bench.py grpo [mask|keep]  # grpo.py vs TRL GRPOTrainer (vLLM off): generation / training time, peak RSS
     python tests/bench.py shared           # one copy of the prompt per pair / group: tokens forwarded, forward + backward time
     python tests/bench.py plot OUT.png RUN_DIR[:label] ... --keys=loss,eval/accuracy
@@ -221,9 +221,9 @@ def worker_trl_dpo(precompute: str) -> dict:
     return {"step_s": statistics.median(timer.times[1:]), "wall_s": time.time() - t0, "peak_rss_MB": peak_rss_mb()}
 
 
-def bench_dpo():
+def bench_dpo(*modes):
     rows = []
-    for precompute in ("precompute", "live"):
+    for precompute in modes or ("precompute", "live"):
         for side in ("cleanpost", "trl"):
             r = in_subprocess(("ours" if side == "cleanpost" else "trl") + "_dpo", precompute)
             rows.append({"run": f"{side} {precompute} ref", **r})

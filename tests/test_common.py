@@ -460,6 +460,9 @@ def test_embedded_default_converts_once_then_loads_from_the_cache(tmp_path, monk
     path = common.embedded_model_dir()
     assert "converting the embedded" in capsys.readouterr().out
     assert path.startswith(str(tmp_path)) and os.path.exists(os.path.join(path, "model.safetensors"))
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(path).architectures == ["LlamaForCausalLM"]  # as save_pretrained writes it
     t0 = time.time()
     tok = common.load_tokenizer(common.DEFAULT_MODEL)
     model = common.load_model(common.DEFAULT_MODEL, tok)
