@@ -394,8 +394,10 @@ def packed_batches(samples: list[dict], max_tokens: int, share: bool = False) ->
             n = len(samples[i]["input_ids"])
             if part and total + n - len(part) * min(len(prompt), min(shortest, n) - 1) > max_tokens:  # shared_length, O(1)
                 groups.append(part)
-                part, total, shortest = [], 0, n
-            part, total, shortest = part + [i], total + n, min(shortest, n) if part else n
+                part, total = [], 0
+            shortest = min(shortest, n) if part else n
+            part.append(i)
+            total += n
         groups.append(part)
     rows = group_batches([[samples[i] for i in g] for g in groups], max_tokens)
     return [([i for k in b for i in groups[k]], batch) for b, batch in rows]
