@@ -1127,10 +1127,17 @@ def progress(items, what: str, total: int | None = None):
 
 def greedy_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int = 64, rank: int = 0, world: int = 1) -> float:
     """Fraction of problems whose greedy completion earns rule_reward 1; each rank answers its share."""
+    return greedy_scores(model, tokenizer, problems, max_new_tokens, rank, world)[0]
+
+
+def greedy_scores(model, tokenizer, problems: list[dict], max_new_tokens: int = 64, rank: int = 0, world: int = 1):
+    """(accuracy, format rate): the fractions of problems whose greedy completion earns rule_reward 1 and
+    format_reward 1 (an answer in the task's format, right or wrong); each rank answers its share."""
     mine = problems[rank::world]
     gens = generate(model, tokenizer, [p["prompt"] for p in mine], max_new_tokens, what="held-out greedy accuracy")
-    hits = torch.tensor(sum(rule_reward(g["text"], p["answer"]) for g, p in zip(gens, mine)), dtype=torch.float64)
-    return float(all_reduce_sum(hits)) / max(len(problems), 1)
+    hits = [[rule_reward(g["text"], p["answer"]), format_reward(g["text"])] for g, p in zip(gens, mine)]
+    total = all_reduce_sum(torch.tensor(hits, dtype=torch.float64).reshape(-1, 2).sum(0)) / max(len(problems), 1)
+    return float(total[0]), float(total[1])
 
 
 # ───────────────────────────── distributed ─────────────────────────────
@@ -1206,6 +1213,14 @@ def all_gather_objects(items: list) -> list:
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, items)
     return [x for part in parts for x in part]
+
+
+def gather_shares(mine: list, n: int, world: int) -> list:
+    """The n results of work split as items[rank::world], gathered back into the items' order."""
+    out = [None] * n
+    for i, x in zip([i for q in range(world) for i in range(q, n, world)], all_gather_objects(mine)):
+        out[i] = x
+    return out
 
 
 def sync_grads(model) -> None:

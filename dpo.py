@@ -20,6 +20,7 @@ import copy
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +49,14 @@ class Args:
     """built-in training pairs (offline) or prompts (online); 240 = one epoch of the default run"""
     num_eval: int = 64
     """built-in held-out pairs and problems"""
+    rejected: Literal["auto", "data", "model"] = "auto"
+    """rejected answers from the data, or the starting model's own greedy answers (SPIN, arXiv:2401.01335: "the
+    data's answer, not the one you write now"); auto: model for the built-in task (its fixed pairs differ in one
+    number and teach the base model no format), data for a JSONL"""
     max_tokens: int = 2048
     """tokens per packed micro-batch (chosen and rejected of a pair always share one)"""
     share_prompt: bool = True
-    """one copy of a pair's prompt in the packed row, both answers attending to it (common.collate_shared):
-    the same log-probs as two documents, fewer tokens forwarded"""
+    """a pair's prompt once in the packed row, both answers attending to it (common.collate_shared): exact, fewer tokens"""
     # algorithm
     beta: float = 0.1
     """β: strength of the pull towards the reference (the implicit KL coefficient)"""
@@ -158,6 +162,26 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_tokens: int) -> tuple[list[d
     return pairs, skipped
 
 
+@torch.no_grad()
+def own_answers(rows: list[dict], model, tokenizer, tag: str, args, out_dir, rank, world) -> tuple[list[dict], dict]:
+    """SPIN's pairs (arXiv:2401.01335, eq. 4.7: y from the data, y' from the current model): each rejected answer
+    becomes the model's greedy answer, generated once (each rank its share) and cached in out_dir under the
+    model's weights and the prompts. Rows whose own answer is right by the rule are dropped (and counted);
+    answers cut off by --max-new-tokens are kept and counted (the template closes them, so the pair also
+    lowers the end of turn after the cut: a model that stops mid-sentence is one SPIN should move from)."""
+
+    def make():
+        gens = common.generate(model, tokenizer, [r["prompt"] for r in rows[rank::world]], args.max_new_tokens,
+                               what=f"the model's own answers ({tag})")  # fmt: skip
+        return common.gather_shares([{"text": g["text"], "ended": g["ended"]} for g in gens], len(rows), world)
+
+    key = common.cache_key(common.weights_fingerprint(model), [r["prompt"] for r in rows], args.max_new_tokens)
+    own = common.cached_jsonl(os.path.join(out_dir, f"own_answers-{tag}.jsonl"), make, rank, key)
+    right = [r.get("answer") is not None and common.rule_reward(g["text"], r["answer"]) for r, g in zip(rows, own)]
+    out = [{**r, "rejected": g["text"]} for r, g, ok in zip(rows, own, right) if not ok]
+    return out, {"own_right": sum(right), "own_cut_off": sum(not g["ended"] for g, ok in zip(own, right) if not ok)}
+
+
 def pair_batches(pairs: list[dict], max_tokens: int, share: bool = True) -> list[tuple[list[int], dict]]:
     """Pack pairs into micro-batches: each is (pair indices, packed row chosen_0, rejected_0, chosen_1, ...),
     with each pair's prompt once (share) or in both documents."""
@@ -211,7 +235,7 @@ def cached_reference_logps(model, pairs, tag: str, args, out_dir, rank, world, d
 @torch.no_grad()
 def evaluate(model, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device) -> dict:
     """Held-out preference accuracy (implicit reward of chosen > rejected; the fraction of exact ties, as
-    every pair is before the first step, beside it) and greedy task accuracy."""
+    every pair is before the first step, beside it), greedy task accuracy and answer-format rate."""
     model.eval()
     out = {}
     if eval_pairs:
@@ -222,7 +246,7 @@ def evaluate(model, tokenizer, eval_pairs, eval_ref, problems, args, rank, world
         out["eval/rewards/margins"] = float((r_w - r_l).mean())
         out["eval/logps/chosen_drift"] = float((pi[:, 0] - eval_ref[:, 0]).mean())
     if problems:
-        out["eval/accuracy"] = common.greedy_accuracy(model, tokenizer, problems, args.max_new_tokens, rank, world)
+        out["eval/accuracy"], out["eval/format"] = common.greedy_scores(model, tokenizer, problems, args.max_new_tokens, rank, world)
     model.train()
     return out
 
@@ -257,8 +281,7 @@ def score_answers(texts: list[str], row: dict, args, scorer, device) -> list[flo
         return [common.rule_reward(t, row["answer"]) for t in texts]
     scorer, tokenizer = scorer
     if args.judge:
-        n = len(texts)
-        wins = [0.0] * n
+        n, wins = len(texts), [0.0] * len(texts)
         for i in range(n):
             for j in range(i + 1, n):
                 p = judge_preference(scorer, tokenizer, args.principle, row["prompt"], texts[i], texts[j], device)
@@ -335,20 +358,24 @@ def main(args: Args) -> str:
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    # data: fixed pairs (offline) or prompts to sample from (online)
+    # data: fixed pairs (offline; rejected answers from the data or the model itself) or prompts to sample from (online)
     builtin = args.data == "builtin"
+    own = not args.online and (args.rejected == "model" or (args.rejected == "auto" and builtin))
     if args.online:
         prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data, tokenizer)
         pairs, ref_logps = [], None
     else:
         rows = common.builtin_preferences("train", args.num_train, args.seed) if builtin else common.read_preferences(args.data)
+        rows, own_skipped = own_answers(rows, policy, tokenizer, "train", args, out_dir, rank, world) if own else (rows, {})
         pairs, skipped = tokenize_pairs(rows, tokenizer, args.max_tokens)
+        skipped |= own_skipped
         if rank == 0:
             print(f"{len(pairs)} training pairs; skipped: {skipped}")
         if not pairs:
             raise common.UserError(f"{args.data}: no usable preference pairs ({skipped})")
     eval_rows = common.builtin_preferences("test", args.num_eval, args.seed) if builtin else (
         common.read_preferences(args.eval_data) if args.eval_data else [])  # fmt: skip
+    eval_rows = own_answers(eval_rows, policy, tokenizer, "eval", args, out_dir, rank, world)[0] if own and eval_rows else eval_rows
     eval_pairs = tokenize_pairs(eval_rows, tokenizer, args.max_tokens)[0]
     problems = common.builtin_task("test", args.num_eval, args.seed) if builtin else []
     eval_ref = cached_reference_logps(ref, eval_pairs, "eval", args, out_dir, rank, world, device) if eval_pairs else None
@@ -379,15 +406,13 @@ def main(args: Args) -> str:
         # 1. this rank's pairs of the step; chosen and rejected of a pair share one packed row
         idx = common.step_indices(len(pairs), args.batch_size, step, args.seed)[rank::world]
         num_pairs = common.all_reduce_sum(torch.tensor(float(len(idx))))
-        stats = common.Sums("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
-                             "logps/rejected", "logps/chosen_drift", "logps/rejected_drift")  # summed over pairs  # fmt: skip
-        tokens = 0
+        stats, tokens = common.Sums("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
+                                    "logps/rejected", "logps/chosen_drift", "logps/rejected_drift"), 0  # summed over pairs  # fmt: skip
         for item in common.even_out(pair_batches([pairs[i] for i in idx], args.max_tokens, args.share_prompt), policy):
             if item is None:  # --fsdp: this rank is out of micro-batches
                 common.stand_in(policy, device, backward=True)
                 continue
-            local, batch = item
-            batch = common.to_device(batch, device)
+            local, batch = item[0], common.to_device(item[1], device)
             with common.autocast(device):
                 pi_w, pi_l = pair_logps(policy, batch)  # (n,), (n,)
                 if args.precompute_ref:
@@ -410,8 +435,7 @@ def main(args: Args) -> str:
 
         metrics = {k: v / float(num_pairs) for k, v in stats.total().items()}  # means over the step's pairs
         metrics |= {"rewards/margins": metrics["rewards/chosen"] - metrics["rewards/rejected"], "grad_norm": float(grad_norm),
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": float(common.all_reduce_sum(torch.tensor(float(tokens)))) / (time.time() - t0)}  # fmt: skip
+                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": float(common.all_reduce_sum(torch.tensor(float(tokens)))) / (time.time() - t0)}  # fmt: skip
         log.log(step + 1, metrics)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             log.log(step + 1, evaluate(policy, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device))

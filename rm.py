@@ -483,9 +483,7 @@ def mc_labelled(rows: list[dict], args: Args, rank: int, world: int, device, out
     if common.cached(path, key, "Monte Carlo step labels", rank):
         return common.read_prm(path)
     mine = mc_step_labels(policy, tokenizer, rows[rank::world], args.mc_samples, args.max_new_tokens, args.temperature)
-    labelled = [None] * len(rows)
-    for r, i in zip(common.all_gather_objects(mine), [i for q in range(world) for i in range(q, len(rows), world)]):
-        labelled[i] = r
+    labelled = common.gather_shares(mine, len(rows), world)
     exact = [x > 0.5 for r in rows for x in r["labels"]]
     mc = [x > 0.5 for r in labelled for x in r["labels"]]
     if rank == 0:

@@ -193,7 +193,7 @@ def worker_ours_dpo(precompute: str) -> dict:
         t0 = time.time()
         args = dpo.Args(num_train=DPO_BATCH * DPO_STEPS, num_eval=0, batch_size=DPO_BATCH, max_steps=DPO_STEPS, lr=LR,
                         warmup_steps=0, max_grad_norm=1.0, precompute_ref=precompute == "precompute", save_every=0,
-                        output_dir=out)  # fmt: skip
+                        rejected="data", output_dir=out)  # fmt: skip  (the pairs TRL trains on)
         dpo.main(args)
         wall = time.time() - t0
         times = [json.loads(l)["time"] for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]

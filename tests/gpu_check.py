@@ -159,7 +159,7 @@ def script_runs(out: str, fast: bool) -> list[tuple[str, str, list[str]]]:
     runs = [
         ("sft", "sft.py", small + ["--num-train", "32", "--batch-size", "8", "--max-new-tokens", "4"]),
         ("rm", "rm.py", small + ["--num-train", "32", "--batch-size", "8"]),
-        ("dpo", "dpo.py", small + ["--num-train", "32", "--batch-size", "8", "--max-new-tokens", "4"]),
+        ("dpo", "dpo.py", small + ["--num-train", "32", "--batch-size", "8", "--max-new-tokens", "4", "--rejected", "data"]),
         ("variants-kto", "variants.py", small + ["--loss", "kto", "--num-train", "32", "--batch-size", "8", "--max-new-tokens", "4"]),
         ("grpo", "grpo.py", rl + ["--group-size", "4"]),
         ("rloo", "rloo_remax.py", rl + ["--group-size", "4", "--estimator", "rloo"]),

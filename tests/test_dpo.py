@@ -162,7 +162,7 @@ def test_plain_dpo_displaces_the_chosen_likelihood_and_dpop_holds_it_up(tmp_path
                               max_new_tokens=2, save_every=0, output_dir=str(tmp_path / "sft")))  # fmt: skip
     runs = {}
     for name, lam in (("dpo", 0.0), ("dpop", 50.0)):
-        args = dpo.Args(model=start, num_train=32, num_eval=8, max_steps=15, batch_size=8, lr=1e-3, beta=0.1,
+        args = dpo.Args(model=start, num_train=32, num_eval=8, max_steps=15, batch_size=8, lr=1e-3, beta=0.1, rejected="data",
                         dpop_lambda=lam, max_new_tokens=2, save_every=0, output_dir=str(tmp_path / name))  # fmt: skip
         runs[name] = [r for r in metrics(dpo.main(args)) if "loss" in r]
     drift = {k: sum(r["logps/chosen_drift"] for r in v[-5:]) / 5 for k, v in runs.items()}
@@ -202,6 +202,39 @@ def test_online_dpo_with_the_rule_reward_judge_and_reward_model_pairs_and_trains
             assert all(r["online/score"] == pytest.approx(0.25) for r in rounds)
 
 
+def test_own_answers_replace_the_rejected_drop_the_right_ones_and_are_cached(tmp_path, monkeypatch, tiny, chatml):
+    """SPIN's pairs: canned answers k = i % 4 off the right one, k = 3 cut off. k = 0 is right: dropped."""
+    monkeypatch.setattr(common, "generate", canned_generate)
+    rows, args = common.builtin_preferences("train", 8), dpo.Args(max_new_tokens=6)
+    out, stats = dpo.own_answers(rows, tiny, chatml, "train", args, str(tmp_path), 0, 1)
+    assert stats == {"own_right": 2, "own_cut_off": 2}
+    canned = canned_generate(None, chatml, [r["prompt"] for r in rows], 6)
+    assert [r["rejected"] for r in out] == [canned[i]["text"] for i in range(8) if i % 4]
+    assert [r["chosen"] for r in out] == [rows[i]["chosen"] for i in range(8) if i % 4]
+
+    def fail(*a, **k):
+        raise AssertionError("the cached answers should have been reused")
+
+    monkeypatch.setattr(common, "generate", fail)  # same weights, same prompts: read back, not generated
+    assert dpo.own_answers(rows, tiny, chatml, "train", args, str(tmp_path), 0, 1) == (out, stats)
+    with torch.no_grad():
+        tiny.lm_head.weight.add_(1e-3)  # other weights: generated again
+    with pytest.raises(AssertionError, match="reused"):
+        dpo.own_answers(rows, tiny, chatml, "train", args, str(tmp_path), 0, 1)
+
+
+def test_the_builtin_default_trains_against_the_models_own_answers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "generate", canned_generate)  # the tiny model writes only line breaks (empty answers)
+    out = dpo.main(dpo.Args(model="tiny", num_train=8, num_eval=4, max_steps=2, batch_size=4, max_new_tokens=6, save_every=0,
+                            output_dir=str(tmp_path / "run")))  # fmt: skip
+    own = [json.loads(line) for line in open(os.path.join(out, "own_answers-train.jsonl"))]
+    prompts = [p["prompt"] for p in common.builtin_prompts("train", 8)]
+    assert [o["text"] for o in own] == [g["text"] for g in canned_generate(None, common.tiny_tokenizer(), prompts, 6)]
+    assert "6 training pairs" in capsys.readouterr().out  # the two right own answers are not rejected
+    rows = metrics(out)
+    assert "eval/format" in rows[0] and [r for r in rows if "loss" in r][-1]["rewards/margins"] != 0
+
+
 def stated_answer(text: str) -> int:
     return int(text.rsplit("The answer is ", 1)[1].split(".")[0])
 
@@ -235,9 +268,12 @@ CLI = ["--model", "tiny", "--num-train", "48", "--num-eval", "4", "--batch-size"
        "--max-new-tokens", "2", "--warmup-steps", "1"]  # fmt: skip
 
 
-def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path):
-    check_two_processes_match_one("dpo.py", CLI + ["--max-steps", "3", "--max-tokens", "800"], tmp_path, lr=2e-3)
+def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path, tuned_tiny):
+    # the rejected answers are the model's own (each rank generates its share): a model that writes some
+    cli = CLI[2:] + ["--model", tuned_tiny, "--max-new-tokens", "8"]
+    check_two_processes_match_one("dpo.py", cli + ["--max-steps", "3", "--max-tokens", "800"], tmp_path, lr=2e-3)
 
 
-def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path):
-    check_resume_matches_uninterrupted("dpo.py", CLI + ["--max-steps", "12", "--save-every", "3"], tmp_path, steps=12)
+def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path, tuned_tiny):
+    cli = CLI[2:] + ["--model", tuned_tiny, "--max-new-tokens", "8"]
+    check_resume_matches_uninterrupted("dpo.py", cli + ["--max-steps", "12", "--save-every", "3"], tmp_path, steps=12)

@@ -19,9 +19,10 @@ TINY = ["--model", "tiny", "--num-train", "16", "--num-eval", "4", "--batch-size
 
 
 @pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dpo") / "run"
-    r = run_script("dpo.py", TINY + ["--max-steps", "4", "--save-every", "2", "--output-dir", str(out)])
+def dpo_run(tmp_path_factory, tuned_tiny):
+    out = tmp_path_factory.mktemp("dpo") / "run"  # the default data: the model's own answers rejected, so a model that writes some
+    cli = ["--model", tuned_tiny] + TINY[2:-2] + ["--max-new-tokens", "8", "--max-steps", "4", "--save-every", "2"]
+    r = run_script("dpo.py", cli + ["--output-dir", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 

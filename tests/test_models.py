@@ -201,7 +201,7 @@ def test_one_step_of_sft_dpo_and_grpo_trains_every_family(family, saved_families
     small = dict(model=path, num_train=8, num_eval=2, max_new_tokens=3, save_every=0)
     out = sft.main(sft.Args(**small, max_steps=1, batch_size=4, output_dir=str(tmp_path / "sft")))
     assert math.isfinite([r for r in first_metrics(out) if "loss" in r][0]["loss"])
-    out = dpo.main(dpo.Args(**small, max_steps=1, batch_size=4, output_dir=str(tmp_path / "dpo")))
+    out = dpo.main(dpo.Args(**small, max_steps=1, batch_size=4, rejected="data", output_dir=str(tmp_path / "dpo")))
     # the policy is its own reference at the first step, dropout is off: the loss is exactly log 2
     assert [r for r in first_metrics(out) if "loss" in r][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     out = grpo.main(grpo.Args(**small, max_steps=1, group_size=2, prompts_per_step=2, overlong="none",

@@ -178,7 +178,7 @@ PAIRS = dict(model="tiny", num_train=24, num_eval=4, batch_size=8, lr=2e-3, warm
 GROUPS = dict(model="tiny", num_train=8, num_eval=2, group_size=4, prompts_per_step=2, max_new_tokens=6, lr=2e-3,
               max_steps=2, save_every=0)  # fmt: skip
 SCRIPTS = {
-    "dpo": lambda out, share, _: dpo.main(dpo.Args(**PAIRS, max_new_tokens=2, share_prompt=share, output_dir=out)),
+    "dpo": lambda out, share, _: dpo.main(dpo.Args(**PAIRS, max_new_tokens=2, rejected="data", share_prompt=share, output_dir=out)),
     "variants-ipo": lambda out, share, _: variants.main(variants.Args(**PAIRS, loss="ipo", max_new_tokens=2, share_prompt=share,
                                                                       output_dir=out)),
     "rm": lambda out, share, _: rm.main(rm.Args(**PAIRS, share_prompt=share, output_dir=out)),

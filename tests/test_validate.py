@@ -33,3 +33,12 @@ def test_table_row_shows_means_with_standard_errors_and_times():
     assert len(table) == 3 and table[0].count("|") == table[2].count("|")
     assert "0.200 ± 0.025 → 0.350 ± 0.030" in table[2] and "+0.150 (0.020)" in table[2]
     assert "| 25:01 | 12.3 |" in table[2]
+
+
+def test_table_row_shows_the_paired_format_change_where_the_start_kept_per_problem_formats():
+    ev = {"accuracy": 0.0, "accuracy_se": 0.0, "format": 0.1, "pass@4": 0.0}
+    row = {"name": "dpo", "command": "python dpo.py --beta 0.1 --model <base start>", "before": ev,
+           "after": dict(ev, format=0.4), "gain": 0.0, "gain_se_paired": 0.0, "format_gain": 0.3,
+           "format_gain_se_paired": 0.031, "run_wall_s": 600.0, "peak_rss_gb": 5.0}  # fmt: skip
+    assert "| 0.100 → 0.400 (+0.300, SE 0.031) |" in validate.table([row]).splitlines()[2]
+    assert "SE" not in validate.table([dict(row, format_gain=None)]).splitlines()[2].split("|")[5]

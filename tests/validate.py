@@ -43,10 +43,12 @@ RESULTS = os.path.join(ROOT, "docs", "validate")
 # The RL start: a light SFT, so the model already writes the answer format but its answers still vary
 # (a full sft.py run leaves almost nothing to learn: entropy 0.05 nats/token, half the groups tied).
 STARTS = {
+    "base": [],  # the embedded model itself, untrained (what `torchrun dpo.py --beta 0.1` starts from)
     "sft5": ["sft.py", "--max-steps", "5", "--warmup-steps", "1"],
 }
 
 HEADLINE = ("grpo", "drgrpo", "rloo", "remax", "ppo")  # the validated configurations (the rest: attempts and ablations)
+PREFERENCE = ("dpo",)  # the configurations of the README's preference table (the rest: its RL table)
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py"], "GRPO with the DAPO-style defaults"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30"], "Dr. GRPO, 30 steps"),
@@ -60,6 +62,8 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "remax-20steps": ("sft5", ["rloo_remax.py", "--estimator", "remax", "--max-steps", "20"], "ReMax, 20 steps"),
     "rloo-lr2e-5": ("sft5", ["rloo_remax.py", "--lr", "2e-5", "--max-steps", "20"], "RLOO at twice the learning rate, 20 steps"),
     # grpo.py's newer loss options, each next to the default on the same start and budget
+    # preference tuning: the README's first command, from the embedded model
+    "dpo": ("base", ["dpo.py", "--beta", "0.1"], "DPO against the model's own answers (SPIN pairs), the defaults"),
     "gspo": ("sft5", ["grpo.py", "--importance-level", "sequence"], "GSPO: sequence-level ratio and clip"),
     "cispo": ("sft5", ["grpo.py", "--policy-loss", "cispo"], "CISPO: clipped stop-gradient IS weight"),
     "grpo-batchstd": ("sft5", ["grpo.py", "--scale", "batch"], "advantages over the batch std (Lite PPO)"),
@@ -107,7 +111,7 @@ def evaluate(model_dir: str, seed: int = 0) -> dict:
     t0 = time.time()
     gens = common.generate(model, tok, [p["prompt"] for p in problems], 64, what="greedy evaluation")
     right = [common.rule_reward(g["text"], p["answer"]) for g, p in zip(gens, problems)]
-    fmt = [common.format_reward(g["text"]) for g in gens]
+    fmt = [common.format_reward(g["text"]) for g in gens]  # kept per problem, as right: for paired differences
     sub = problems[:PASS_N]
     seeds = [common.hash_int(["pass@k", seed, i, j]) for i in range(len(sub)) for j in range(PASS_K)]
     samples = common.generate(model, tok, [p["prompt"] for p in sub for _ in range(PASS_K)], 64, temperature=1.0,
@@ -118,22 +122,26 @@ def evaluate(model_dir: str, seed: int = 0) -> dict:
     return {
         "accuracy": acc[0], "accuracy_se": acc[1], "format": fmt_rate[0], "format_se": fmt_rate[1],
         f"pass@{PASS_K}": pk[0], f"pass@{PASS_K}_se": pk[1], "sample_accuracy": sum(hits) / (PASS_K * len(sub)),
-        "problems": EVAL_N, "pass_problems": PASS_N, "right": right, "eval_s": time.time() - t0,
+        "problems": EVAL_N, "pass_problems": PASS_N, "right": right, "formatted": fmt, "eval_s": time.time() - t0,
         "examples": [g["text"] for g in gens[:3]],
     }  # fmt: skip
 
 
 def start_dir(name: str, threads: int) -> tuple[str, dict]:
-    """The start's model directory and its evaluation, both made once per start configuration."""
+    """The start's model directory and its evaluation, both made once per start configuration ("base": the
+    embedded model, evaluated once)."""
     args = STARTS[name]
     out = os.path.join(RUNS, f"start-{name}-{common.cache_key(args)}")
+    model = out if args else common.DEFAULT_MODEL
     if not os.path.exists(os.path.join(out, "start.json")):
-        wall, rss = run(args + ["--output-dir", out, "--overwrite"], out + ".log", threads)
-        info = {"command": "python " + " ".join(args), "wall_s": wall, "peak_rss_gb": rss, "eval": evaluate(out)}
+        wall, rss = run(args + ["--output-dir", out, "--overwrite"], out + ".log", threads) if args else (0.0, 0.0)
+        info = {"command": "python " + " ".join(args) if args else "none: the embedded model", "wall_s": wall,
+                "peak_rss_gb": rss, "eval": evaluate(model)}  # fmt: skip
+        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "start.json"), "w") as f:
             json.dump(info, f, indent=1)
     with open(os.path.join(out, "start.json")) as f:
-        return out, json.load(f)
+        return model, json.load(f)
 
 
 def validate(name: str, seed: int, threads: int) -> dict:
@@ -145,15 +153,15 @@ def validate(name: str, seed: int, threads: int) -> dict:
     wall, rss = run(args + ["--model", model, "--output-dir", out, "--overwrite"], out + ".log", threads)
     after = evaluate(out)
     before = start_info["eval"]
-    diff = [a - b for a, b in zip(after["right"], before["right"])]
-    gain, gain_se = mean_se(diff)
+    gain, gain_se = mean_se([a - b for a, b in zip(after["right"], before["right"])])
+    fgain, fgain_se = mean_se([a - b for a, b in zip(after["formatted"], before["formatted"])]) if "formatted" in before else (None, None)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f if line.strip()]
     result = {
         "name": tag, "what": what, "start": start, "start_command": start_info["command"],
         "command": f"python {' '.join(args)} --model <{start} start>", "seed": seed, "threads": threads,
-        "before": {k: v for k, v in before.items() if k != "right"}, "after": after,  # after["right"]: per problem, for paired comparisons between runs
-        "gain": gain, "gain_se_paired": gain_se, "run_wall_s": wall, "eval_wall_s": after["eval_s"],
+        "before": {k: v for k, v in before.items() if k not in ("right", "formatted")}, "after": after,  # after's lists: per problem, for paired comparisons between runs
+        "gain": gain, "gain_se_paired": gain_se, "format_gain": fgain, "format_gain_se_paired": fgain_se, "run_wall_s": wall, "eval_wall_s": after["eval_s"],
         "peak_rss_gb": rss, "metrics": metrics, "commit": git_commit(),
     }  # fmt: skip
     os.makedirs(RESULTS, exist_ok=True)
@@ -188,10 +196,15 @@ def table(results: list[dict]) -> str:
         b, a = r["before"], r["after"]
         lines.append(
             f"| {r['name']} | `{r['command']}` | {pm(b, 'accuracy')} → {pm(a, 'accuracy')} | {r['gain']:+.3f} ({r['gain_se_paired']:.3f}) "
-            f"| {b['format']:.3f} → {a['format']:.3f} | {b[f'pass@{PASS_K}']:.3f} → {a[f'pass@{PASS_K}']:.3f} "
+            f"| {b['format']:.3f} → {a['format']:.3f}{fmt_gain(r)} | {b[f'pass@{PASS_K}']:.3f} → {a[f'pass@{PASS_K}']:.3f} "
             f"| {int(r['run_wall_s'] // 60)}:{int(r['run_wall_s'] % 60):02d} | {r['peak_rss_gb']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def fmt_gain(r: dict) -> str:
+    """The format rate's paired change, where the start's evaluation kept its per-problem formats."""
+    return f" ({r['format_gain']:+.3f}, SE {r['format_gain_se_paired']:.3f})" if r.get("format_gain") is not None else ""
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -217,22 +230,28 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def tables() -> None:
-    """Rewrite the README's block between <!-- validate:rl --> and <!-- /validate:rl --> from the JSON."""
+    """Rewrite the README's blocks between <!-- validate:rl --> and <!-- /validate:rl --> (and validate:preference)
+    from the JSON, and the RL plots."""
     results = load_results()
-    headline = [r for r in results if r["name"].split("-seed")[0] in HEADLINE]
+    rl = [r for r in results if r["name"].split("-seed")[0] not in PREFERENCE]
+    headline = [r for r in rl if r["name"].split("-seed")[0] in HEADLINE]
     plot(headline, os.path.join(ROOT, "docs", "validate_rl.png"))
-    plot([r for r in results if r not in headline or r["name"] in ("rloo", "remax", "drgrpo")],
+    plot([r for r in rl if r not in headline or r["name"] in ("rloo", "remax", "drgrpo")],
          os.path.join(ROOT, "docs", "validate_rl_attempts.png"))  # fmt: skip
     readme = os.path.join(ROOT, "README.md")
-    text = open(readme).read()
-    begin, end = "<!-- validate:rl -->", "<!-- /validate:rl -->"
-    if begin not in text:
-        sys.exit(f"README.md has no {begin} ... {end} block")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
+    with open(readme) as f:
+        text = f.read()
+    for block, rows in (("validate:rl", rl), ("validate:preference", [r for r in results if r not in rl])):
+        begin, end = f"<!-- {block} -->", f"<!-- /{block} -->"
+        if begin not in text and not rows:
+            continue
+        if begin not in text:
+            sys.exit(f"README.md has no {begin} ... {end} block")
+        head, rest = text.split(begin, 1)
+        text = head + begin + "\n" + table(rows) + "\n" + end + rest.split(end, 1)[1]
     with open(readme, "w") as f:
-        f.write(head + begin + "\n" + table(results) + "\n" + end + tail)
-    print(f"README.md: {len(results)} validated runs")
+        f.write(text)
+    print(f"README.md: {len(rl)} RL runs, {len(results) - len(rl)} preference runs")
 
 
 def main(argv: list[str]) -> None:
@@ -241,7 +260,8 @@ def main(argv: list[str]) -> None:
     what = argv[0] if argv else "list"
     if what == "list":
         for name, (start, script, desc) in CONFIGS.items():
-            print(f"{name:10s} python {' '.join(STARTS[start])} then python {' '.join(script)} --model <start>   # {desc}")
+            first = f"python {' '.join(STARTS[start])} then " if STARTS[start] else ""
+            print(f"{name:10s} {first}python {' '.join(script)} --model <{start} start>   # {desc}")
     elif what == "tables":
         tables()
     elif what == "all":
