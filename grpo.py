@@ -85,9 +85,10 @@ class Args:
     kl_weighted: bool = False
     """weight k3 by the detached ratio π/π_old, so the KL term stays unbiased when the samples come from
     π_old (μ > 1); as DeepSeek-V3.2 (arXiv:2512.02556) does. Identical to plain k3 at μ = 1"""
-    loss_agg: Literal["token", "sequence", "constant"] = "token"
-    """token: mean over all answer tokens (DAPO); sequence: per answer, then over answers (GRPO);
-    constant: sum / (answers × max_new_tokens) (Dr. GRPO)"""
+    loss_agg: Literal["token", "sequence", "constant"] | None = None
+    """token: mean over all answer tokens (DAPO; the default); sequence: per answer, then over answers (GRPO;
+    the default with --importance-level sequence: GSPO's eq. 5 averages over answers, and with token averaging
+    GSPO's gradient at μ = 1 is exactly GRPO's); constant: sum / (answers × max_new_tokens) (Dr. GRPO)"""
     tis_cap: float = 0.0
     """truncated importance sampling against the sampler–trainer mismatch: each token's policy term is
     weighted by min(π_old/π_sampler, C), π_sampler the sampler's own probability (Yao et al. 2025, "Your
@@ -323,18 +324,20 @@ def old_and_ref_logps(policy, ref, samples: list[dict], args: Args, device) -> N
 # ───────────── training ─────────────
 
 
-def clip_range(args: Args) -> tuple[float, float]:
-    """(ε_low, ε_high): the given ones, else the chosen loss's: GSPO's (3e-4, 4e-4), the paper's own setting (a
-    sequence ratio is a geometric mean, so it strays far less than a token's), CISPO's (1.0, 0.28)
-    (no lower bound: MiniMax-M1 tunes only the upper one), DAPO's (0.2, 0.28) otherwise."""
-    low, high = (3e-4, 4e-4) if args.importance_level == "sequence" else (1.0, 0.28) if args.policy_loss == "cispo" else (0.2, 0.28)
-    return (low if args.clip_low is None else args.clip_low, high if args.clip_high is None else args.clip_high)
+def loss_defaults(args: Args) -> dict:
+    """ε_low, ε_high and the aggregation: the given ones, else the chosen loss's: GSPO's (3e-4, 4e-4), the paper's
+    own setting (a sequence ratio is a geometric mean, so it strays far less than a token's), and its mean over
+    answers; CISPO's (1.0, 0.28) (no lower bound: MiniMax-M1 tunes only the upper one); DAPO's (0.2, 0.28), token mean."""
+    gspo = args.importance_level == "sequence"
+    low, high = (3e-4, 4e-4) if gspo else (1.0, 0.28) if args.policy_loss == "cispo" else (0.2, 0.28)
+    return {"clip_low": low if args.clip_low is None else args.clip_low, "clip_high": high if args.clip_high is None else args.clip_high,
+            "loss_agg": args.loss_agg or ("sequence" if gspo else "token")}  # fmt: skip
 
 
 def main(args: Args) -> str:
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)
-    args = dataclasses.replace(args, **dict(zip(("clip_low", "clip_high"), clip_range(args))))  # args.json shows them
+    args = dataclasses.replace(args, **loss_defaults(args))  # args.json shows them
     if (args.tis_cap or args.mismatch_band) and args.temperature <= 0:
         raise common.UserError("--tis-cap / --mismatch-band compare the trainer with the sampler: they need --temperature > 0")
     out_dir = common.start_run(args, "grpo", rank)

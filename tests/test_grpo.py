@@ -205,11 +205,32 @@ def test_k3_keeps_its_digits_when_the_log_ratio_is_tiny(log_r):
         assert abs(((torch.exp(x) - 1) - x).item() - truth) > 10 * truth  # the naive form is wrong here
 
 
-def test_clip_range_defaults_follow_the_chosen_loss():
-    assert grpo.clip_range(grpo.Args()) == (0.2, 0.28)
-    assert grpo.clip_range(grpo.Args(importance_level="sequence")) == (3e-4, 4e-4)
-    assert grpo.clip_range(grpo.Args(policy_loss="cispo")) == (1.0, 0.28)
-    assert grpo.clip_range(grpo.Args(policy_loss="cispo", clip_high=4.0)) == (1.0, 4.0)
+def test_clip_range_and_aggregation_defaults_follow_the_chosen_loss():
+    pick = lambda **kw: tuple(grpo.loss_defaults(grpo.Args(**kw)).values())  # noqa: E731
+    assert pick() == (0.2, 0.28, "token")
+    assert pick(importance_level="sequence") == (3e-4, 4e-4, "sequence")  # GSPO eq. 5: a mean over answers
+    assert pick(importance_level="sequence", loss_agg="token") == (3e-4, 4e-4, "token")
+    assert pick(policy_loss="cispo") == (1.0, 0.28, "token")
+    assert pick(policy_loss="cispo", clip_high=4.0) == (1.0, 4.0, "token")
+
+
+def test_on_policy_gspo_and_cispo_take_grpos_step_so_they_differ_only_from_the_second_update():
+    """At μ = 1 every ratio is 1 and nothing is clipped: ∇s_i = (1/|y_i|) Σ_t ∇log π_t, so GSPO's gradient is
+    GRPO's with the same aggregation (with token averaging, the 1/|y_i| cancels against |y_i| tokens), and
+    CISPO's −A·∇log π_t is the clipped surrogate's A·∇ρ_t. What a validated run of either shows at μ = 1 is
+    its aggregation, not its ratio."""
+    logp, _, _, adv, mask = random_batch(2)
+
+    def grad(agg, **kw):
+        x = logp.clone().requires_grad_()
+        grpo.grpo_loss(x, logp, None, adv, mask, 3e-4, 4e-4, 0.0, agg, **kw)[0].backward()  # ρ = 1: in any range
+        return x.grad
+
+    grpo_kw, gspo_kw = {}, {"level": "sequence"}
+    for agg in ("token", "sequence"):
+        torch.testing.assert_close(grad(agg, **gspo_kw), grad(agg, **grpo_kw), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(grad(agg, policy_loss="cispo"), grad(agg, **grpo_kw), rtol=1e-12, atol=1e-15)
+    assert (grad("token") - grad("sequence")).abs().max() > 1e-3  # the aggregation does change the step
 
 
 def test_k3_in_the_loss_follows_the_forward_kl_and_k2_the_reverse_kl():

@@ -64,10 +64,16 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     # grpo.py's newer loss options, each next to the default on the same start and budget
     # preference tuning: the README's first command, from the embedded model
     "dpo": ("base", ["dpo.py", "--beta", "0.1"], "DPO against the model's own answers (SPIN pairs), the defaults"),
-    "gspo": ("sft5", ["grpo.py", "--importance-level", "sequence"], "GSPO: sequence-level ratio and clip"),
-    "cispo": ("sft5", ["grpo.py", "--policy-loss", "cispo"], "CISPO: clipped stop-gradient IS weight"),
+    # GSPO's and CISPO's ratios act from the second update on a rollout (at μ = 1 they take GRPO's step:
+    # test_on_policy_gspo_and_cispo_take_grpos_step_so_they_differ_only_from_the_second_update), so at μ = 2,
+    # next to the default at μ = 2
     "grpo-batchstd": ("sft5", ["grpo.py", "--scale", "batch"], "advantages over the batch std (Lite PPO)"),
+    "grpo-mu2": ("sft5", ["grpo.py", "--mu", "2"], "two updates per rollout"),
+    "gspo": ("sft5", ["grpo.py", "--importance-level", "sequence", "--mu", "2"], "GSPO: sequence-level ratio and clip, mean over answers"),
+    "cispo": ("sft5", ["grpo.py", "--policy-loss", "cispo", "--mu", "2"], "CISPO: clipped stop-gradient IS weight"),
     "grpo-mu2-klw": ("sft5", ["grpo.py", "--mu", "2", "--kl-weighted"], "two updates per rollout, weighted k3"),
+    "gspo-token-mu1": ("sft5", ["grpo.py", "--importance-level", "sequence", "--loss-agg", "token"],
+                       "GSPO's ratio, token mean, μ = 1: GRPO's step exactly (the first gspo run)"),
 }
 
 
