@@ -86,8 +86,8 @@ class Args:
     principle: str = "The better response is helpful, correct and harmless."
     """the written principle the judge compares the two responses by"""
     # optimisation
-    lr: float = 5e-6
-    """peak AdamW learning rate"""
+    lr: float = 2e-5
+    """peak AdamW learning rate (tests/validate.py dpo; at 5e-6 the built-in run's format rate barely moved)"""
     batch_size: int = 8
     """pairs per optimizer step, summed over ranks and micro-batches"""
     max_steps: int = 30
