@@ -177,7 +177,7 @@ def own_answers(rows: list[dict], model, tokenizer, tag: str, args, out_dir, ran
 
     key = common.cache_key(common.weights_fingerprint(model), [r["prompt"] for r in rows], args.max_new_tokens)
     own = common.cached_jsonl(os.path.join(out_dir, f"own_answers-{tag}.jsonl"), make, rank, key)
-    right = [r.get("answer") is not None and common.rule_reward(g["text"], r["answer"]) for r, g in zip(rows, own)]
+    right = [r.get("answer") is not None and common.rule_reward(g["text"], r["answer"]) > 0 for r, g in zip(rows, own)]
     out = [{**r, "rejected": g["text"]} for r, g, ok in zip(rows, own, right) if not ok]
     return out, {"own_right": sum(right), "own_cut_off": sum(not g["ended"] for g, ok in zip(own, right) if not ok)}
 
