@@ -246,7 +246,8 @@ def evaluate(model, tokenizer, eval_pairs, eval_ref, problems, args, rank, world
         out["eval/rewards/margins"] = float((r_w - r_l).mean())
         out["eval/logps/chosen_drift"] = float((pi[:, 0] - eval_ref[:, 0]).mean())
     if problems:
-        out["eval/accuracy"], out["eval/format"] = common.greedy_scores(model, tokenizer, problems, args.max_new_tokens, rank, world)
+        acc_fmt = common.greedy_scores(model, tokenizer, problems, args.max_new_tokens, rank, world)
+        out["eval/accuracy"], out["eval/format"] = acc_fmt
     model.train()
     return out
 
@@ -375,7 +376,8 @@ def main(args: Args) -> str:
             raise common.UserError(f"{args.data}: no usable preference pairs ({skipped})")
     eval_rows = common.builtin_preferences("test", args.num_eval, args.seed) if builtin else (
         common.read_preferences(args.eval_data) if args.eval_data else [])  # fmt: skip
-    eval_rows = own_answers(eval_rows, policy, tokenizer, "eval", args, out_dir, rank, world)[0] if own and eval_rows else eval_rows
+    if own and eval_rows:
+        eval_rows = own_answers(eval_rows, policy, tokenizer, "eval", args, out_dir, rank, world)[0]
     eval_pairs = tokenize_pairs(eval_rows, tokenizer, args.max_tokens)[0]
     problems = common.builtin_task("test", args.num_eval, args.seed) if builtin else []
     eval_ref = cached_reference_logps(ref, eval_pairs, "eval", args, out_dir, rank, world, device) if eval_pairs else None
@@ -406,8 +408,9 @@ def main(args: Args) -> str:
         # 1. this rank's pairs of the step; chosen and rejected of a pair share one packed row
         idx = common.step_indices(len(pairs), args.batch_size, step, args.seed)[rank::world]
         num_pairs = common.all_reduce_sum(torch.tensor(float(len(idx))))
-        stats, tokens = common.Sums("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
-                                    "logps/rejected", "logps/chosen_drift", "logps/rejected_drift"), 0  # summed over pairs  # fmt: skip
+        stats = common.Sums("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
+                             "logps/rejected", "logps/chosen_drift", "logps/rejected_drift")  # summed over pairs  # fmt: skip
+        tokens = 0
         for item in common.even_out(pair_batches([pairs[i] for i in idx], args.max_tokens, args.share_prompt), policy):
             if item is None:  # --fsdp: this rank is out of micro-batches
                 common.stand_in(policy, device, backward=True)
@@ -435,7 +438,8 @@ def main(args: Args) -> str:
 
         metrics = {k: v / float(num_pairs) for k, v in stats.total().items()}  # means over the step's pairs
         metrics |= {"rewards/margins": metrics["rewards/chosen"] - metrics["rewards/rejected"], "grad_norm": float(grad_norm),
-                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": float(common.all_reduce_sum(torch.tensor(float(tokens)))) / (time.time() - t0)}  # fmt: skip
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": float(common.all_reduce_sum(torch.tensor(float(tokens)))) / (time.time() - t0)}  # fmt: skip
         log.log(step + 1, metrics)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             log.log(step + 1, evaluate(policy, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device))
