@@ -4,9 +4,9 @@ Trains on (prompt x, chosen y_w, rejected y_l) pairs against a frozen reference 
 model, no sampling (eq. 7 of the paper):
     logratio_w = log π(y_w|x) − log π_ref(y_w|x)          (summed over completion tokens; logratio_l likewise)
     L          = −log σ(β · (logratio_w − logratio_l))
-β·logratio_w and β·logratio_l are the implicit rewards. DPO can lower log π(y_w|x) as long as the margin grows
-(likelihood displacement: Pal et al. 2024, arXiv:2402.13228, §3; Razin et al. 2024, arXiv:2410.08847); --dpop-lambda adds the DPO-Positive anchor (Pal et al. 2024,
-arXiv:2402.13228) that penalises the chosen log-prob for falling below the reference's:
+β·logratio_w and β·logratio_l are the implicit rewards. DPO can lower log π(y_w|x) while the margin grows (likelihood
+displacement: Pal et al. 2024, arXiv:2402.13228, §3; Razin et al. 2024, arXiv:2410.08847); --dpop-lambda adds
+DPO-Positive's anchor (Pal et al., eq. 3), a penalty once the chosen log-prob falls below the reference's:
     L          = −log σ(β · (logratio_w − logratio_l − λ · max(0, log π_ref(y_w|x) − log π(y_w|x))))
 --online turns it into online / iterative DPO (Xiong et al. 2024, arXiv:2312.11456; with an LLM judge,
 online AI feedback, Guo et al. 2024, arXiv:2402.04792): every --online-every steps the current
@@ -65,7 +65,7 @@ class Args:
     label_smoothing: float = 0.0
     """ε of conservative DPO: the assumed probability that a label is flipped"""
     precompute_ref: bool = True
-    """reference log-probs in one pass before training (no reference in memory while training)"""
+    """reference log-probs in one pass before training (no reference in memory while training); --online: always off"""
     # online / iterative DPO
     online: bool = False
     """sample pairs from the current policy every --online-every steps instead of using fixed data;
@@ -129,8 +129,7 @@ def dpo_loss(
     loss = −(1 − ε) log σ(h) − ε log σ(−h)                        ε: conservative DPO (Mitchell 2023)
     r    = β logratio (detached)                                  the implicit rewards
 
-    λ is DPO-Positive's (arXiv:2402.13228, eq. 3), inside β as the paper writes it (it uses λ = 50). The
-    penalty is zero while the policy's chosen log-prob stays above the reference's.
+    λ: DPO-Positive's (arXiv:2402.13228, eq. 3), inside β as in the paper (it uses 50); no penalty while pi_w ≥ ref_w.
     """
     logratio_w, logratio_l = pi_chosen - ref_chosen, pi_rejected - ref_rejected
     h = beta * (logratio_w - logratio_l - dpop_lambda * (ref_chosen - pi_chosen).clamp(min=0))
@@ -154,7 +153,8 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_tokens: int) -> tuple[list[d
         if any(not "".join(m["content"] for m in a).strip() for a in answers):
             skipped["empty"] += 1
             continue
-        chosen, rejected = (common.tokenize_conversation(tokenizer, prompt + a, len(prompt), row.get("_where")) for a in answers)
+        chosen, rejected = (common.tokenize_conversation(tokenizer, prompt + a, len(prompt), row.get("_where"))
+                            for a in answers)
         if len(chosen["input_ids"]) + len(rejected["input_ids"]) > max_tokens:
             skipped["too_long"] += 1
             continue
@@ -183,8 +183,7 @@ def own_answers(rows: list[dict], model, tokenizer, tag: str, args, out_dir, ran
 
 
 def pair_batches(pairs: list[dict], max_tokens: int, share: bool = True) -> list[tuple[list[int], dict]]:
-    """Pack pairs into micro-batches: each is (pair indices, packed row chosen_0, rejected_0, chosen_1, ...),
-    with each pair's prompt once (share) or in both documents."""
+    """Micro-batches of pairs: (pair indices, packed row chosen_0, rejected_0, chosen_1, ...); share: each prompt once."""
     return common.group_batches([[p["chosen"], p["rejected"]] for p in pairs], max_tokens, share)
 
 
@@ -197,13 +196,13 @@ def pair_logps(model, batch: dict) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def all_pair_logps(model, pairs, max_tokens, rank, world, device, what: str = "log-probs", share: bool = True) -> Tensor:
-    """(N, 2) chosen/rejected log-probs of every pair under `model`: one eval-mode pass split across ranks
-    (a progress bar named `what`)."""
+    """(N, 2) chosen/rejected log-probs of every pair under `model`: one eval-mode pass split across ranks."""
     was_training = model.training
     model.eval()  # no dropout, exactly like the policy's evaluation
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
     mine = list(range(rank, len(pairs), world))
-    for item in common.progress(common.even_out(pair_batches([pairs[i] for i in mine], max_tokens, share) if mine else [], model), what):
+    batches = pair_batches([pairs[i] for i in mine], max_tokens, share) if mine else []
+    for item in common.progress(common.even_out(batches, model), what):
         if item is None:  # --fsdp: this rank is out of micro-batches
             common.stand_in(model, device)
             continue
@@ -216,8 +215,7 @@ def all_pair_logps(model, pairs, max_tokens, rank, world, device, what: str = "l
 
 
 def cached_reference_logps(model, pairs, tag: str, args, out_dir, rank, world, device) -> Tensor:
-    """all_pair_logps of the reference, cached in out_dir under a key of the reference's weights (their
-    content: a model retrained into the same directory is recomputed) and the pairs' token ids."""
+    """all_pair_logps of the reference, cached in out_dir under its weights' content and the pairs' token ids."""
     ids = [(p["chosen"]["input_ids"], p["rejected"]["input_ids"]) for p in pairs]
     key = common.cache_key(common.weights_fingerprint(model), ids)
     path = os.path.join(out_dir, f"ref_logps-{tag}.pt")
@@ -246,8 +244,8 @@ def evaluate(model, tokenizer, eval_pairs, eval_ref, problems, args, rank, world
         out["eval/rewards/margins"] = float((r_w - r_l).mean())
         out["eval/logps/chosen_drift"] = float((pi[:, 0] - eval_ref[:, 0]).mean())
     if problems:
-        acc_fmt = common.greedy_scores(model, tokenizer, problems, args.max_new_tokens, rank, world)
-        out["eval/accuracy"], out["eval/format"] = acc_fmt
+        out["eval/accuracy"], out["eval/format"] = common.greedy_scores(model, tokenizer, problems, args.max_new_tokens,
+                                                                        rank, world)
     model.train()
     return out
 
@@ -319,9 +317,8 @@ def online_pairs(policy, tokenizer, prompts: list[dict], args, scorer, device) -
 
 
 def online_round(policy, tokenizer, prompts: list[dict], step: int, args, scorer, rank, world, device):
-    """One round of online DPO: the round's prompts (drawn by the round's seed), each rank sampling and
-    ranking its share (online_pairs), the pairs gathered on every rank in rank order. Returns (pairs,
-    statistics averaged over ranks)."""
+    """One round of online DPO: the round's prompts (by the round's seed), each rank sampling and ranking its share
+    (online_pairs). Returns (the pairs gathered on every rank in rank order, statistics averaged over ranks)."""
     n_round = args.online_prompts or args.batch_size * args.online_every
     round_prompts = [prompts[i] for i in common.step_indices(len(prompts), n_round, step // args.online_every, args.seed)]
     pairs, stats = online_pairs(policy, tokenizer, round_prompts[rank::world], args, scorer, device)
@@ -329,8 +326,7 @@ def online_round(policy, tokenizer, prompts: list[dict], step: int, args, scorer
 
 
 def load_scorer(args, device):
-    """What ranks the online answers: (LLM judge, its tokenizer), (reward model, its tokenizer), or None
-    for the rule reward."""
+    """What ranks the online answers: (LLM judge or reward model, its tokenizer), or None for the rule reward."""
     if args.judge:
         judge_tok = common.load_tokenizer(args.judge)
         return common.load_model(args.judge, judge_tok).to(device).eval(), judge_tok
@@ -342,10 +338,8 @@ def load_scorer(args, device):
 def main(args: Args) -> str:
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)
-    if args.online and args.precompute_ref:
+    if args.online:
         args.precompute_ref = False  # fresh pairs every round: the reference must stay live
-        if rank == 0:
-            print("--online: keeping a live reference model (--no-precompute-ref)")
     out_dir = common.start_run(args, "dpo", rank)  # args.json records the arguments the run trains with
 
     tokenizer = common.load_tokenizer(args.model)
@@ -363,7 +357,8 @@ def main(args: Args) -> str:
     builtin = args.data == "builtin"
     own = not args.online and (args.rejected == "model" or (args.rejected == "auto" and builtin))
     if args.online:
-        prompts = common.builtin_prompts("train", args.num_train, args.seed) if builtin else common.read_prompts(args.data, tokenizer)
+        prompts = (common.builtin_prompts("train", args.num_train, args.seed) if builtin
+                   else common.read_prompts(args.data, tokenizer))
         pairs, ref_logps = [], None
     else:
         rows = common.builtin_preferences("train", args.num_train, args.seed) if builtin else common.read_preferences(args.data)
@@ -444,7 +439,8 @@ def main(args: Args) -> str:
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             log.log(step + 1, evaluate(policy, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device))
         if args.save_every and (step + 1) % args.save_every == 0:
-            common.save_checkpoint(out_dir, step + 1, policy, optimizer, scheduler, rank, {"pairs": pairs} if args.online else None)
+            round_in_progress = {"pairs": pairs} if args.online else None
+            common.save_checkpoint(out_dir, step + 1, policy, optimizer, scheduler, rank, round_in_progress)
 
     log.log(args.max_steps, evaluate(policy, tokenizer, eval_pairs, eval_ref, problems, args, rank, world, device))
     return common.finish_run(log, policy, tokenizer, out_dir, rank, args.keep_checkpoints)
