@@ -48,7 +48,7 @@ STARTS = {
 }
 
 HEADLINE = ("grpo", "drgrpo", "rloo", "remax", "ppo")  # the validated configurations (the rest: attempts and ablations)
-PREFERENCE = ("dpo",)  # the configurations of the README's preference table (the rest: its RL table)
+PREFERENCE = ("dpo", "dpo-sft", "dpo-online")  # the configurations of the README's preference table (the rest: its RL table)
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py"], "GRPO with the DAPO-style defaults"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30"], "Dr. GRPO, 30 steps"),
@@ -61,9 +61,12 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "rloo-20steps": ("sft5", ["rloo_remax.py", "--max-steps", "20"], "RLOO, 20 steps"),
     "remax-20steps": ("sft5", ["rloo_remax.py", "--estimator", "remax", "--max-steps", "20"], "ReMax, 20 steps"),
     "rloo-lr2e-5": ("sft5", ["rloo_remax.py", "--lr", "2e-5", "--max-steps", "20"], "RLOO at twice the learning rate, 20 steps"),
-    # grpo.py's newer loss options, each next to the default on the same start and budget
     # preference tuning: the README's first command, from the embedded model
     "dpo": ("base", ["dpo.py", "--beta", "0.1"], "DPO against the model's own answers (SPIN pairs), the defaults"),
+    # DPO from the RL start: offline against the start's own wrong answers, and online with the rule reward, equal steps
+    "dpo-sft": ("sft5", ["dpo.py", "--beta", "0.1"], "DPO from the SFT start against its own wrong answers"),
+    "dpo-online": ("sft5", ["dpo.py", "--beta", "0.1", "--online"], "online DPO, rule reward, pairs sampled every 5 steps"),
+    # grpo.py's newer loss options, each next to the default on the same start and budget
     # GSPO's and CISPO's ratios act from the second update on a rollout (at μ = 1 they take GRPO's step:
     # test_on_policy_gspo_and_cispo_take_grpos_step_so_they_differ_only_from_the_second_update), so at μ = 2,
     # next to the default at μ = 2
