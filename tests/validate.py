@@ -75,6 +75,8 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "gspo": ("sft5", ["grpo.py", "--importance-level", "sequence", "--mu", "2"], "GSPO: sequence-level ratio and clip, mean over answers"),
     "cispo": ("sft5", ["grpo.py", "--policy-loss", "cispo", "--mu", "2"], "CISPO: clipped stop-gradient IS weight"),
     "grpo-mu2-klw": ("sft5", ["grpo.py", "--mu", "2", "--kl-weighted"], "two updates per rollout, weighted k3"),
+    # on CPU in fp32 the sampler is the trainer to ~5e-5 nats a token, so both corrections should leave GRPO's run as is
+    "grpo-tis": ("sft5", ["grpo.py", "--tis-cap", "2", "--mismatch-band", "0.1"], "sampler-trainer corrections on (TIS, masking)"),
     "gspo-token-mu1": ("sft5", ["grpo.py", "--importance-level", "sequence", "--loss-agg", "token"],
                        "GSPO's ratio, token mean, μ = 1: GRPO's step exactly (the first gspo run)"),
 }
