@@ -117,7 +117,7 @@ REVISION_REQUEST = (
     "Rewrite your last answer so that it follows the principle: {principle} "
     "Use your critique, keep what was right, and reply with the rewritten answer only."
 )
-# A revision that declines to answer: the conservative collapse the seed warns of.
+# A revision that declines to answer: the evasive collapse CAI aims to avoid ("harmless but non-evasive", arXiv:2212.08073).
 REFUSAL = re.compile(r"\b(I can ?not|I can't|I won't|I'm sorry|I am sorry|I'm unable|I am unable|as an AI)\b", re.IGNORECASE)
 
 
