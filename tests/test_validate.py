@@ -42,3 +42,12 @@ def test_table_row_shows_the_paired_format_change_where_the_start_kept_per_probl
            "format_gain_se_paired": 0.031, "run_wall_s": 600.0, "peak_rss_gb": 5.0}  # fmt: skip
     assert "| 0.100 → 0.400 (+0.300, SE 0.031) |" in validate.table([row]).splitlines()[2]
     assert "SE" not in validate.table([dict(row, format_gain=None)]).splitlines()[2].split("|")[5]
+
+
+def test_two_runs_are_compared_problem_by_problem():
+    run = lambda name, right: {"name": name, "after": {"right": right}}  # noqa: E731
+    diff = validate.paired_difference(run("a", [1, 1, 0, 1]), run("b", [0, 1, 0, 1]))  # a has one more right
+    assert diff == pytest.approx(validate.mean_se([1, 0, 0, 0]))
+    assert diff[0] == pytest.approx(0.25)
+    with pytest.raises(SystemExit, match="b has no per-problem results"):
+        validate.paired_difference(run("a", [1]), {"name": "b", "after": {}})

@@ -7,6 +7,7 @@ cores).
     python tests/validate.py grpo --seed 1     # the same with another seed (a separate JSON)
     python tests/validate.py all               # every configuration not yet in docs/validate/
     python tests/validate.py tables            # rewrite the README's table and plots from docs/validate/*.json
+    python tests/validate.py compare A B       # A's accuracy minus B's, paired on the same problems
 
 A configuration is a start (an sft.py run, cached under runs/validate/ and keyed by its own arguments,
 so configurations that share it train it once) and one script run on top of it with the script's
@@ -215,6 +216,14 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_difference(a: dict, b: dict) -> tuple[float, float]:
+    """Run a's accuracy minus run b's on the same held-out problems, with its paired standard error: two
+    runs' results are compared problem by problem (both JSON keep the per-problem results)."""
+    if "right" not in a["after"] or "right" not in b["after"]:
+        sys.exit(f"{a['name']} or {b['name']} has no per-problem results (it ran before they were kept)")
+    return mean_se([x - y for x, y in zip(a["after"]["right"], b["after"]["right"])])
+
+
 def fmt_gain(r: dict) -> str:
     """The format rate's paired change, where the start's evaluation kept its per-problem formats."""
     return f" ({r['format_gain']:+.3f}, SE {r['format_gain_se_paired']:.3f})" if r.get("format_gain") is not None else ""
@@ -275,6 +284,9 @@ def main(argv: list[str]) -> None:
         for name, (start, script, desc) in CONFIGS.items():
             first = f"python {' '.join(STARTS[start])} then " if STARTS[start] else ""
             print(f"{name:10s} {first}python {' '.join(script)} --model <{start} start>   # {desc}")
+    elif what == "compare":  # python tests/validate.py compare A B
+        a, b = (json.load(open(os.path.join(RESULTS, f"{n}.json"))) for n in argv[1:3])
+        print("{} − {}: {:+.3f} (paired SE {:.3f})".format(argv[1], argv[2], *paired_difference(a, b)))
     elif what == "tables":
         tables()
     elif what == "all":
