@@ -109,6 +109,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - (math.comb(n - c, k) / math.comb(n, k) if n - c >= k else 0.0)
 
 
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of a − b, problem by problem (the same problems in the same order)."""
+    return mean_se([x - y for x, y in zip(a, b, strict=True)])
+
+
 def mean_se(values: list[float]) -> tuple[float, float]:
     n = len(values)
     m = sum(values) / n
@@ -167,8 +172,8 @@ def validate(name: str, seed: int, threads: int) -> dict:
     wall, rss = run(args + ["--model", model, "--output-dir", out, "--overwrite"], out + ".log", threads)
     after = evaluate(out)
     before = start_info["eval"]
-    gain, gain_se = mean_se([a - b for a, b in zip(after["right"], before["right"])])
-    fgain, fgain_se = mean_se([a - b for a, b in zip(after["formatted"], before["formatted"])]) if "formatted" in before else (None, None)
+    gain, gain_se = paired(after["right"], before["right"])
+    fgain, fgain_se = paired(after["formatted"], before["formatted"]) if "formatted" in before else (None, None)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f if line.strip()]
     result = {
@@ -221,7 +226,7 @@ def paired_difference(a: dict, b: dict) -> tuple[float, float]:
     runs' results are compared problem by problem (both JSON keep the per-problem results)."""
     if "right" not in a["after"] or "right" not in b["after"]:
         sys.exit(f"{a['name']} or {b['name']} has no per-problem results (it ran before they were kept)")
-    return mean_se([x - y for x, y in zip(a["after"]["right"], b["after"]["right"])])
+    return paired(a["after"]["right"], b["after"]["right"])
 
 
 def fmt_gain(r: dict) -> str:
