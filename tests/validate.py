@@ -49,7 +49,7 @@ STARTS = {
 }
 
 HEADLINE = ("grpo", "drgrpo", "rloo", "remax", "ppo")  # the validated configurations (the rest: attempts and ablations)
-PREFERENCE = ("dpo", "dpo-sft", "dpo-online")  # the configurations of the README's preference table (the rest: its RL table)
+PREFERENCE = ("dpo", "dpo-sft", "dpop-sft", "dpo-online")  # the configurations of the README's preference table (the rest: its RL table)
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py"], "GRPO with the DAPO-style defaults"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30"], "Dr. GRPO, 30 steps"),
@@ -64,10 +64,14 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "rloo-lr2e-5": ("sft5", ["rloo_remax.py", "--lr", "2e-5", "--max-steps", "20"], "RLOO at twice the learning rate, 20 steps"),
     # Dr. GRPO changes two things at once (no 1/σ, a constant normaliser): one at a time, 20 steps as GRPO
     "grpo-scalenone": ("sft5", ["grpo.py", "--scale", "none"], "ablation: GRPO without the 1/σ (token mean kept)"),
+    # Dr. GRPO's third configuration: the same 120 prompts as its 30-step run, 8 a step (half as many updates)
+    "drgrpo-8x15": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--prompts-per-step", "8", "--max-steps", "15"],
+                    "Dr. GRPO, 8 prompts a step, 15 steps"),
     # preference tuning: the README's first command, from the embedded model
     "dpo": ("base", ["dpo.py", "--beta", "0.1"], "DPO against the model's own answers (SPIN pairs), the defaults"),
     # DPO from the RL start: offline against the start's own wrong answers, and online with the rule reward, equal steps
     "dpo-sft": ("sft5", ["dpo.py", "--beta", "0.1"], "DPO from the SFT start against its own wrong answers"),
+    "dpop-sft": ("sft5", ["dpo.py", "--beta", "0.1", "--dpop-lambda", "50"], "DPOP (λ = 50) from the SFT start, same pairs as dpo-sft"),
     "dpo-online": ("sft5", ["dpo.py", "--beta", "0.1", "--online"], "online DPO, rule reward, pairs sampled every 5 steps"),
     # grpo.py's newer loss options, each next to the default on the same start and budget
     # GSPO's and CISPO's ratios act from the second update on a rollout (at μ = 1 they take GRPO's step:
