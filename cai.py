@@ -5,9 +5,10 @@ critiques and revises its own answers against written principles, then is fine-t
  2. a critic (--critic; default the model itself) is shown the prompt and y0 and asked to critique y0
     against a principle drawn from --constitution, then to revise y0 given its critique; --revisions
     rounds, each on the last kept answer (the two requests: CRITIQUE_REQUEST and REVISION_REQUEST below)
- 3. a revision is dropped, and its chain ends, when it is empty, refuses, or (when a reward exists: the
-    rule on prompts with an answer, or --reward-model) scores below y0: the guard against revisions that
-    lose the working or the answer, or grow ever more conservative
+ 3. a revision is dropped, and its chain ends, when it is empty or refuses, or, when a reward exists (the
+    rule on prompts with an answer, or --reward-model), when it scores below y0 or states fewer worked
+    steps ("a + b = c") than y0: the guard against revisions that lose the answer or the working, or grow
+    ever more conservative
  4. the model is fine-tuned on (prompt, last kept revision) with the SFT loss
         L = −(1/|A|) Σ_{t∈A} log π(y_t | x, y_<t)     A: the revisions' tokens of the step, on all ranks
 
@@ -119,6 +120,10 @@ REVISION_REQUEST = (
 )
 # A revision that declines to answer: the evasive collapse CAI aims to avoid ("harmless but non-evasive", arXiv:2212.08073).
 REFUSAL = re.compile(r"\b(I can ?not|I can't|I won't|I'm sorry|I am sorry|I'm unable|I am unable|as an AI)\b", re.IGNORECASE)
+# A worked step: "a + b = c" (any of + - * / × ÷). A revision that states fewer than the answer it revises has lost
+# working, the collapse a weak self-critic produces on math ("The answer is 14. The answer is 14."): right or not, its
+# final number then comes with nothing to learn the method from.
+WORKED_STEP = re.compile(r"-?\d+(?:\.\d+)?\s*[-+*/×÷]\s*-?\d+(?:\.\d+)?\s*=\s*-?\d+")
 
 
 def read_constitution(path: str) -> list[dict]:
@@ -152,22 +157,27 @@ def revision_conversation(prompt, answer: str, principle: dict, critique: str) -
     ]
 
 
-def drop_reason(revision: str, reward: float | None, original_reward: float | None) -> str | None:
-    """Why a revision is not used: "empty", "refusal", or "reward" (its reward is below the original
-    answer's; None when there is no reward to compare); None when it is kept."""
+def drop_reason(revision: str, reward: float | None, original_reward: float | None, original: str = "") -> str | None:
+    """Why a revision is not used: "empty", "refusal", or, when a reward exists, "reward" (its reward is
+    below the original answer's) or "working" (it states fewer worked steps than the original); None
+    when it is kept. Without a reward (prompts with no answer and no --reward-model) only the first two apply."""
     if not revision.strip():
         return "empty"
     if REFUSAL.search(revision):
         return "refusal"
-    if reward is not None and original_reward is not None and reward < original_reward:
+    if reward is None or original_reward is None:
+        return None
+    if reward < original_reward:
         return "reward"
+    if len(WORKED_STEP.findall(revision)) < len(WORKED_STEP.findall(original)):
+        return "working"
     return None
 
 
 def add_round(row: dict, principle: str, critique: str, revision: str, reward: float | None) -> None:
     """Record one critique-revision round of `row` ({"y0", "y0_reward", "final", "rounds", "dropped"}):
     a kept revision becomes the answer the next round revises; a dropped one ends the chain."""
-    reason = drop_reason(revision, reward, row["y0_reward"])
+    reason = drop_reason(revision, reward, row["y0_reward"], row["y0"])
     row["rounds"].append({"principle": principle, "critique": critique, "revision": revision, "reward": reward,
                           "dropped": reason})  # fmt: skip
     if reason:
@@ -184,7 +194,7 @@ def revised(row: dict) -> bool:
 def cai_stats(rows: list[dict]) -> dict:
     """Counts for the log: prompts, rows kept for training, preference pairs, and each kind of drop."""
     out = {"cai/prompts": len(rows), "cai/kept": sum(map(revised, rows)), "cai/pairs": len(preference_pairs(rows))}
-    out |= {f"cai/dropped_{k}": sum(r["dropped"] == k for r in rows) for k in ("empty", "refusal", "reward")}
+    out |= {f"cai/dropped_{k}": sum(r["dropped"] == k for r in rows) for k in ("empty", "refusal", "reward", "working")}
     out["cai/unchanged"] = sum(revised(r) and r["final"] == r["y0"] for r in rows)
     return out
 

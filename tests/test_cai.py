@@ -79,12 +79,16 @@ def test_the_constitution_reads_from_the_builtin_set_a_text_file_and_jsonl(tmp_p
         ("3 + 4 = 8. The answer is 8.", 0.1, 1.1, "reward"),  # was right, now wrong
         ("3 + 4 = 7. The answer is 7.", 1.1, 1.1, None),  # as good as the original: kept
         ("3 + 4 = 7. The answer is 7.", 1.1, 0.1, None),  # better
+        ("The answer is 7. The answer is 7.", 1.1, 1.1, "working"),  # right, but the working is gone
+        ("3+4=7, 7 × 2 = 14. The answer is 14.", 1.1, 1.1, None),  # steps written otherwise, one more: kept
         ("Seven.", None, None, None),  # no reward to compare (prompts without an answer)
-        ("The scan cannot be read.", 0.0, 0.0, None),  # "cannot" alone is not a refusal
+        ("The answer is 7.", None, None, None),  # no reward: the working is not checked either
+        ("The scan cannot be read.", None, None, None),  # "cannot" alone is not a refusal
     ],
 )
 def test_drop_reason_on_hand_made_revisions(revision, reward, original, reason):
-    assert cai.drop_reason(revision, reward, original) == reason
+    y0 = "Ava has 3 pens. 3 + 4 = 8. The answer is 8."  # one worked step
+    assert cai.drop_reason(revision, reward, original, y0) == reason
 
 
 def test_a_chain_keeps_its_last_good_revision_and_the_counts_add_up():
@@ -102,11 +106,13 @@ def test_a_chain_keeps_its_last_good_revision_and_the_counts_add_up():
     cai.add_round(refused, "harmless", "hm", "I'm sorry, I can't answer that.", 0.0)
     unchanged = row("The answer is 7.", 1.1)
     cai.add_round(unchanged, "correct", "fine", "The answer is 7.", 1.1)
-    rows = [good_then_empty, worse, refused, unchanged]
-    assert [cai.revised(r) for r in rows] == [True, False, False, True]
+    stripped = row("3 + 4 = 7. The answer is 7.", 1.1)
+    cai.add_round(stripped, "concise", "shorter", "The answer is 7.", 1.1)
+    rows = [good_then_empty, worse, refused, unchanged, stripped]
+    assert [cai.revised(r) for r in rows] == [True, False, False, True, False]
     assert cai.preference_pairs(rows) == [{"prompt": "p", "chosen": "The answer is 7.", "rejected": "The answer is 6."}]
-    assert cai.cai_stats(rows) == {"cai/prompts": 4, "cai/kept": 2, "cai/pairs": 1, "cai/dropped_empty": 1,
-                                       "cai/dropped_refusal": 1, "cai/dropped_reward": 1, "cai/unchanged": 1}  # fmt: skip
+    assert cai.cai_stats(rows) == {"cai/prompts": 5, "cai/kept": 2, "cai/pairs": 1, "cai/dropped_empty": 1, "cai/dropped_refusal": 1,
+                                   "cai/dropped_reward": 1, "cai/dropped_working": 1, "cai/unchanged": 1}  # fmt: skip
 
 
 def test_cai_writes_its_chains_and_pairs_trains_on_them_and_dpo_trains_on_the_pairs(tmp_path, model):
