@@ -64,6 +64,8 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "rloo-lr2e-5": ("sft5", ["rloo_remax.py", "--lr", "2e-5", "--max-steps", "20"], "RLOO at twice the learning rate, 20 steps"),
     # Dr. GRPO changes two things at once (no 1/σ, a constant normaliser): one at a time, 20 steps as GRPO
     "grpo-scalenone": ("sft5", ["grpo.py", "--scale", "none"], "ablation: GRPO without the 1/σ (token mean kept)"),
+    # GRPO's seeds differ by 6.6 points (+10.2, +3.5): twice the prompts a step, as many prompts in all as 30 steps of 4
+    "grpo-8x15": ("sft5", ["grpo.py", "--prompts-per-step", "8", "--max-steps", "15"], "GRPO, 8 prompts a step, 15 steps"),
     # Dr. GRPO's third configuration: the same 120 prompts as its 30-step run, 8 a step (half as many updates)
     "drgrpo-8x15": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--prompts-per-step", "8", "--max-steps", "15"],
                     "Dr. GRPO, 8 prompts a step, 15 steps"),
