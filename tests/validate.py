@@ -49,7 +49,8 @@ STARTS = {
 }
 
 HEADLINE = ("grpo", "drgrpo", "rloo", "remax", "ppo")  # the validated configurations (the rest: attempts and ablations)
-PREFERENCE = ("dpo", "dpo-sft", "dpop-sft", "dpo-online")  # the configurations of the README's preference table (the rest: its RL table)
+# the README's tables other than the RL one (which has every configuration not named here)
+BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online"), "validate:cai": ("cai",)}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py"], "GRPO with the DAPO-style defaults"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30"], "Dr. GRPO, 30 steps"),
@@ -86,6 +87,8 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "grpo-mu2-klw": ("sft5", ["grpo.py", "--mu", "2", "--kl-weighted"], "two updates per rollout, weighted k3"),
     # on CPU in fp32 the sampler is the trainer to ~5e-5 nats a token, so both corrections should leave GRPO's run as is
     "grpo-tis": ("sft5", ["grpo.py", "--tis-cap", "2", "--mismatch-band", "0.1"], "sampler-trainer corrections on (TIS, masking)"),
+    # Constitutional AI's supervised stage, the model its own critic; must not collapse the start
+    "cai": ("sft5", ["cai.py"], "CAI, self-critique and revision, SFT on the kept revisions"),
     "gspo-token-mu1": ("sft5", ["grpo.py", "--importance-level", "sequence", "--loss-agg", "token"],
                        "GSPO's ratio, token mean, μ = 1: GRPO's step exactly (the first gspo run)"),
 }
@@ -263,10 +266,11 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def tables() -> None:
-    """Rewrite the README's blocks between <!-- validate:rl --> and <!-- /validate:rl --> (and validate:preference)
+    """Rewrite the README's blocks between <!-- validate:rl --> and <!-- /validate:rl --> (and those of BLOCKS)
     from the JSON, and the RL plots."""
     results = load_results()
-    rl = [r for r in results if r["name"].split("-seed")[0] not in PREFERENCE]
+    block_of = lambda r: next((b for b, names in BLOCKS.items() if r["name"].split("-seed")[0] in names), "validate:rl")  # noqa: E731
+    rl = [r for r in results if block_of(r) == "validate:rl"]
     headline = [r for r in rl if r["name"].split("-seed")[0] in HEADLINE]
     plot(headline, os.path.join(ROOT, "docs", "validate_rl.png"))
     plot([r for r in rl if r not in headline or r["name"] in ("rloo", "remax", "drgrpo")],
@@ -274,7 +278,8 @@ def tables() -> None:
     readme = os.path.join(ROOT, "README.md")
     with open(readme) as f:
         text = f.read()
-    for block, rows in (("validate:rl", rl), ("validate:preference", [r for r in results if r not in rl])):
+    for block in ["validate:rl", *BLOCKS]:
+        rows = [r for r in results if block_of(r) == block]
         begin, end = f"<!-- {block} -->", f"<!-- /{block} -->"
         if begin not in text and not rows:
             continue
@@ -284,7 +289,7 @@ def tables() -> None:
         text = head + begin + "\n" + table(rows) + "\n" + end + rest.split(end, 1)[1]
     with open(readme, "w") as f:
         f.write(text)
-    print(f"README.md: {len(rl)} RL runs, {len(results) - len(rl)} preference runs")
+    print(f"README.md: {len(rl)} RL runs, {len(results) - len(rl)} in the other tables")
 
 
 def main(argv: list[str]) -> None:
