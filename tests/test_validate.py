@@ -51,3 +51,37 @@ def test_two_runs_are_compared_problem_by_problem():
     assert diff[0] == pytest.approx(0.25)
     with pytest.raises(SystemExit, match="b has no per-problem results"):
         validate.paired_difference(run("a", [1]), {"name": "b", "after": {}})
+
+
+def test_reward_models_are_evaluated_on_the_reported_problems_against_their_baselines(tmp_path, monkeypatch):
+    import common
+    import rm
+    import torch
+
+    monkeypatch.setattr(validate, "EVAL_N", 6)  # problems 6..11 of the test split
+    orm = rm.main(rm.Args(model="tiny", num_train=8, num_eval=4, max_steps=1, save_every=0, output_dir=str(tmp_path / "orm")))
+    prm = rm.main(rm.Args(model="tiny", kind="prm", num_train=8, num_eval=4, max_steps=1, save_every=0,
+                          output_dir=str(tmp_path / "prm")))  # fmt: skip
+    tok, cpu = common.load_tokenizer("tiny"), torch.device("cpu")
+    ev = validate.evaluate_rm(orm, "orm")
+    model = common.load_reward_model(orm, "orm")
+    pairs = common.builtin_preferences("test", 12, 0)[6:]
+    for pair, right in zip(pairs, ev["right"]):  # each pair scored on its own, unpacked
+        w, lose = (rm.score_responses(model, tok, "orm", [pair["prompt"]], [t], "\n", 4096, cpu)[0] for t in (pair["chosen"], pair["rejected"]))
+        assert right == float(w[0] > lose[0])
+    assert (ev["problems"], ev["pairwise_accuracy"]) == (6, sum(ev["right"]) / 6)
+    ev = validate.evaluate_rm(prm, "prm")
+    rows = common.builtin_prm("test", 12, 0)[6:]
+    labels = [y for r in rows for y in r["labels"]]
+    assert ev["steps"] == len(labels) == 24 and ev["step_accuracy_baseline"] == sum(labels) / 24
+    assert ev["solution_accuracy_baseline"] == sum(all(r["labels"]) for r in rows) / 6
+    model = common.load_reward_model(prm, "prm")
+    s = [rm.score_responses(model, tok, "prm", [r["prompt"]], [" ".join(r["completions"])], "\n", 4096, cpu)[0] for r in rows]
+    steps_right = [float((x > 0) == y) for r, t in zip(rows, s) for x, y in zip(t.tolist(), r["labels"])]
+    assert ev["step_accuracy"] == pytest.approx(sum(steps_right) / 24)
+    assert ev["step_accuracy_over_baseline"] == pytest.approx(ev["step_accuracy"] - ev["step_accuracy_baseline"])
+    assert ev["solution_accuracy"] == pytest.approx(sum(float((t.min() > 0) == all(r["labels"])) for r, t in zip(rows, s)) / 6)
+    row = {"name": "prm", "kind": "prm", "command": "python rm.py --kind prm", "after": ev, "run_wall_s": 61.0, "peak_rss_gb": 4.0}
+    line = validate.rm_table([row]).splitlines()[2]
+    assert f"step accuracy {ev['step_accuracy']:.3f}" in line and f"every step right: {ev['step_accuracy_baseline']:.3f}" in line
+    assert "| 1:01 | 4.0 |" in line

@@ -50,7 +50,7 @@ STARTS = {
 
 HEADLINE = ("grpo", "drgrpo", "rloo", "remax", "ppo")  # the validated configurations (the rest: attempts and ablations)
 # the README's tables other than the RL one (which has every configuration not named here)
-BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online"), "validate:cai": ("cai",)}
+BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online"), "validate:cai": ("cai",), "validate:rm": ("orm", "prm")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py"], "GRPO with the DAPO-style defaults"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30"], "Dr. GRPO, 30 steps"),
@@ -87,6 +87,9 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "grpo-mu2-klw": ("sft5", ["grpo.py", "--mu", "2", "--kl-weighted"], "two updates per rollout, weighted k3"),
     # on CPU in fp32 the sampler is the trainer to ~5e-5 nats a token, so both corrections should leave GRPO's run as is
     "grpo-tis": ("sft5", ["grpo.py", "--tis-cap", "2", "--mismatch-band", "0.1"], "sampler-trainer corrections on (TIS, masking)"),
+    # reward models, evaluated by evaluate_rm (the rm.py defaults: 480 pairs / solutions, one epoch, lr 3e-5)
+    "orm": ("sft5", ["rm.py"], "outcome RM, Bradley-Terry on the built-in pairs"),
+    "prm": ("sft5", ["rm.py", "--kind", "prm"], "process RM, per-step BCE on the built-in solutions"),
     # Constitutional AI's supervised stage, the model its own critic; must not collapse the start
     "cai": ("sft5", ["cai.py"], "CAI, self-critique and revision, SFT on the kept revisions"),
     "gspo-token-mu1": ("sft5", ["grpo.py", "--importance-level", "sequence", "--loss-agg", "token"],
@@ -155,6 +158,46 @@ def evaluate(model_dir: str, seed: int = 0) -> dict:
     }  # fmt: skip
 
 
+@torch.no_grad()
+def evaluate_rm(model_dir: str, kind: str) -> dict:
+    """A reward model on the built-in views of the same EVAL_N reported held-out problems. ORM: pairwise
+    accuracy, the chosen (right) solution scored above the rejected one (one arithmetic slip); chance is ½.
+    PRM: on one solution per problem, half of them with a slip (every step from the slip on labelled
+    wrong), step accuracy (σ(r_t) > ½ agrees with the label) and solution accuracy (min_t r_t > 0 exactly
+    when every step is right), each beside the trivial scorer that calls every step right, with the
+    paired standard error of the difference (same steps, same solutions)."""
+    import rm
+
+    tok, model = common.load_tokenizer(model_dir), common.load_reward_model(model_dir, kind)
+    with open(os.path.join(model_dir, "args.json")) as f:
+        sep = json.load(f)["step_sep"].replace("\\n", "\n").replace("\\t", "\t")
+    t0 = time.time()
+    if kind == "orm":
+        rows = common.builtin_preferences("test", 2 * EVAL_N, 0)[EVAL_N:]
+        texts = [t for r in rows for t in (r["chosen"], r["rejected"])]
+        scores = rm.score_responses(model, tok, "orm", [r["prompt"] for r in rows for _ in "wl"], texts, sep, 4096, torch.device("cpu"))
+        right = [float(scores[2 * i][0] > scores[2 * i + 1][0]) for i in range(len(rows))]
+        acc = mean_se(right)
+        return {"pairwise_accuracy": acc[0], "pairwise_accuracy_se": acc[1], "right": right, "problems": len(rows),
+                "eval_s": time.time() - t0}  # fmt: skip
+    rows = common.builtin_prm("test", 2 * EVAL_N, 0)[EVAL_N:]
+    texts = [" ".join(r["completions"]) for r in rows]  # rm.split_steps cuts them back into the same steps
+    steps = rm.score_responses(model, tok, "prm", [r["prompt"] for r in rows], texts, sep, 4096, torch.device("cpu"))
+    step_right, step_base, sol_right, sol_base = [], [], [], []
+    for r, s in zip(rows, steps):
+        assert len(s) == len(r["labels"]), (r, len(s))
+        step_right += [float((x > 0) == y) for x, y in zip(s.tolist(), r["labels"])]
+        step_base += [float(y) for y in r["labels"]]
+        sol_right.append(float((s.min() > 0) == all(r["labels"])))
+        sol_base.append(float(all(r["labels"])))
+    out = {"problems": len(rows), "steps": len(step_right), "eval_s": time.time() - t0}
+    for name, right, base in (("step_accuracy", step_right, step_base), ("solution_accuracy", sol_right, sol_base)):
+        acc, gain = mean_se(right), paired(right, base)
+        out |= {name: acc[0], f"{name}_se": acc[1], f"{name}_baseline": sum(base) / len(base),
+                f"{name}_over_baseline": gain[0], f"{name}_over_baseline_se": gain[1]}  # fmt: skip
+    return out
+
+
 def start_dir(name: str, threads: int) -> tuple[str, dict]:
     """The start's model directory and its evaluation, both made once per start configuration ("base": the
     embedded model, evaluated once)."""
@@ -179,6 +222,8 @@ def validate(name: str, seed: int, threads: int) -> dict:
     out = os.path.join(RUNS, tag)
     args = script + (["--seed", str(seed)] if seed else [])
     wall, rss = run(args + ["--model", model, "--output-dir", out, "--overwrite"], out + ".log", threads)
+    if script[0] == "rm.py":
+        return validate_rm(name, tag, script, args, start, start_info, out, wall, rss, seed, threads)
     after = evaluate(out)
     before = start_info["eval"]
     gain, gain_se = paired(after["right"], before["right"])
@@ -197,6 +242,22 @@ def validate(name: str, seed: int, threads: int) -> dict:
         json.dump(result, f, indent=1)
     print(f"{tag}: greedy accuracy {before['accuracy']:.3f} ± {before['accuracy_se']:.3f} → {after['accuracy']:.3f} ± "
           f"{after['accuracy_se']:.3f} (gain {gain:+.3f} ± {gain_se:.3f} paired), run {wall / 60:.1f} min, peak RSS {rss:.1f} GB")  # fmt: skip
+    return result
+
+
+def validate_rm(name, tag, script, args, start, start_info, out, wall, rss, seed, threads) -> dict:
+    """validate() for rm.py: the reward model's own evaluation (evaluate_rm) instead of a policy's."""
+    kind = "prm" if "prm" in script else "orm"
+    after = evaluate_rm(out, kind)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f if line.strip()]
+    result = {"name": tag, "what": CONFIGS[name][2], "kind": kind, "start": start, "start_command": start_info["command"],
+              "command": f"python {' '.join(args)} --model <{start} start>", "seed": seed, "threads": threads, "after": after,
+              "run_wall_s": wall, "eval_wall_s": after["eval_s"], "peak_rss_gb": rss, "metrics": metrics, "commit": git_commit()}  # fmt: skip
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"{tag}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{tag}: {rm_cell(result)}, run {wall / 60:.1f} min, peak RSS {rss:.1f} GB")
     return result
 
 
@@ -227,6 +288,25 @@ def table(results: list[dict]) -> str:
             f"| {b['format']:.3f} → {a['format']:.3f}{fmt_gain(r)} | {b[f'pass@{PASS_K}']:.3f} → {a[f'pass@{PASS_K}']:.3f} "
             f"| {int(r['run_wall_s'] // 60)}:{int(r['run_wall_s'] % 60):02d} | {r['peak_rss_gb']:.1f} |"
         )
+    return "\n".join(lines)
+
+
+def rm_cell(r: dict) -> str:
+    """A reward model's held-out result: ORM pairwise accuracy; PRM step and solution accuracy against
+    the every-step-right scorer, with the difference's paired SE."""
+    a = r["after"]
+    if r["kind"] == "orm":
+        return f"pairwise accuracy {a['pairwise_accuracy']:.3f} ± {a['pairwise_accuracy_se']:.3f} (chance 0.5)"
+    return "; ".join(f"{what} {a[k]:.3f} ± {a[k + '_se']:.3f} (every step right: {a[k + '_baseline']:.3f}; "
+                     f"difference {a[k + '_over_baseline']:+.3f}, paired SE {a[k + '_over_baseline_se']:.3f})"
+                     for what, k in (("step accuracy", "step_accuracy"), ("solution accuracy", "solution_accuracy")))  # fmt: skip
+
+
+def rm_table(results: list[dict]) -> str:
+    lines = ["| run | command (on the start) | held-out result (256 problems) | run wall (m:ss) | peak RSS (GB) |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['name']} | `{r['command']}` | {rm_cell(r)} | {int(r['run_wall_s'] // 60)}:{int(r['run_wall_s'] % 60):02d} "
+                     f"| {r['peak_rss_gb']:.1f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -286,7 +366,7 @@ def tables() -> None:
         if begin not in text:
             sys.exit(f"README.md has no {begin} ... {end} block")
         head, rest = text.split(begin, 1)
-        text = head + begin + "\n" + table(rows) + "\n" + end + rest.split(end, 1)[1]
+        text = head + begin + "\n" + (rm_table if block == "validate:rm" else table)(rows) + "\n" + end + rest.split(end, 1)[1]
     with open(readme, "w") as f:
         f.write(text)
     print(f"README.md: {len(rl)} RL runs, {len(results) - len(rl)} in the other tables")
