@@ -76,10 +76,10 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "dpo-sft": ("sft5", ["dpo.py", "--beta", "0.1"], "DPO from the SFT start against its own wrong answers"),
     "dpop-sft": ("sft5", ["dpo.py", "--beta", "0.1", "--dpop-lambda", "50"], "DPOP (λ = 50) from the SFT start, same pairs as dpo-sft"),
     "dpo-online": ("sft5", ["dpo.py", "--beta", "0.1", "--online"], "online DPO, rule reward, pairs sampled every 5 steps"),
-    # both collapsed at lr 2e-5 (chosen for the base model's easy pairs): a tenth of it, and online rounds of 160 prompts
+    # both collapsed at lr 2e-5 (chosen for the base model's easy pairs): a tenth of it, and online rounds of 80 prompts (about 40 pairs at 16% right samples)
     "dpo-sft-lr2e-6": ("sft5", ["dpo.py", "--beta", "0.1", "--lr", "2e-6"], "offline DPO from the SFT start, lr 2e-6"),
-    "dpo-online-lr2e-6": ("sft5", ["dpo.py", "--beta", "0.1", "--online", "--online-prompts", "160", "--lr", "2e-6"],
-                          "online DPO, lr 2e-6, 160 prompts a round"),
+    "dpo-online-lr2e-6": ("sft5", ["dpo.py", "--beta", "0.1", "--online", "--online-prompts", "80", "--lr", "2e-6"],
+                          "online DPO, lr 2e-6, 80 prompts a round"),
     # grpo.py's newer loss options, each next to the default on the same start and budget
     # GSPO's and CISPO's ratios act from the second update on a rollout (at μ = 1 they take GRPO's step:
     # test_on_policy_gspo_and_cispo_take_grpos_step_so_they_differ_only_from_the_second_update), so at μ = 2,
