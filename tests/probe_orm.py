@@ -9,7 +9,7 @@ weight chosen on a quarter of the training pairs, and reports held-out pairwise 
 test-split problems validate.py reports (256–511). It also reports the language model's own
 verdict: does it give the chosen answer a higher log-likelihood than the rejected one? If the probe is
 near chance the answer's correctness is not linearly present where the head reads; the ORM has to
-learn to put it there, which is the slow part. Not part of the test run (~5 minutes on 1 core).
+learn to put it there, which is the slow part. Not part of the test run (7.5 minutes on 2 cores for 512 + 256 pairs).
 """
 
 import json
