@@ -107,6 +107,7 @@ def run(cmd: list[str], log: str, threads: int) -> tuple[float, float]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.time()
+    os.makedirs(os.path.dirname(log), exist_ok=True)  # runs/validate/ does not exist on a fresh checkout
     with open(log, "w") as out:
         p = subprocess.Popen([sys.executable] + cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(p.pid, 0)
