@@ -85,3 +85,37 @@ def test_reward_models_are_evaluated_on_the_reported_problems_against_their_base
     line = validate.rm_table([row]).splitlines()[2]
     assert f"step accuracy {ev['step_accuracy']:.3f}" in line and f"every step right: {ev['step_accuracy_baseline']:.3f}" in line
     assert "| 1:01 | 4.0 |" in line
+
+
+def test_a_run_is_written_as_one_json_with_its_paired_gain_or_its_reward_model_evaluation(tmp_path, monkeypatch):
+    """validate() end to end with the subprocess and the evaluations stubbed: what lands in the JSON."""
+    import json
+    import os
+
+    monkeypatch.setattr(validate, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(validate, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(validate, "git_commit", lambda: "abc1234")
+    before = {"accuracy": 0.25, "accuracy_se": 0.2, "right": [0, 1, 0, 0], "formatted": [1, 1, 0, 1], "eval_s": 1.0}
+    monkeypatch.setattr(validate, "start_dir", lambda start, threads: ("START", {"command": "python sft.py", "eval": before}))
+
+    def fake_run(cmd, log, threads):  # the script: writes its metrics where validate() reads them
+        out = cmd[cmd.index("--output-dir") + 1]
+        os.makedirs(out)
+        with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": 1, "loss": 0.5}) + "\n\n")  # a blank line is skipped
+        return 90.0, 3.5
+
+    monkeypatch.setattr(validate, "run", fake_run)
+    monkeypatch.setattr(validate, "evaluate", lambda out: {"accuracy": 0.75, "accuracy_se": 0.25, "right": [1, 1, 0, 1], "formatted": [1, 1, 1, 1], "eval_s": 2.0})
+    r = validate.validate("grpo", 1, 2)
+    assert r == json.loads((tmp_path / "results" / "grpo-seed1.json").read_text())
+    assert r["command"] == "python grpo.py --seed 1 --model <sft5 start>" and r["name"] == "grpo-seed1"
+    assert (r["gain"], r["format_gain"]) == (pytest.approx(0.5), pytest.approx(0.25))  # two problems turned right, one formatted
+    assert "right" not in r["before"] and r["after"]["right"] == [1, 1, 0, 1]
+    assert (r["run_wall_s"], r["eval_wall_s"], r["peak_rss_gb"], r["metrics"]) == (90.0, 2.0, 3.5, [{"step": 1, "loss": 0.5}])
+
+    monkeypatch.setattr(validate, "evaluate_rm", lambda out, kind: {"kind_seen": kind, "pairwise_accuracy": 0.6, "pairwise_accuracy_se": 0.1, "eval_s": 4.0})
+    r = validate.validate("orm", 0, 2)
+    assert (r["kind"], r["after"]["kind_seen"], r["eval_wall_s"]) == ("orm", "orm", 4.0)
+    assert "gain" not in r and "before" not in r
+    assert r == json.loads((tmp_path / "results" / "orm.json").read_text())

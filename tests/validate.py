@@ -176,7 +176,7 @@ def evaluate_rm(model_dir: str, kind: str) -> dict:
 
     tok, model = common.load_tokenizer(model_dir), common.load_reward_model(model_dir, kind)
     with open(os.path.join(model_dir, "args.json")) as f:
-        sep = json.load(f)["step_sep"].replace("\\n", "\n").replace("\\t", "\t")
+        sep = rm.step_separator(rm.Args(step_sep=json.load(f)["step_sep"]))
     t0 = time.time()
     if kind == "orm":
         rows = common.builtin_preferences("test", 2 * EVAL_N, 0)[EVAL_N:]
@@ -228,42 +228,31 @@ def validate(name: str, seed: int, threads: int) -> dict:
     out = os.path.join(RUNS, tag)
     args = script + (["--seed", str(seed)] if seed else [])
     wall, rss = run(args + ["--model", model, "--output-dir", out, "--overwrite"], out + ".log", threads)
-    if script[0] == "rm.py":
-        return validate_rm(name, tag, script, args, start, start_info, out, wall, rss, seed, threads)
-    after = evaluate(out)
-    before = start_info["eval"]
-    gain, gain_se = paired(after["right"], before["right"])
-    fgain, fgain_se = paired(after["formatted"], before["formatted"]) if "formatted" in before else (None, None)
+    result = {"name": tag, "what": what, "start": start, "start_command": start_info["command"],
+              "command": f"python {' '.join(args)} --model <{start} start>", "seed": seed, "threads": threads}  # fmt: skip
+    if script[0] == "rm.py":  # a reward model: its own evaluation, no policy accuracy to compare with the start's
+        result["kind"] = "prm" if "prm" in script else "orm"
+        result["after"] = evaluate_rm(out, result["kind"])
+    else:
+        before, after = start_info["eval"], evaluate(out)
+        gain, gain_se = paired(after["right"], before["right"])
+        fgain, fgain_se = paired(after["formatted"], before["formatted"]) if "formatted" in before else (None, None)
+        result |= {"before": {k: v for k, v in before.items() if k not in ("right", "formatted")},
+                   "after": after,  # its lists: per problem, for paired comparisons between runs
+                   "gain": gain, "gain_se_paired": gain_se, "format_gain": fgain, "format_gain_se_paired": fgain_se}  # fmt: skip
     with open(os.path.join(out, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f if line.strip()]
-    result = {
-        "name": tag, "what": what, "start": start, "start_command": start_info["command"],
-        "command": f"python {' '.join(args)} --model <{start} start>", "seed": seed, "threads": threads,
-        "before": {k: v for k, v in before.items() if k not in ("right", "formatted")}, "after": after,  # after's lists: per problem, for paired comparisons between runs
-        "gain": gain, "gain_se_paired": gain_se, "format_gain": fgain, "format_gain_se_paired": fgain_se, "run_wall_s": wall, "eval_wall_s": after["eval_s"],
-        "peak_rss_gb": rss, "metrics": metrics, "commit": git_commit(),
-    }  # fmt: skip
+    result |= {"run_wall_s": wall, "eval_wall_s": result["after"]["eval_s"], "peak_rss_gb": rss, "metrics": metrics, "commit": git_commit()}
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{tag}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{tag}: greedy accuracy {before['accuracy']:.3f} ± {before['accuracy_se']:.3f} → {after['accuracy']:.3f} ± "
-          f"{after['accuracy_se']:.3f} (gain {gain:+.3f} ± {gain_se:.3f} paired), run {wall / 60:.1f} min, peak RSS {rss:.1f} GB")  # fmt: skip
-    return result
-
-
-def validate_rm(name, tag, script, args, start, start_info, out, wall, rss, seed, threads) -> dict:
-    """validate() for rm.py: the reward model's own evaluation (evaluate_rm) instead of a policy's."""
-    kind = "prm" if "prm" in script else "orm"
-    after = evaluate_rm(out, kind)
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f if line.strip()]
-    result = {"name": tag, "what": CONFIGS[name][2], "kind": kind, "start": start, "start_command": start_info["command"],
-              "command": f"python {' '.join(args)} --model <{start} start>", "seed": seed, "threads": threads, "after": after,
-              "run_wall_s": wall, "eval_wall_s": after["eval_s"], "peak_rss_gb": rss, "metrics": metrics, "commit": git_commit()}  # fmt: skip
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{tag}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"{tag}: {rm_cell(result)}, run {wall / 60:.1f} min, peak RSS {rss:.1f} GB")
+    if "gain" in result:
+        b, a = result["before"], result["after"]
+        summary = (f"greedy accuracy {b['accuracy']:.3f} ± {b['accuracy_se']:.3f} → {a['accuracy']:.3f} ± {a['accuracy_se']:.3f} "
+                   f"(gain {result['gain']:+.3f} ± {result['gain_se_paired']:.3f} paired)")  # fmt: skip
+    else:
+        summary = rm_cell(result)
+    print(f"{tag}: {summary}, run {wall / 60:.1f} min, peak RSS {rss:.1f} GB")
     return result
 
 
