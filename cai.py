@@ -11,6 +11,8 @@ critiques and revises its own answers against written principles, then is fine-t
     ever more conservative
  4. the model is fine-tuned on (prompt, last kept revision) with the SFT loss
         L = −(1/|A|) Σ_{t∈A} log π(y_t | x, y_<t)     A: the revisions' tokens of the step, on all ranks
+    for --max-steps, or fewer: at most --max-epochs passes over the kept revisions (when the guard keeps
+    a handful, a fixed step count would train on each of them dozens of times)
 
 Every chain (y0, each principle, critique and revision, rewards, why it stopped) goes to cai_data.jsonl
 and the pairs (last kept revision chosen, y0 rejected) to cai_preferences.jsonl, for `dpo.py --data`
@@ -23,6 +25,7 @@ problems and the KL from the starting model, per token on its own held-out answe
 import copy
 import functools
 import json
+import math
 import os
 import random
 import re
@@ -73,9 +76,12 @@ class Args:
     batch_size: int = 8
     """revisions per optimizer step, over all ranks"""
     max_steps: int = 40
-    """optimizer steps"""
+    """optimizer steps, when enough revisions are kept (see --max-epochs)"""
+    max_epochs: float = 2.0
+    """passes over the kept revisions at most: training stops after ⌈max_epochs · kept / batch_size⌉
+    steps when that is fewer than --max-steps (0 steps when nothing is kept)"""
     warmup_steps: int = 4
-    """linear warm-up steps before the cosine decay"""
+    """linear warm-up steps before the cosine decay (scaled down with the steps when --max-epochs cuts them)"""
     max_grad_norm: float = 1.0
     """gradient clipping threshold (global L2 norm)"""
     max_tokens: int = 2048
@@ -322,28 +328,30 @@ def main(args: Args) -> str:
     train = [common.tokenize_conversation(tokenizer, common.as_messages(r["prompt"], r["final"])) for r in rows if revised(r)]
     train, overlong, _ = common.fit_length(train, args.max_tokens, "drop")
     stats = cai_stats(rows) | {"cai/overlong": overlong}
+    steps = min(args.max_steps, math.ceil(args.max_epochs * len(train) / args.batch_size))
     if rank == 0:
         with open(os.path.join(out_dir, "cai_preferences.jsonl"), "w") as f:
             f.writelines(json.dumps(p) + "\n" for p in preference_pairs(rows))
         print("cai data: " + ", ".join(f"{k.removeprefix('cai/')} {v}" for k, v in stats.items()))
-        if not train:
-            print("cai: no revision was kept; the run trains on nothing")
+        if steps < args.max_steps:
+            print(f"cai: {len(train)} of {len(rows)} revisions kept: {steps} steps (--max-epochs {args.max_epochs:g} over them) "
+                  f"instead of --max-steps {args.max_steps}" + ("; the model is saved as it started" if not train else ""))  # fmt: skip
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    scheduler = common.cosine_schedule(optimizer, args.warmup_steps, args.max_steps)
+    scheduler = common.cosine_schedule(optimizer, args.warmup_steps * steps // args.max_steps, steps)
     first = common.load_checkpoint(out_dir, model, optimizer, scheduler)[0] if args.resume else 0
-    log = common.MetricsLog(out_dir, args.max_steps, first, rank, keys=("loss",))
+    log = common.MetricsLog(out_dir, steps, first, rank, keys=("loss",))
     evaluate_now = functools.partial(evaluate, model, start, tokenizer, start_answers, problems, args, rank, world, device)
     if first == 0:
         log.log(0, evaluate_now() | stats)
-    for step in range(first, args.max_steps):
+    for step in range(first, steps):
         t0 = time.time()
         # 4. the SFT loss on this step's revisions: a mean over the step's answer tokens on all ranks
-        idx = common.step_indices(len(train), args.batch_size, step, args.seed)[rank::world] if train else []
+        idx = common.step_indices(len(train), args.batch_size, step, args.seed)[rank::world]
         batches = [batch for _, batch in common.packed_batches([train[i] for i in idx], args.max_tokens)]
         n_tok = float(common.all_reduce_sum(torch.tensor(float(sum(int((b["labels"] != common.IGNORE).sum()) for b in batches)))))
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for batch in batches if n_tok else []:
+        for batch in batches:
             batch = common.to_device(batch, device)
             with common.autocast(device):
                 logp, _ = common.token_logps(model, batch)
@@ -352,19 +360,17 @@ def main(args: Args) -> str:
             loss_sum += loss.detach().double().cpu()
         loss_sum = common.all_reduce_sum(loss_sum)
         common.check_finite(loss_sum, "the loss", step)
-        metrics = {"loss": float(loss_sum), "answer_tokens": n_tok}
-        if n_tok:
-            metrics["grad_norm"] = float(common.optimizer_step(model, optimizer, args.max_grad_norm, step))
-        else:  # no answer token, no gradient: the step changes nothing (and the schedule follows an optimizer step)
-            optimizer.step()
+        grad_norm = common.optimizer_step(model, optimizer, args.max_grad_norm, step)
         scheduler.step()
-        log.log(step + 1, metrics | {"lr": scheduler.get_last_lr()[0], "time/step_s": time.time() - t0})
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+        log.log(step + 1, {"loss": float(loss_sum), "answer_tokens": n_tok, "grad_norm": float(grad_norm),
+                           "lr": scheduler.get_last_lr()[0], "time/step_s": time.time() - t0})  # fmt: skip
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps:
             log.log(step + 1, evaluate_now())
         if args.save_every and (step + 1) % args.save_every == 0:
             common.save_checkpoint(out_dir, step + 1, model, optimizer, scheduler, rank)
 
-    log.log(args.max_steps, evaluate_now())
+    if steps:  # with nothing trained the model is its start: the evaluation above stands
+        log.log(steps, evaluate_now())
     return common.finish_run(log, model, tokenizer, out_dir, rank, args.keep_checkpoints)
 
 

@@ -22,7 +22,8 @@ def model(tuned_tiny):
 
 def tiny_args(tmp_path, model, **kw):
     base = {"model": model, "num_train": 64, "num_eval": 8, "batch_size": 8, "max_new_tokens": 12, "num_generate": 16,
-            "lr": 3e-3, "warmup_steps": 1, "max_steps": 12, "save_every": 0, "output_dir": str(tmp_path / "run")}  # fmt: skip
+            "lr": 3e-3, "warmup_steps": 1, "max_steps": 12, "max_epochs": 100.0, "save_every": 0,
+            "output_dir": str(tmp_path / "run")}  # fmt: skip
     return cai.Args(**{**base, **kw})
 
 
@@ -150,12 +151,33 @@ def test_cai_writes_its_chains_and_pairs_trains_on_them_and_dpo_trains_on_the_pa
     assert [r["rounds"][0]["critique"] for r in other] != [r["rounds"][0]["critique"] for r in rows]
 
 
+def test_few_kept_revisions_train_for_max_epochs_over_them_and_none_kept_leaves_the_model_as_it_started(tmp_path, model, monkeypatch, capsys):
+    kept = iter([True] * 3 + [False] * 100)  # the guard keeps the first three revisions and drops the rest
+    monkeypatch.setattr(cai, "drop_reason", lambda *a: None if next(kept) else "reward")
+    out = cai.main(tiny_args(tmp_path, model, batch_size=2, max_epochs=2.0, max_steps=12))
+    assert "cai: 3 of 16 revisions kept: 3 steps (--max-epochs 2 over them) instead of --max-steps 12" in capsys.readouterr().out
+    metrics = read_metrics(out)
+    assert metrics[0]["cai/kept"] == 3 and [r["step"] for r in metrics if "loss" in r] == [1, 2, 3]  # ⌈2 · 3 / 2⌉
+    tok = common.load_tokenizer(model)
+    trained = lambda r: sum(t != common.IGNORE for t in common.tokenize_conversation(tok, common.as_messages(r["prompt"], r["final"]))["labels"])
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "cai_data.jsonl")]
+    assert sum(r["answer_tokens"] for r in metrics if "loss" in r) == 2 * sum(trained(r) for r in rows if cai.revised(r))  # each seen twice
+
+    monkeypatch.setattr(cai, "drop_reason", lambda *a: "reward")
+    out = cai.main(tiny_args(tmp_path, model, output_dir=str(tmp_path / "none")))
+    assert "0 steps (--max-epochs 100 over them) instead of --max-steps 12; the model is saved as it started" in capsys.readouterr().out
+    metrics = read_metrics(out)
+    assert [r["step"] for r in metrics] == [0] and metrics[0]["cai/kept"] == 0
+    before, after = common.load_model(model, tok), common.load_model(out, tok)
+    assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+
+
 # ───────────── processes: torchrun, kill and resume ─────────────
 
 
 def cli(model):
     return ["--model", model, "--num-train", "32", "--num-eval", "4", "--batch-size", "8", "--max-new-tokens", "8",
-            "--num-generate", "16", "--lr", "2e-3"]  # fmt: skip
+            "--num-generate", "16", "--lr", "2e-3", "--max-epochs", "100"]  # fmt: skip
 
 
 def test_two_gloo_processes_give_the_cai_weights_of_one_process(tmp_path, model):
