@@ -16,7 +16,7 @@ IGNORE = -100  # common.IGNORE: the label of an untrained token  # two processes
 
 
 def run_script(script: str, args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     return subprocess.run(launch + [script] + args, cwd=ROOT, env=ENV, capture_output=True, text=True)
 
 

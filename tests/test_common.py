@@ -500,7 +500,7 @@ def test_two_torchrun_ranks_starting_on_an_empty_cache_both_load_and_a_half_writ
     script = tmp_path / "convert_and_load.py"
     script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\n" + CONVERT_AND_LOAD)
     env = {**os.environ, "CLEANPOST_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)], env=env,
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)], env=env,
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "rank 0 loaded llama 49152" in r.stdout and "rank 1 loaded llama 49152" in r.stdout

@@ -131,7 +131,7 @@ def test_a_nan_on_one_rank_stops_both_gloo_ranks_within_seconds(tmp_path):
     script = tmp_path / "nan.py"
     script.write_text(NAN_ON_ONE_RANK.format(root=ROOT))
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
                        env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rank 0 stopped: step 3: the loss is not finite on 1 rank(s) (0.699999988079071 on this rank)" in r.stdout
