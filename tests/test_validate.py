@@ -98,7 +98,10 @@ def test_a_run_is_written_as_one_json_with_its_paired_gain_or_its_reward_model_e
     before = {"accuracy": 0.25, "accuracy_se": 0.2, "right": [0, 1, 0, 0], "formatted": [1, 1, 0, 1], "eval_s": 1.0}
     monkeypatch.setattr(validate, "start_dir", lambda start, threads: ("START", {"command": "python sft.py", "eval": before}))
 
+    ran = []
+
     def fake_run(cmd, log, threads):  # the script: writes its metrics where validate() reads them
+        ran.append(cmd)
         out = cmd[cmd.index("--output-dir") + 1]
         os.makedirs(out)
         with open(os.path.join(out, "metrics.jsonl"), "w") as f:
@@ -110,9 +113,13 @@ def test_a_run_is_written_as_one_json_with_its_paired_gain_or_its_reward_model_e
     r = validate.validate("grpo", 1, 2)
     assert r == json.loads((tmp_path / "results" / "grpo-seed1.json").read_text())
     assert r["command"] == "python grpo.py --seed 1 --model <sft5 start>" and r["name"] == "grpo-seed1"
+    assert ran[-1][:5] == ["grpo.py", "--seed", "1", "--model", "START"]
     assert (r["gain"], r["format_gain"]) == (pytest.approx(0.5), pytest.approx(0.25))  # two problems turned right, one formatted
     assert "right" not in r["before"] and r["after"]["right"] == [1, 1, 0, 1]
     assert (r["run_wall_s"], r["eval_wall_s"], r["peak_rss_gb"], r["metrics"]) == (90.0, 2.0, 3.5, [{"step": 1, "loss": 0.5}])
+    r = validate.validate("rft", 0, 2)  # distill.py has no --model: the start goes where its arguments name it
+    assert "--model" not in ran[-1] and ran[-1][ran[-1].index("--teacher") + 1] == ran[-1][ran[-1].index("--student") + 1] == "START"
+    assert r["command"].startswith("python distill.py --mode rft --teacher <sft5 start> --student <sft5 start>")
 
     monkeypatch.setattr(validate, "evaluate_rm", lambda out, kind: {"kind_seen": kind, "pairwise_accuracy": 0.6, "pairwise_accuracy_se": 0.1, "eval_s": 4.0})
     r = validate.validate("orm", 0, 2)

@@ -11,7 +11,8 @@ cores).
 
 A configuration is a start (an sft.py run, cached under runs/validate/ and keyed by its own arguments,
 so configurations that share it train it once) and one script run on top of it with the script's
-defaults plus the listed arguments. The evaluation (`evaluate`) is on held-out problems of the
+defaults plus the listed arguments (the start as --model, or, for distill.py, which has none, where the
+arguments name <start>). The evaluation (`evaluate`) is on held-out problems of the
 built-in task's test split, which no script ever trains on. Its problems EVAL_N..2·EVAL_N − 1 are
 the ones reported here; the first EVAL_N (and the scripts' own 64-problem evaluation, a prefix of them)
 served to choose the configurations (the learning rate and the start), so the reported numbers come
@@ -50,7 +51,7 @@ STARTS = {
 
 HEADLINE = ("grpo", "drgrpo", "rloo", "remax", "ppo")  # the validated configurations (the rest: attempts and ablations)
 # the README's tables other than the RL one (which has every configuration not named here)
-BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6"), "validate:cai": ("cai",), "validate:rm": ("orm", "prm")}
+BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6"), "validate:cai": ("cai",), "validate:distill": ("rft",), "validate:rm": ("orm", "prm")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py"], "GRPO with the DAPO-style defaults"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30"], "Dr. GRPO, 30 steps"),
@@ -97,6 +98,9 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "prm": ("sft5", ["rm.py", "--kind", "prm"], "process RM, per-step BCE on the built-in solutions"),
     # Constitutional AI's supervised stage, the model its own critic; must not collapse the start
     "cai": ("sft5", ["cai.py"], "CAI, self-critique and revision, SFT on the kept revisions"),
+    # rejection-sampling fine-tuning on itself at the RL scripts' learning rate (distill.py's 1e-4 is sized for a cut-down student)
+    "rft": ("sft5", ["distill.py", "--mode", "rft", "--teacher", "<start>", "--student", "<start>", "--lr", "1e-5"],
+            "self-RFT: the start's best of 4 answers when right, SFT on them, 2 rounds"),
     "gspo-token-mu1": ("sft5", ["grpo.py", "--importance-level", "sequence", "--loss-agg", "token"],
                        "GSPO's ratio, token mean, μ = 1: GRPO's step exactly (the first gspo run)"),
 }
@@ -221,15 +225,22 @@ def start_dir(name: str, threads: int) -> tuple[str, dict]:
         return model, json.load(f)
 
 
+def command(args: list[str], start: str) -> str:
+    """The run's command as the README shows it, the start named: `python grpo.py --model <sft5 start>`."""
+    shown = " ".join(f"<{start} start>" if a == "<start>" else a for a in args)
+    return f"python {shown}" + ("" if "<start>" in args else f" --model <{start} start>")
+
+
 def validate(name: str, seed: int, threads: int) -> dict:
     start, script, what = CONFIGS[name]
     model, start_info = start_dir(start, threads)
     tag = name if seed == 0 else f"{name}-seed{seed}"
     out = os.path.join(RUNS, tag)
     args = script + (["--seed", str(seed)] if seed else [])
-    wall, rss = run(args + ["--model", model, "--output-dir", out, "--overwrite"], out + ".log", threads)
+    with_start = [model if a == "<start>" else a for a in args] + ([] if "<start>" in args else ["--model", model])
+    wall, rss = run(with_start + ["--output-dir", out, "--overwrite"], out + ".log", threads)
     result = {"name": tag, "what": what, "start": start, "start_command": start_info["command"],
-              "command": f"python {' '.join(args)} --model <{start} start>", "seed": seed, "threads": threads}  # fmt: skip
+              "command": command(args, start), "seed": seed, "threads": threads}  # fmt: skip
     if script[0] == "rm.py":  # a reward model: its own evaluation, no policy accuracy to compare with the start's
         result["kind"] = "prm" if "prm" in script else "orm"
         result["after"] = evaluate_rm(out, result["kind"])
@@ -374,7 +385,7 @@ def main(argv: list[str]) -> None:
     if what == "list":
         for name, (start, script, desc) in CONFIGS.items():
             first = f"python {' '.join(STARTS[start])} then " if STARTS[start] else ""
-            print(f"{name:10s} {first}python {' '.join(script)} --model <{start} start>   # {desc}")
+            print(f"{name:10s} {first}{command(script, start)}   # {desc}")
     elif what == "compare":  # python tests/validate.py compare A B
         a, b = (json.load(open(os.path.join(RESULTS, f"{n}.json"))) for n in argv[1:3])
         print("{} − {}: {:+.3f} (paired SE {:.3f})".format(argv[1], argv[2], *paired_difference(a, b)))
