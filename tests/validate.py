@@ -72,6 +72,8 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "drgrpo-8x15": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--prompts-per-step", "8", "--max-steps", "15"],
                     "Dr. GRPO, 8 prompts a step, 15 steps"),
     "rloo-8x15": ("sft5", ["rloo_remax.py", "--prompts-per-step", "8", "--max-steps", "15"], "RLOO, 8 prompts a step, 15 steps"),
+    "remax-8x15": ("sft5", ["rloo_remax.py", "--estimator", "remax", "--prompts-per-step", "8", "--max-steps", "15"],
+                   "ReMax, 8 prompts a step, 15 steps"),
     # preference tuning: the README's first command, from the embedded model
     "dpo": ("base", ["dpo.py", "--beta", "0.1"], "DPO against the model's own answers (SPIN pairs), the defaults"),
     # DPO from the RL start: offline against the start's own wrong answers, and online with the rule reward, equal steps
