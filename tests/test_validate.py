@@ -112,8 +112,8 @@ def test_a_run_is_written_as_one_json_with_its_paired_gain_or_its_reward_model_e
     monkeypatch.setattr(validate, "evaluate", lambda out: {"accuracy": 0.75, "accuracy_se": 0.25, "right": [1, 1, 0, 1], "formatted": [1, 1, 1, 1], "eval_s": 2.0})
     r = validate.validate("grpo", 1, 2)
     assert r == json.loads((tmp_path / "results" / "grpo-seed1.json").read_text())
-    assert r["command"] == "python grpo.py --seed 1 --model <sft5 start>" and r["name"] == "grpo-seed1"
-    assert ran[-1][:5] == ["grpo.py", "--seed", "1", "--model", "START"]
+    assert r["command"] == "python grpo.py --prompts-per-step 4 --max-steps 20 --seed 1 --model <sft5 start>" and r["name"] == "grpo-seed1"
+    assert ran[-1][5:9] == ["--seed", "1", "--model", "START"]
     assert (r["gain"], r["format_gain"]) == (pytest.approx(0.5), pytest.approx(0.25))  # two problems turned right, one formatted
     assert "right" not in r["before"] and r["after"]["right"] == [1, 1, 0, 1]
     assert (r["run_wall_s"], r["eval_wall_s"], r["peak_rss_gb"], r["metrics"]) == (90.0, 2.0, 3.5, [{"step": 1, "loss": 0.5}])
