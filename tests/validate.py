@@ -340,18 +340,20 @@ def plot(results: list[dict], path: str) -> None:
     if plt is None or not results:
         return
     fig, axes = plt.subplots(2, 4, figsize=(18, 7))
+    lines = {}  # a run's first line, for the legend; its colour and dash are the same in every panel
     for ax, (key, alt, title) in zip(axes.flat, CURVES):
-        for r in results:
+        for i, r in enumerate(results):
             pts = [(m["step"], m.get(key, m.get(alt) if alt else None)) for m in r["metrics"]]
             pts = [(s, v) for s, v in pts if v is not None]
             if pts and not key.startswith("eval"):  # per-step values of 4 prompts are noisy: a 5-step running mean
                 pts = [(s, sum(v for _, v in pts[max(0, i - 4) : i + 1]) / len(pts[max(0, i - 4) : i + 1])) for i, (s, _) in enumerate(pts)]
             if pts:
-                ax.plot(*zip(*pts), label=r["name"], marker="." if key.startswith("eval") else None)
+                style = {"color": f"C{i % 10}", "linestyle": ("-", "--", ":")[i // 10 % 3], "marker": "." if key.startswith("eval") else None}
+                lines.setdefault(r["name"], ax.plot(*zip(*pts), **style)[0])
         ax.set_title(title if key.startswith("eval") else f"{title}, 5-step mean")
         ax.set_xlabel("step")
     axes.flat[-1].axis("off")
-    axes.flat[0].legend(fontsize=8)
+    axes.flat[-1].legend(lines.values(), lines.keys(), loc="center", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     print(f"wrote {path}")
