@@ -52,7 +52,7 @@ STARTS = {
 # the validated configurations (the rest: attempts and ablations); grpo-8x15 and drgrpo-8x15 are grpo.py's defaults
 HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo", "remax", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
-BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6"), "validate:cai": ("cai",), "validate:distill": ("rft",), "validate:rm": ("orm", "prm")}
+BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6"), "validate:cai": ("cai",), "validate:distill": ("rft",), "validate:rm": ("orm", "prm", "prm-2000")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
@@ -102,6 +102,8 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     # reward models, evaluated by evaluate_rm (the rm.py defaults: 480 pairs / solutions, one epoch, lr 3e-5)
     "orm": ("sft5", ["rm.py"], "outcome RM, Bradley-Terry on the built-in pairs"),
     "prm": ("sft5", ["rm.py", "--kind", "prm"], "process RM, per-step BCE on the built-in solutions"),
+    # the default PRM (480 solutions, 3.6 minutes) scored below calling every step right: four times the solutions
+    "prm-2000": ("sft5", ["rm.py", "--kind", "prm", "--num-train", "2000"], "process RM, 2000 solutions (one epoch)"),
     # Constitutional AI's supervised stage, the model its own critic; must not collapse the start
     "cai": ("sft5", ["cai.py"], "CAI, self-critique and revision, SFT on the kept revisions"),
     # rejection-sampling fine-tuning on itself at the RL scripts' learning rate (distill.py's 1e-4 is sized for a cut-down student)
