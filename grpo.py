@@ -106,7 +106,7 @@ class Args:
     """answers cut off by max_new_tokens: left out of the loss (mask), reward − 1 (penalty), or kept"""
     # optimisation
     lr: float = 1e-5
-    """peak AdamW learning rate (the validated run, tests/validate.py grpo: 3e-5 lost accuracy, 1e-5 gained)"""
+    """peak AdamW learning rate (the validated runs, tests/validate.py grpo-8x15; on the H200 3e-5 lost accuracy, 1e-5 gained)"""
     max_steps: int = 15
     """rollout steps (each: sample, score, μ updates)"""
     warmup_steps: int = 0

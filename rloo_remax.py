@@ -54,8 +54,9 @@ class Args:
     # algorithm
     group_size: int = 8
     """G: answers sampled per prompt (RLOO needs ≥ 2; ReMax adds one greedy decode per prompt)"""
-    prompts_per_step: int = 4
-    """prompts per step, over all ranks (each rank samples whole groups)"""
+    prompts_per_step: int = 8
+    """prompts per step, over all ranks (each rank samples whole groups); 8 × 15 steps: the validated runs
+    (tests/validate.py rloo-8x15, remax-8x15: RLOO +10.9 and +9.8 over two seeds, ReMax +14.8)"""
     temperature: float = 1.0
     """sampling temperature; the training forward divides the logits by it too"""
     max_new_tokens: int = 64
@@ -64,9 +65,9 @@ class Args:
     """β of the k1 KL penalty in the reward; 0 loads no reference model"""
     # optimisation
     lr: float = 1e-5
-    """peak AdamW learning rate (the validated runs, tests/validate.py rloo / remax)"""
-    max_steps: int = 30
-    """steps (each: sample, score, one update); 30: the validated runs (at 20 neither estimator gained 10 points)"""
+    """peak AdamW learning rate (the validated runs, tests/validate.py rloo-8x15 / remax-8x15)"""
+    max_steps: int = 15
+    """steps (each: sample, score, one update)"""
     warmup_steps: int = 0
     """linear warm-up steps before the cosine decay"""
     max_grad_norm: float = 1.0

@@ -49,22 +49,22 @@ STARTS = {
     "sft5": ["sft.py", "--max-steps", "5", "--warmup-steps", "1"],
 }
 
-# the validated configurations (the rest: attempts and ablations); grpo-8x15 and drgrpo-8x15 are grpo.py's defaults
-HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo", "remax", "ppo")
+# the validated configurations (the rest: attempts and ablations); the 8x15 ones are grpo.py's and rloo_remax.py's defaults
+HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo-8x15", "remax-8x15", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
 BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6"), "validate:cai": ("cai",), "validate:distill": ("rft",), "validate:rm": ("orm", "prm", "prm-2000")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
-    "rloo": ("sft5", ["rloo_remax.py"], "RLOO (30 steps)"),
-    "remax": ("sft5", ["rloo_remax.py", "--estimator", "remax"], "ReMax (30 steps)"),
+    "rloo": ("sft5", ["rloo_remax.py", "--prompts-per-step", "4", "--max-steps", "30"], "RLOO, 4 prompts a step, 30 steps (the first defaults)"),
+    "remax": ("sft5", ["rloo_remax.py", "--estimator", "remax", "--prompts-per-step", "4", "--max-steps", "30"], "ReMax, 4 prompts a step, 30 steps (the first defaults)"),
     "ppo": ("sft5", ["ppo.py"], "PPO with the rule reward"),
     "grpo-nokl": ("sft5", ["grpo.py", "--beta", "0"], "ablation: GRPO without the k3 term (next to grpo-8x15, the defaults)"),
     # earlier attempts at RLOO, ReMax and Dr. GRPO (20 steps, as GRPO): kept, they show what fell short
     "drgrpo-20steps": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "20", "--prompts-per-step", "4"], "Dr. GRPO, 20 steps"),
-    "rloo-20steps": ("sft5", ["rloo_remax.py", "--max-steps", "20"], "RLOO, 20 steps"),
-    "remax-20steps": ("sft5", ["rloo_remax.py", "--estimator", "remax", "--max-steps", "20"], "ReMax, 20 steps"),
-    "rloo-lr2e-5": ("sft5", ["rloo_remax.py", "--lr", "2e-5", "--max-steps", "20"], "RLOO at twice the learning rate, 20 steps"),
+    "rloo-20steps": ("sft5", ["rloo_remax.py", "--max-steps", "20", "--prompts-per-step", "4"], "RLOO, 20 steps"),
+    "remax-20steps": ("sft5", ["rloo_remax.py", "--estimator", "remax", "--max-steps", "20", "--prompts-per-step", "4"], "ReMax, 20 steps"),
+    "rloo-lr2e-5": ("sft5", ["rloo_remax.py", "--lr", "2e-5", "--max-steps", "20", "--prompts-per-step", "4"], "RLOO at twice the learning rate, 20 steps"),
     # Dr. GRPO changes two things at once (no 1/σ, a constant normaliser): one at a time, 20 steps as GRPO
     "grpo-scalenone": ("sft5", ["grpo.py", "--scale", "none", "--prompts-per-step", "4", "--max-steps", "20"], "ablation: GRPO without the 1/σ (token mean kept)"),
     # GRPO's seeds differ by 6.6 points (+10.2, +3.5): twice the prompts a step, as many prompts in all as 30 steps of 4;
@@ -73,9 +73,9 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     # Dr. GRPO's third configuration: the same 120 prompts as its 30-step run, 8 a step (half as many updates)
     "drgrpo-8x15": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--prompts-per-step", "8", "--max-steps", "15"],
                     "Dr. GRPO, 8 prompts a step, 15 steps"),
-    "rloo-8x15": ("sft5", ["rloo_remax.py", "--prompts-per-step", "8", "--max-steps", "15"], "RLOO, 8 prompts a step, 15 steps"),
+    "rloo-8x15": ("sft5", ["rloo_remax.py", "--prompts-per-step", "8", "--max-steps", "15"], "RLOO with rloo_remax.py's defaults: 8 prompts a step, 15 steps"),
     "remax-8x15": ("sft5", ["rloo_remax.py", "--estimator", "remax", "--prompts-per-step", "8", "--max-steps", "15"],
-                   "ReMax, 8 prompts a step, 15 steps"),
+                   "ReMax with rloo_remax.py's defaults: 8 prompts a step, 15 steps"),
     # the 8 × 15 runs took 9–11 minutes alone on the later machine (15–18 on the first): room for more steps at 8 a step
     "grpo-8x25": ("sft5", ["grpo.py", "--prompts-per-step", "8", "--max-steps", "25"], "GRPO, 8 prompts a step, 25 steps"),
     # preference tuning: the README's first command, from the embedded model
@@ -369,7 +369,7 @@ def tables() -> None:
     rl = [r for r in results if block_of(r) == "validate:rl"]
     headline = [r for r in rl if r["name"].split("-seed")[0] in HEADLINE]
     plot(headline, os.path.join(ROOT, "docs", "validate_rl.png"))
-    plot([r for r in rl if r not in headline or r["name"] in ("rloo", "remax", "drgrpo")],
+    plot([r for r in rl if r not in headline or r["name"] in ("rloo-8x15", "remax-8x15", "drgrpo-8x15")],
          os.path.join(ROOT, "docs", "validate_rl_attempts.png"))  # fmt: skip
     readme = os.path.join(ROOT, "README.md")
     with open(readme) as f:
