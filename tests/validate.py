@@ -103,7 +103,7 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "orm": ("sft5", ["rm.py"], "outcome RM, Bradley-Terry on the built-in pairs"),
     "prm": ("sft5", ["rm.py", "--kind", "prm"], "process RM, per-step BCE on the built-in solutions"),
     # the default PRM (480 solutions, 3.6 minutes) scored below calling every step right: four times the solutions
-    "prm-2000": ("sft5", ["rm.py", "--kind", "prm", "--num-train", "2000"], "process RM, 2000 solutions (one epoch)"),
+    "prm-2000": ("sft5", ["rm.py", "--kind", "prm", "--num-train", "2000", "--max-steps", "250"], "process RM, 2000 solutions, one epoch (250 steps of 8)"),
     # Constitutional AI's supervised stage, the model its own critic; must not collapse the start
     "cai": ("sft5", ["cai.py"], "CAI, self-critique and revision, SFT on the kept revisions"),
     # rejection-sampling fine-tuning on itself at the RL scripts' learning rate (distill.py's 1e-4 is sized for a cut-down student)
