@@ -338,7 +338,7 @@ def main(args: Args) -> str:
                   f"instead of --max-steps {args.max_steps}" + ("; the model is saved as it started" if not train else ""))  # fmt: skip
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    scheduler = common.cosine_schedule(optimizer, args.warmup_steps * steps // args.max_steps, steps)
+    scheduler = common.cosine_schedule(optimizer, args.warmup_steps * steps // max(args.max_steps, 1), steps)
     first = common.load_checkpoint(out_dir, model, optimizer, scheduler)[0] if args.resume else 0
     log = common.MetricsLog(out_dir, steps, first, rank, keys=("loss",))
     evaluate_now = functools.partial(evaluate, model, start, tokenizer, start_answers, problems, args, rank, world, device)
