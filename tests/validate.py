@@ -252,6 +252,7 @@ def validate(name: str, seed: int, threads: int) -> dict:
     if script[0] == "rm.py":  # a reward model: its own evaluation, no policy accuracy to compare with the start's
         result["kind"] = "prm" if "prm" in script else "orm"
         result["after"] = evaluate_rm(out, result["kind"])
+        summary = rm_cell(result)
     else:
         before, after = start_info["eval"], evaluate(out)
         gain, gain_se = paired(after["right"], before["right"])
@@ -259,18 +260,14 @@ def validate(name: str, seed: int, threads: int) -> dict:
         result |= {"before": {k: v for k, v in before.items() if k not in ("right", "formatted")},
                    "after": after,  # its lists: per problem, for paired comparisons between runs
                    "gain": gain, "gain_se_paired": gain_se, "format_gain": fgain, "format_gain_se_paired": fgain_se}  # fmt: skip
+        summary = (f"greedy accuracy {before['accuracy']:.3f} ± {before['accuracy_se']:.3f} → {after['accuracy']:.3f} ± "
+                   f"{after['accuracy_se']:.3f} (gain {gain:+.3f} ± {gain_se:.3f} paired)")  # fmt: skip
     with open(os.path.join(out, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f if line.strip()]
     result |= {"run_wall_s": wall, "eval_wall_s": result["after"]["eval_s"], "peak_rss_gb": rss, "metrics": metrics, "commit": git_commit()}
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{tag}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    if "gain" in result:
-        b, a = result["before"], result["after"]
-        summary = (f"greedy accuracy {b['accuracy']:.3f} ± {b['accuracy_se']:.3f} → {a['accuracy']:.3f} ± {a['accuracy_se']:.3f} "
-                   f"(gain {result['gain']:+.3f} ± {result['gain_se_paired']:.3f} paired)")  # fmt: skip
-    else:
-        summary = rm_cell(result)
     print(f"{tag}: {summary}, run {wall / 60:.1f} min, peak RSS {rss:.1f} GB")
     return result
 
