@@ -6,9 +6,9 @@ critiques and revises its own answers against written principles, then is fine-t
     against a principle drawn from --constitution, then to revise y0 given its critique; --revisions
     rounds, each on the last kept answer (the two requests: CRITIQUE_REQUEST and REVISION_REQUEST below)
  3. a revision is dropped, and its chain ends, when it is empty or refuses, or, when a reward exists (the
-    rule on prompts with an answer, or --reward-model), when it scores below y0 or states fewer worked
-    steps ("a + b = c") than y0: the guard against revisions that lose the answer or the working, or grow
-    ever more conservative
+    rule on prompts with an answer, or --reward-model), when it scores below y0, states fewer worked steps
+    ("a + b = c") than y0 or a false one ("18 - 8 = 5"), or, under the rule, leaves a wrong y0 wrong: the
+    guard against revisions that lose the answer or the working, or grow ever more conservative
  4. the model is fine-tuned on (prompt, last kept revision) with the SFT loss
         L = −(1/|A|) Σ_{t∈A} log π(y_t | x, y_<t)     A: the revisions' tokens of the step, on all ranks
     for --max-steps, or fewer: at most --max-epochs passes over the kept revisions (when the guard keeps
@@ -71,8 +71,10 @@ class Args:
     max_new_tokens: int = 64
     """generation budget per answer, critique and revision"""
     # optimisation
-    lr: float = 1e-4
-    """peak AdamW learning rate"""
+    lr: float = 1e-5
+    """peak AdamW learning rate (the model learns from its own revised answers: the rate at which distill.py's
+    self-RFT, the same kind of data, gains on the RL start; at 1e-4 two steps on a handful of rows collapsed the
+    model's sampled answers)"""
     batch_size: int = 8
     """revisions per optimizer step, over all ranks"""
     max_steps: int = 40
@@ -128,8 +130,8 @@ REVISION_REQUEST = (
 REFUSAL = re.compile(r"\b(I can ?not|I can't|I won't|I'm sorry|I am sorry|I'm unable|I am unable|as an AI)\b", re.IGNORECASE)
 # A worked step: "a + b = c" (any of + - * / × ÷). A revision that states fewer than the answer it revises has lost
 # working, the collapse a weak self-critic produces on math ("The answer is 14. The answer is 14."): right or not, its
-# final number then comes with nothing to learn the method from.
-WORKED_STEP = re.compile(r"-?\d+(?:\.\d+)?\s*[-+*/×÷]\s*-?\d+(?:\.\d+)?\s*=\s*-?\d+")
+# final number then comes with nothing to learn the method from. A stated step must also hold ("18 - 8 = 5" does not).
+WORKED_STEP = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*/×÷])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
 
 
 def read_constitution(path: str) -> list[dict]:
@@ -163,10 +165,13 @@ def revision_conversation(prompt, answer: str, principle: dict, critique: str) -
     ]
 
 
-def drop_reason(revision: str, reward: float | None, original_reward: float | None, original: str = "") -> str | None:
+def drop_reason(revision: str, reward: float | None, original_reward: float | None, original: str = "",
+                original_right: bool | None = None) -> str | None:  # fmt: skip
     """Why a revision is not used: "empty", "refusal", or, when a reward exists, "reward" (its reward is
-    below the original answer's) or "working" (it states fewer worked steps than the original); None
-    when it is kept. Without a reward (prompts with no answer and no --reward-model) only the first two apply."""
+    below the original answer's), "working" (it states fewer worked steps than the original), "slip" (a
+    worked step it states is false) or "unimproved" (the original is known wrong, original_right False,
+    and the revision scores no better: still wrong, so nothing in it is worth learning); None when it
+    is kept. Without a reward (prompts with no answer and no --reward-model) only the first two apply."""
     if not revision.strip():
         return "empty"
     if REFUSAL.search(revision):
@@ -177,13 +182,26 @@ def drop_reason(revision: str, reward: float | None, original_reward: float | No
         return "reward"
     if len(WORKED_STEP.findall(revision)) < len(WORKED_STEP.findall(original)):
         return "working"
+    if any(not step_holds(m) for m in WORKED_STEP.finditer(revision)):
+        return "slip"
+    if original_right is False and reward <= original_reward:
+        return "unimproved"
     return None
 
 
+def step_holds(step: re.Match) -> bool:
+    """Whether a worked step "a op b = c" (a WORKED_STEP match) is true arithmetic (to 1e-6; ÷ by 0 is false)."""
+    a, op, b, c = step.groups()
+    a, b, c = float(a), float(b), float(c)
+    if op in "/÷":
+        return b != 0 and abs(a / b - c) < 1e-6
+    return abs({"+": a + b, "-": a - b, "*": a * b, "×": a * b}[op] - c) < 1e-6
+
+
 def add_round(row: dict, principle: str, critique: str, revision: str, reward: float | None) -> None:
-    """Record one critique-revision round of `row` ({"y0", "y0_reward", "final", "rounds", "dropped"}):
+    """Record one critique-revision round of `row` ({"y0", "y0_reward", "y0_right", "final", "rounds", "dropped"}):
     a kept revision becomes the answer the next round revises; a dropped one ends the chain."""
-    reason = drop_reason(revision, reward, row["y0_reward"], row["y0"])
+    reason = drop_reason(revision, reward, row["y0_reward"], row["y0"], row["y0_right"])
     row["rounds"].append({"principle": principle, "critique": critique, "revision": revision, "reward": reward,
                           "dropped": reason})  # fmt: skip
     if reason:
@@ -200,7 +218,7 @@ def revised(row: dict) -> bool:
 def cai_stats(rows: list[dict]) -> dict:
     """Counts for the log: prompts, rows kept for training, preference pairs, and each kind of drop."""
     out = {"cai/prompts": len(rows), "cai/kept": sum(map(revised, rows)), "cai/pairs": len(preference_pairs(rows))}
-    out |= {f"cai/dropped_{k}": sum(r["dropped"] == k for r in rows) for k in ("empty", "refusal", "reward", "working")}
+    out |= {f"cai/dropped_{k}": sum(r["dropped"] == k for r in rows) for k in ("empty", "refusal", "reward", "working", "slip", "unimproved")}
     out["cai/unchanged"] = sum(revised(r) and r["final"] == r["y0"] for r in rows)
     return out
 
@@ -232,8 +250,10 @@ def cai_data(model, tokenizer, critic, critic_tokenizer, prompts: list[dict], pr
         return common.answer_scores([prompts[i] for i in ids], texts, reward_model, device, args.format_reward, args.max_tokens).tolist()
 
     y0 = sample(model, tokenizer, [prompts[i]["prompt"] for i in mine], mine, "cai-y0")
-    rows = [{"i": i, "prompt": prompts[i]["prompt"], "y0": y, "y0_reward": r, "final": y, "rounds": [], "dropped": None}
-            for i, y, r in zip(mine, y0, rewards(mine, y0))]  # fmt: skip
+    # whether y0 is right is known under the rule only (a reward model's score has no "right")
+    right = [common.rule_reward(y, prompts[i]["answer"]) >= 1 if with_reward and reward_model is None else None for i, y in zip(mine, y0)]
+    rows = [{"i": i, "prompt": prompts[i]["prompt"], "y0": y, "y0_reward": r, "y0_right": ok, "final": y, "rounds": [], "dropped": None}
+            for i, y, r, ok in zip(mine, y0, rewards(mine, y0), right)]  # fmt: skip
     for rnd in range(args.revisions):
         live = [r for r in rows if r["dropped"] is None]
         if not live:

@@ -20,6 +20,14 @@ def model(tuned_tiny):
     return tuned_tiny
 
 
+def answerless(tmp_path, n: int = 24) -> str:
+    """The built-in training prompts without their answers: no reward, so only empty answers and refusals are
+    dropped and the tiny model's revisions (never right) are kept to train on."""
+    path = tmp_path / "answerless.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p["prompt"]}) + "\n" for p in common.builtin_prompts("train", n)))
+    return str(path)
+
+
 def tiny_args(tmp_path, model, **kw):
     base = {"model": model, "num_train": 64, "num_eval": 8, "batch_size": 8, "max_new_tokens": 12, "num_generate": 16,
             "lr": 3e-3, "warmup_steps": 1, "max_steps": 12, "max_epochs": 100.0, "save_every": 0,
@@ -92,9 +100,27 @@ def test_drop_reason_on_hand_made_revisions(revision, reward, original, reason):
     assert cai.drop_reason(revision, reward, original, y0) == reason
 
 
+@pytest.mark.parametrize(
+    "revision, reward, original_right, reason",
+    [
+        ("11 + 7 = 18. 18 - 8 = 10. The answer is 10.", 1.1, False, None),  # wrong y0 made right, working true
+        ("A step wrong, 18 - 8 = 5. 5 + 5 = 10. The answer is 10.", 1.1, False, "slip"),  # right answer, false step
+        ("11 + 7 = 18. 18 - 8 = 7. The answer is 7.", 0.1, False, "slip"),  # y0 again, slip and all
+        ("11 + 7 = 18. 18 − 8 = 10, so 18 - 8 = 10. The answer is 9.", 0.1, False, "unimproved"),  # true steps, still wrong
+        ("11 + 7 = 18. 18 - 8 = 10. The answer is 10.", 1.1, True, None),  # a right y0 restated
+        ("11 + 7 = 18. 18 - 8 = 10. The answer is 10.", 0.1, None, None),  # a reward model's tie: no "right" to lose
+        ("6 × 3 = 18. 18 ÷ 4 = 4.5. 10 / 0 = 0. The answer is 4.5.", 1.1, False, "slip"),  # ÷ by 0 never holds
+        ("6 × 3 = 18. 18 ÷ 4 = 4.5. 2.5 * 2 = 5. The answer is 5.", 1.1, False, None),
+    ],
+)
+def test_a_revision_that_states_a_false_step_or_leaves_a_wrong_answer_wrong_is_dropped(revision, reward, original_right, reason):
+    y0 = "Dan has 11 apples. 11 + 7 = 18. 18 - 8 = 7. The answer is 7."  # two worked steps, the second false
+    assert cai.drop_reason(revision, reward, 0.1, y0, original_right) == reason
+
+
 def test_a_chain_keeps_its_last_good_revision_and_the_counts_add_up():
     def row(y0, reward):
-        return {"prompt": "p", "y0": y0, "y0_reward": reward, "final": y0, "rounds": [], "dropped": None}
+        return {"prompt": "p", "y0": y0, "y0_reward": reward, "y0_right": None, "final": y0, "rounds": [], "dropped": None}
 
     good_then_empty = row("The answer is 6.", 0.1)
     cai.add_round(good_then_empty, "correct", "6 is wrong", "The answer is 7.", 1.1)
@@ -113,15 +139,16 @@ def test_a_chain_keeps_its_last_good_revision_and_the_counts_add_up():
     assert [cai.revised(r) for r in rows] == [True, False, False, True, False]
     assert cai.preference_pairs(rows) == [{"prompt": "p", "chosen": "The answer is 7.", "rejected": "The answer is 6."}]
     assert cai.cai_stats(rows) == {"cai/prompts": 5, "cai/kept": 2, "cai/pairs": 1, "cai/dropped_empty": 1, "cai/dropped_refusal": 1,
-                                   "cai/dropped_reward": 1, "cai/dropped_working": 1, "cai/unchanged": 1}  # fmt: skip
+                                   "cai/dropped_reward": 1, "cai/dropped_working": 1, "cai/dropped_slip": 0,
+                                   "cai/dropped_unimproved": 0, "cai/unchanged": 1}  # fmt: skip
 
 
 def test_cai_writes_its_chains_and_pairs_trains_on_them_and_dpo_trains_on_the_pairs(tmp_path, model):
     import dpo
 
-    out = cai.main(tiny_args(tmp_path, model, revisions=2, max_steps=8))
+    out = cai.main(tiny_args(tmp_path, model, data=answerless(tmp_path), revisions=2, max_steps=8))
     rows = [json.loads(line) for line in open(tmp_path / "run" / "cai_data.jsonl")]
-    assert [r["i"] for r in rows] == list(range(16))
+    assert [r["i"] for r in rows] == list(range(16)) and all(r["y0_reward"] is None and r["y0_right"] is None for r in rows)
     assert all(r["y0"] and 1 <= len(r["rounds"]) <= 2 and all("critique" in c for c in r["rounds"]) for r in rows)
     metrics = read_metrics(out)
     stats = {k: v for k, v in metrics[0].items() if k.startswith("cai/")}
@@ -141,7 +168,8 @@ def test_cai_writes_its_chains_and_pairs_trains_on_them_and_dpo_trains_on_the_pa
                                 batch_size=4, max_steps=3, lr=1e-3, save_every=0, output_dir=str(tmp_path / "dpo")))  # fmt: skip
     assert [r["step"] for r in read_metrics(dpo_out) if "loss" in r] == [1, 2, 3]
 
-    # --critic: another model critiques and revises; the answers y0 stay the model's own
+    # --critic: another model critiques and revises; the answers y0 stay the model's own. The built-in prompts
+    # carry their answers: the rule reward judges y0 and every revision, and the guard drops by it
     critic = tmp_path / "critic"
     common.tiny_model(tok, seed=1).save_pretrained(critic)
     tok.save_pretrained(critic)
@@ -149,6 +177,11 @@ def test_cai_writes_its_chains_and_pairs_trains_on_them_and_dpo_trains_on_the_pa
     other = [json.loads(line) for line in open(tmp_path / "critic-run" / "cai_data.jsonl")]
     assert [r["y0"] for r in other] == [r["y0"] for r in rows]
     assert [r["rounds"][0]["critique"] for r in other] != [r["rounds"][0]["critique"] for r in rows]
+    answers = [p["answer"] for p in common.builtin_prompts("train", 16)]
+    assert [r["y0_right"] for r in other] == [common.rule_reward(r["y0"], a) >= 1 for r, a in zip(other, answers)]
+    for r in other:
+        first = r["rounds"][0]
+        assert first["dropped"] == cai.drop_reason(first["revision"], first["reward"], r["y0_reward"], r["y0"], r["y0_right"])
 
 
 def test_few_kept_revisions_train_for_max_epochs_over_them_and_none_kept_leaves_the_model_as_it_started(tmp_path, model, monkeypatch, capsys):
@@ -175,18 +208,18 @@ def test_few_kept_revisions_train_for_max_epochs_over_them_and_none_kept_leaves_
 # ───────────── processes: torchrun, kill and resume ─────────────
 
 
-def cli(model):
-    return ["--model", model, "--num-train", "32", "--num-eval", "4", "--batch-size", "8", "--max-new-tokens", "8",
+def cli(model, tmp_path):
+    return ["--model", model, "--data", answerless(tmp_path), "--num-eval", "4", "--batch-size", "8", "--max-new-tokens", "8",
             "--num-generate", "16", "--lr", "2e-3", "--max-epochs", "100"]  # fmt: skip
 
 
 def test_two_gloo_processes_give_the_cai_weights_of_one_process(tmp_path, model):
-    args = cli(model) + ["--revisions", "2", "--max-steps", "3", "--max-tokens", "200"]
+    args = cli(model, tmp_path) + ["--revisions", "2", "--max-steps", "3", "--max-tokens", "200"]
     check_two_processes_match_one("cai.py", args, tmp_path, lr=2e-3)
 
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, model):
-    args = cli(model) + ["--max-steps", "6", "--save-every", "3"]
+    args = cli(model, tmp_path) + ["--max-steps", "6", "--save-every", "3"]
     check_resume_matches_uninterrupted("cai.py", args, tmp_path, steps=6)
 
 
