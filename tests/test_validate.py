@@ -126,3 +126,38 @@ def test_a_run_is_written_as_one_json_with_its_paired_gain_or_its_reward_model_e
     assert (r["kind"], r["after"]["kind_seen"], r["eval_wall_s"]) == ("orm", "orm", 4.0)
     assert "gain" not in r and "before" not in r
     assert r == json.loads((tmp_path / "results" / "orm.json").read_text())
+
+
+def test_a_start_made_from_other_starts_and_a_students_reverse_kl_to_its_teacher(tmp_path, monkeypatch):
+    import common
+    import distill
+    import torch
+
+    made = []
+    monkeypatch.setattr(validate, "start_dir", lambda name, threads: (made.append(name) or f"DIR-{name}", {}))
+    args = validate.CONFIGS["kd-then-onpolicy"][1]
+    resolved = validate.with_starts(args, "kd", 2)
+    assert resolved[resolved.index("--teacher") + 1] == "DIR-rft" and resolved[resolved.index("--student") + 1] == "DIR-kd"
+    assert made == ["rft", "kd"] and validate.start_of("--lr") == ""
+    assert validate.command(args, "kd").startswith("python distill.py --mode on-policy --teacher <rft start> --student <kd start>")
+    monkeypatch.undo()
+
+    monkeypatch.setattr(validate, "EVAL_N", 3)  # problems 3..5 of the test split
+    tok = common.load_tokenizer("tiny")
+    for seed, name in ((0, "student"), (1, "teacher")):
+        common.tiny_model(tok, seed=seed).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    same = validate.evaluate_kl(str(tmp_path / "student"), str(tmp_path / "student"))
+    assert same["per_problem"] == [0.0, 0.0, 0.0]
+    kl = validate.evaluate_kl(str(tmp_path / "student"), str(tmp_path / "teacher"))
+    student, teacher = (common.load_model(str(tmp_path / n), tok).eval() for n in ("student", "teacher"))
+    problem = common.builtin_task("test", 6, 0)[3]
+    text = common.generate(student, tok, [problem["prompt"]], 64, temperature=1.0, seeds=[common.hash_int(["reverse kl", 0])])[0]["text"]
+    sample = common.tokenize_conversation(tok, common.as_messages(problem["prompt"], text))
+    ids, labels = torch.tensor([sample["input_ids"]]), torch.tensor(sample["labels"])
+    at = labels[1:] != common.IGNORE  # position t predicts token t + 1
+    with torch.no_grad():
+        logp_s, logp_t = (m(ids).logits[0, :-1][at].float().log_softmax(-1) for m in (student, teacher))
+    by_hand = (logp_s.exp() * (logp_s - logp_t)).sum(-1).mean()
+    assert kl["per_problem"][0] == pytest.approx(float(by_hand), rel=1e-4) and kl["mean"] > 0
+    assert distill.Args().temperature == 1.0  # the divergence the runner reads is at τ = 1

@@ -44,15 +44,21 @@ RESULTS = os.path.join(ROOT, "docs", "validate")
 
 # The RL start: a light SFT, so the model already writes the answer format but its answers still vary
 # (a full sft.py run leaves almost nothing to learn: entropy 0.05 nats/token, half the groups tied).
+# A start may be made from another ("<start:NAME>" in its arguments, as in a configuration's).
 STARTS = {
     "base": [],  # the embedded model itself, untrained (what `torchrun dpo.py --beta 0.1` starts from)
     "sft5": ["sft.py", "--max-steps", "5", "--warmup-steps", "1"],
+    # the distillation teacher: the rft configuration's run, self-RFT on the RL start (0.211 → 0.453)
+    "rft": ["distill.py", "--mode", "rft", "--teacher", "<start:sft5>", "--student", "<start:sft5>", "--lr", "1e-5"],
+    # the warm student: the kd-token configuration's run, the RL start after 40 steps of token-level KD from it
+    "kd": ["distill.py", "--mode", "token", "--teacher", "<start:rft>", "--student", "<start:sft5>", "--lr", "1e-5"],
 }
 
 # the validated configurations (the rest: attempts and ablations); the 8x15 ones are grpo.py's and rloo_remax.py's defaults
 HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo-8x15", "remax-8x15", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
-BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6"), "validate:cai": ("cai",), "validate:distill": ("rft",), "validate:rm": ("orm", "prm", "prm-2000")}
+BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6"), "validate:cai": ("cai",),
+          "validate:distill": ("rft", "kd-token", "kd-sft", "kd-then-token", "kd-then-onpolicy"), "validate:rm": ("orm", "prm", "prm-2000")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
@@ -109,6 +115,16 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     # rejection-sampling fine-tuning on itself at the RL scripts' learning rate (distill.py's 1e-4 is sized for a cut-down student)
     "rft": ("sft5", ["distill.py", "--mode", "rft", "--teacher", "<start>", "--student", "<start>", "--lr", "1e-5"],
             "self-RFT: the start's best of 4 answers when right, SFT on them, 2 rounds"),
+    # distillation: the teacher is the rft start (0.453), the student the RL start (0.211), the same 135M architecture
+    # (the cut-down students learn nothing in a CPU-sized run); lr 1e-5 as for rft, 40 steps of 8 (the defaults)
+    "kd-token": ("sft5", ["distill.py", "--mode", "token", "--teacher", "<start:rft>", "--student", "<start>", "--lr", "1e-5"],
+                 "token-level KD (forward KL) from the rft teacher on the data's answers"),
+    "kd-sft": ("sft5", ["sft.py", "--lr", "1e-5"], "plain SFT of the same student on the same 320 answers in the same order (kd-token's control)"),
+    # from the warm student (the kd start), 20 more steps each, a fresh data order (--seed 1)
+    "kd-then-token": ("kd", ["distill.py", "--mode", "token", "--teacher", "<start:rft>", "--student", "<start>", "--lr", "1e-5",
+                             "--max-steps", "20", "--seed", "1"], "the warm student, 20 more steps of token-level KD (off-policy)"),
+    "kd-then-onpolicy": ("kd", ["distill.py", "--mode", "on-policy", "--teacher", "<start:rft>", "--student", "<start>", "--lr", "1e-5",
+                                "--max-steps", "20", "--seed", "1"], "the warm student, 20 steps of on-policy distillation (reverse KL on its own samples)"),
     "gspo-token-mu1": ("sft5", ["grpo.py", "--importance-level", "sequence", "--loss-agg", "token", "--prompts-per-step", "4", "--max-steps", "20"],
                        "GSPO's ratio, token mean, μ = 1: GRPO's step exactly (the first gspo run)"),
 }
@@ -216,11 +232,47 @@ def evaluate_rm(model_dir: str, kind: str) -> dict:
     return out
 
 
+def start_of(arg: str, start: str = "") -> str:
+    """The start an argument stands for: "<start>" the configuration's own, "<start:NAME>" NAME; "" when it is a
+    plain argument."""
+    if arg == "<start>":
+        return start
+    return arg[len("<start:") : -1] if arg.startswith("<start:") and arg.endswith(">") else ""
+
+
+def with_starts(args: list[str], start: str, threads: int) -> list[str]:
+    """The arguments with every start they name replaced by its model directory (made first if need be)."""
+    return [start_dir(start_of(a, start), threads)[0] if start_of(a, start) else a for a in args]
+
+
+@torch.no_grad()
+def evaluate_kl(student_dir: str, teacher_dir: str) -> dict:
+    """The student's reverse KL to the teacher where the student goes: on each of the EVAL_N reported problems, one
+    answer sampled from the student (τ = 1, seeded), and over its tokens the mean of
+    KL(p_S‖p_T) = Σ_v p_S(v) (log p_S(v) − log p_T(v)) over the full vocabulary (distill.py's reverse divergence).
+    Per problem, for paired comparisons; an empty answer counts 0."""
+    import distill
+
+    tok = common.load_tokenizer(student_dir)
+    student, teacher = common.load_model(student_dir, tok).eval(), common.load_model(teacher_dir, tok).eval()
+    problems = common.builtin_task("test", 2 * EVAL_N, 0)[EVAL_N:]
+    t0 = time.time()
+    seeds = [common.hash_int(["reverse kl", i]) for i in range(len(problems))]
+    gens = common.generate(student, tok, [p["prompt"] for p in problems], 64, temperature=1.0, seeds=seeds, what="reverse KL samples")
+    per = []
+    for p, g in zip(problems, gens):
+        batch = common.collate_packed([common.tokenize_conversation(tok, common.as_messages(p["prompt"], g["text"]))])
+        total, n = distill.answer_divergence(student, teacher, batch, ("reverse",), distill.Args())
+        per.append(float(total[0]) / n if n else 0.0)
+    mean, se = mean_se(per)
+    return {"mean": mean, "se": se, "per_problem": per, "eval_s": time.time() - t0}
+
+
 def start_dir(name: str, threads: int) -> tuple[str, dict]:
     """The start's model directory and its evaluation, both made once per start configuration ("base": the
-    embedded model, evaluated once)."""
-    args = STARTS[name]
-    out = os.path.join(RUNS, f"start-{name}-{common.cache_key(args)}")
+    embedded model, evaluated once), after the starts it is made from."""
+    args = with_starts(STARTS[name], "", threads)
+    out = os.path.join(RUNS, f"start-{name}-{common.cache_key(args)}")  # the arguments as run: a start's key holds its own starts' keys
     model = out if args else common.DEFAULT_MODEL
     if not os.path.exists(os.path.join(out, "start.json")):
         wall, rss = run(args + ["--output-dir", out, "--overwrite"], out + ".log", threads) if args else (0.0, 0.0)
@@ -235,7 +287,7 @@ def start_dir(name: str, threads: int) -> tuple[str, dict]:
 
 def command(args: list[str], start: str) -> str:
     """The run's command as the README shows it, the start named: `python grpo.py --model <sft5 start>`."""
-    shown = " ".join(f"<{start} start>" if a == "<start>" else a for a in args)
+    shown = " ".join(f"<{start_of(a, start)} start>" if start_of(a, start) else a for a in args)
     return f"python {shown}" + ("" if "<start>" in args else f" --model <{start} start>")
 
 
@@ -245,7 +297,7 @@ def validate(name: str, seed: int, threads: int) -> dict:
     tag = name if seed == 0 else f"{name}-seed{seed}"
     out = os.path.join(RUNS, tag)
     args = script + (["--seed", str(seed)] if seed else [])
-    with_start = [model if a == "<start>" else a for a in args] + ([] if "<start>" in args else ["--model", model])
+    with_start = with_starts(args, start, threads) + ([] if "<start>" in args else ["--model", model])
     wall, rss = run(with_start + ["--output-dir", out, "--overwrite"], out + ".log", threads)
     result = {"name": tag, "what": what, "start": start, "start_command": start_info["command"],
               "command": command(args, start), "seed": seed, "threads": threads}  # fmt: skip
@@ -262,6 +314,10 @@ def validate(name: str, seed: int, threads: int) -> dict:
                    "gain": gain, "gain_se_paired": gain_se, "format_gain": fgain, "format_gain_se_paired": fgain_se}  # fmt: skip
         summary = (f"greedy accuracy {before['accuracy']:.3f} ± {before['accuracy_se']:.3f} → {after['accuracy']:.3f} ± "
                    f"{after['accuracy_se']:.3f} (gain {gain:+.3f} ± {gain_se:.3f} paired)")  # fmt: skip
+        if script[0] == "distill.py" and "--teacher" in script and "rft" not in script:  # a student and its teacher
+            teacher = with_start[with_start.index("--teacher") + 1]
+            result["kl"] = {"before": evaluate_kl(model, teacher), "after": evaluate_kl(out, teacher)}
+            summary += ", reverse KL to the teacher {:.4f} → {:.4f}".format(*(result["kl"][k]["mean"] for k in ("before", "after")))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f if line.strip()]
     result |= {"run_wall_s": wall, "eval_wall_s": result["after"]["eval_s"], "peak_rss_gb": rss, "metrics": metrics, "commit": git_commit()}
@@ -289,15 +345,20 @@ def load_results() -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
+    """A row per run; where some run was a student with a teacher, a column with its reverse KL to the teacher."""
     pm = lambda d, k: f"{d[k]:.3f} ± {d[k + '_se']:.3f}"  # noqa: E731
+    with_kl = any("kl" in r for r in results)
     lines = ["| run | command (on the start) | greedy accuracy, start → after | gain (paired SE) | format rate, start → after "
-             f"| pass@{PASS_K}, start → after | run wall (m:ss) | peak RSS (GB) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             f"| pass@{PASS_K}, start → after |" + (" reverse KL to the teacher, start → after |" if with_kl else "")
+             + " run wall (m:ss) | peak RSS (GB) |", "|---|---|---|---|---|---|" + ("---|" if with_kl else "") + "---|---|"]  # fmt: skip
     for r in results:
         b, a = r["before"], r["after"]
+        kl = (" {:.4f} → {:.4f} ± {:.4f} |".format(r["kl"]["before"]["mean"], r["kl"]["after"]["mean"], r["kl"]["after"]["se"])
+              if "kl" in r else " – |") if with_kl else ""  # fmt: skip
         lines.append(
             f"| {r['name']} | `{r['command']}` | {pm(b, 'accuracy')} → {pm(a, 'accuracy')} | {r['gain']:+.3f} ({r['gain_se_paired']:.3f}) "
-            f"| {b['format']:.3f} → {a['format']:.3f}{fmt_gain(r)} | {b[f'pass@{PASS_K}']:.3f} → {a[f'pass@{PASS_K}']:.3f} "
-            f"| {int(r['run_wall_s'] // 60)}:{int(r['run_wall_s'] % 60):02d} | {r['peak_rss_gb']:.1f} |"
+            f"| {b['format']:.3f} → {a['format']:.3f}{fmt_gain(r)} | {b[f'pass@{PASS_K}']:.3f} → {a[f'pass@{PASS_K}']:.3f} |{kl}"
+            f" {int(r['run_wall_s'] // 60)}:{int(r['run_wall_s'] % 60):02d} | {r['peak_rss_gb']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -391,11 +452,13 @@ def main(argv: list[str]) -> None:
     what = argv[0] if argv else "list"
     if what == "list":
         for name, (start, script, desc) in CONFIGS.items():
-            first = f"python {' '.join(STARTS[start])} then " if STARTS[start] else ""
+            first = f"python {' '.join(f'<{start_of(a)} start>' if start_of(a) else a for a in STARTS[start])} then " if STARTS[start] else ""
             print(f"{name:10s} {first}{command(script, start)}   # {desc}")
     elif what == "compare":  # python tests/validate.py compare A B
         a, b = (json.load(open(os.path.join(RESULTS, f"{n}.json"))) for n in argv[1:3])
-        print("{} − {}: {:+.3f} (paired SE {:.3f})".format(argv[1], argv[2], *paired_difference(a, b)))
+        print("{} − {}: accuracy {:+.3f} (paired SE {:.3f})".format(argv[1], argv[2], *paired_difference(a, b)))
+        if "kl" in a and "kl" in b:
+            print("reverse KL to the teacher {:+.4f} (paired SE {:.4f})".format(*paired(a["kl"]["after"]["per_problem"], b["kl"]["after"]["per_problem"])))
     elif what == "tables":
         tables()
     elif what == "all":
