@@ -139,6 +139,11 @@ def test_a_start_made_from_other_starts_and_a_students_reverse_kl_to_its_teacher
     resolved = validate.with_starts(args, "kd", 2)
     assert resolved[resolved.index("--teacher") + 1] == "DIR-rft" and resolved[resolved.index("--student") + 1] == "DIR-kd"
     assert made == ["rft", "kd"] and validate.start_of("--lr") == ""
+    monkeypatch.setattr(validate, "RUNS", str(tmp_path / "runs"))
+    with pytest.raises(SystemExit, match="run `python tests/validate.py orm` first"):
+        validate.with_starts(["--orm", "<run:orm>"], "sft5", 2)
+    path = validate.with_starts(["<reported:3>"], "sft5", 2)[0]
+    assert common.read_prompts(path)[2]["answer"] == validate.reported_problems()[2]["answer"] and len(common.read_prompts(path)) == 3
     assert validate.command(args, "kd").startswith("python distill.py --mode on-policy --teacher <rft start> --student <kd start>")
     monkeypatch.undo()
 
@@ -161,3 +166,24 @@ def test_a_start_made_from_other_starts_and_a_students_reverse_kl_to_its_teacher
     by_hand = (logp_s.exp() * (logp_s - logp_t)).sum(-1).mean()
     assert kl["per_problem"][0] == pytest.approx(float(by_hand), rel=1e-4) and kl["mean"] > 0
     assert distill.Args().temperature == 1.0  # the divergence the runner reads is at τ = 1
+
+
+def test_best_of_n_is_read_from_the_samples_problem_by_problem_with_what_each_scorer_prefers(tmp_path):
+    import json
+
+    # 2 problems × 4 samples; the ORM prefers the longest answer, right or not
+    texts = [("4 + 1 = 5. The answer is 5.", 1.0), ("The answer is 6. The answer is 6.", 0.0), ("The answer is 5.", 1.0), ("Five.", 0.0),
+             ("2 + 2 = 4. The answer is 4.", 1.0), ("2 + 2 = 5. The answer is 5.", 0.0), ("I think 4.", 0.0), ("The answer is 9.", 0.0)]  # fmt: skip
+    rows = [{"prompt": "p", "answer": 5, "text": t, "correct": c, "orm": float(len(t))} for t, c in texts]
+    (tmp_path / "best_of_n_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = validate.evaluate_bon(str(tmp_path), [2, 4])
+    assert out["sample_accuracy"][0] == pytest.approx((2 / 4 + 1 / 4) / 2)
+    # groups of 2: problem 0 picks sample 1 (wrong) and 2 (right); problem 1 picks 0 or 1 — tied lengths, the first: right — and 3 (wrong)
+    assert out["orm@2"]["per_problem"] == [0.5, 0.5] and out["orm@4"]["per_problem"] == [0.0, 1.0]
+    assert out["pass@2"]["per_problem"] == [1.0, 0.5] and out["pass@4"]["per_problem"] == [1.0, 1.0]
+    assert out["orm@4"]["over_one_sample"][0] == pytest.approx(((0 - 0.5) + (1 - 0.25)) / 2)
+    picked = out["prefers"]["orm"]  # the longest of each problem's 4: samples 1 and 4
+    assert picked["chars"] == (len(texts[1][0]) + len(texts[4][0])) / 2 and picked["format"] == 1.0 and picked["repeats"] == 0.5
+    assert out["prefers"]["all samples"]["format"] == 6 / 8 and picked["right"] == 0.5
+    line = validate.rm_cell({"after": out})
+    assert line.startswith("2 problems × 4 samples; one sample 0.375") and "orm: @2 0.500 (+0.125, SE " in line

@@ -58,7 +58,7 @@ STARTS = {
 HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo-8x15", "remax-8x15", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
 BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6"), "validate:cai": ("cai",),
-          "validate:distill": ("rft", "kd-token", "kd-sft", "kd-then-token", "kd-then-onpolicy"), "validate:rm": ("orm", "prm", "prm-2000")}
+          "validate:distill": ("rft", "kd-token", "kd-sft", "kd-then-token", "kd-then-onpolicy"), "validate:rm": ("orm", "prm", "prm-2000", "bon")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
@@ -125,6 +125,10 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
                              "--max-steps", "20", "--seed", "1"], "the warm student, 20 more steps of token-level KD (off-policy)"),
     "kd-then-onpolicy": ("kd", ["distill.py", "--mode", "on-policy", "--teacher", "<start:rft>", "--student", "<start>", "--lr", "1e-5",
                                 "--max-steps", "20", "--seed", "1"], "the warm student, 20 steps of on-policy distillation (reverse KL on its own samples)"),
+    # best-of-N: the RL start samples 16 answers to each of the first 128 reported problems, the orm and prm runs'
+    # verifiers pick (run those two first); 128 problems, as 256 × 16 samples would take the better part of an hour
+    "bon": ("sft5", ["rm.py", "--best-of-n", "4", "16", "--policy", "<start>", "--orm", "<run:orm>", "--prm", "<run:prm>",
+                     "--data", "<reported:128>"], "best-of-N with the trained ORM and PRM on the RL start's samples"),
     "gspo-token-mu1": ("sft5", ["grpo.py", "--importance-level", "sequence", "--loss-agg", "token", "--prompts-per-step", "4", "--max-steps", "20"],
                        "GSPO's ratio, token mean, μ = 1: GRPO's step exactly (the first gspo run)"),
 }
@@ -172,7 +176,7 @@ def evaluate(model_dir: str, seed: int = 0) -> dict:
     per-problem outcomes (for paired differences)."""
     tok = common.load_tokenizer(model_dir)
     model = common.load_model(model_dir, tok).eval()
-    problems = common.builtin_task("test", 2 * EVAL_N, 0)[EVAL_N:]  # the first EVAL_N chose the configurations
+    problems = reported_problems()
     t0 = time.time()
     gens = common.generate(model, tok, [p["prompt"] for p in problems], 64, what="greedy evaluation")
     right = [common.rule_reward(g["text"], p["answer"]) for g, p in zip(gens, problems)]
@@ -241,8 +245,33 @@ def start_of(arg: str, start: str = "") -> str:
 
 
 def with_starts(args: list[str], start: str, threads: int) -> list[str]:
-    """The arguments with every start they name replaced by its model directory (made first if need be)."""
-    return [start_dir(start_of(a, start), threads)[0] if start_of(a, start) else a for a in args]
+    """The arguments with every start they name replaced by its model directory (made first if need be),
+    "<run:NAME>" by configuration NAME's run directory (which must exist) and "<reported:N>" by a prompts
+    JSONL of the first N reported problems."""
+
+    def resolve(a: str) -> str:
+        if start_of(a, start):
+            return start_dir(start_of(a, start), threads)[0]
+        if a.startswith("<run:"):
+            path = os.path.join(RUNS, a[len("<run:") : -1])
+            if not os.path.exists(os.path.join(path, "config.json")):
+                sys.exit(f"{a} names a run that is not there: run `python tests/validate.py {a[len('<run:') : -1]}` first")
+            return path
+        if a.startswith("<reported:"):
+            n = int(a[len("<reported:") : -1])
+            path = os.path.join(RUNS, f"reported-{n}.jsonl")
+            os.makedirs(RUNS, exist_ok=True)
+            with open(path, "w") as f:
+                f.writelines(json.dumps({"prompt": p["prompt"], "answer": p["answer"]}) + "\n" for p in reported_problems()[:n])
+            return path
+        return a
+
+    return [resolve(a) for a in args]
+
+
+def reported_problems() -> list[dict]:
+    """The EVAL_N held-out problems every number here is reported on (the first EVAL_N chose the configurations)."""
+    return common.builtin_task("test", 2 * EVAL_N, 0)[EVAL_N:]
 
 
 @torch.no_grad()
@@ -255,7 +284,7 @@ def evaluate_kl(student_dir: str, teacher_dir: str) -> dict:
 
     tok = common.load_tokenizer(student_dir)
     student, teacher = common.load_model(student_dir, tok).eval(), common.load_model(teacher_dir, tok).eval()
-    problems = common.builtin_task("test", 2 * EVAL_N, 0)[EVAL_N:]
+    problems = reported_problems()
     t0 = time.time()
     seeds = [common.hash_int(["reverse kl", i]) for i in range(len(problems))]
     gens = common.generate(student, tok, [p["prompt"] for p in problems], 64, temperature=1.0, seeds=seeds, what="reverse KL samples")
@@ -266,6 +295,50 @@ def evaluate_kl(student_dir: str, teacher_dir: str) -> dict:
         per.append(float(total[0]) / n if n else 0.0)
     mean, se = mean_se(per)
     return {"mean": mean, "se": se, "per_problem": per, "eval_s": time.time() - t0}
+
+
+def evaluate_bon(run_dir: str, ns: list[int]) -> dict:
+    """Best-of-N from rm.py's best_of_n_samples.jsonl (M samples a problem, in problem order): per scorer and N,
+    each problem's share of right picks over its M // N disjoint groups (rm.best_of_n_accuracy), as mean ± SE,
+    and paired against one sample (N = 1: the mean correctness of all M); "pass" is the oracle (any right
+    answer in the group). What each scorer prefers, at the largest N: the picked answers' mean length
+    (characters), format rate and repetition rate (a sentence said twice) beside those of all samples."""
+    import rm
+
+    with open(os.path.join(run_dir, "best_of_n_samples.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    m = max(ns)
+    scorers = [k for k in ("orm", "prm_min", "prm_product") if k in rows[0]]
+    grid = lambda key: torch.tensor([r[key] for r in rows], dtype=torch.float64).view(-1, m)  # noqa: E731
+    correct = grid("correct")
+    single = correct.mean(1).tolist()
+    out = {"problems": correct.shape[0], "samples": m, "sample_accuracy": mean_se(single)}
+    for key in ["pass", *scorers]:
+        scores = correct if key == "pass" else grid(key)
+        for n in ns:
+            per = [rm.best_of_n_accuracy(scores[i : i + 1], correct[i : i + 1], n) for i in range(correct.shape[0])]
+            out[f"{key}@{n}"] = {"mean_se": mean_se(per), "over_one_sample": paired(per, single), "per_problem": per}
+    repeated = lambda t: len(set(ss := rm.split_steps(t))) < len(ss)  # noqa: E731
+    traits = lambda picked: {"chars": sum(len(r["text"]) for r in picked) / len(picked),  # noqa: E731
+                             "format": sum(common.format_reward(r["text"]) for r in picked) / len(picked),
+                             "repeats": sum(repeated(r["text"]) for r in picked) / len(picked),
+                             "right": sum(r["correct"] for r in picked) / len(picked)}  # fmt: skip
+    out["prefers"] = {"all samples": traits(rows)}
+    for key in scorers:
+        best = grid(key).argmax(1).tolist()  # the pick among all M
+        out["prefers"][key] = traits([rows[i * m + j] for i, j in enumerate(best)])
+    return out
+
+
+def bon_cell(r: dict) -> str:
+    """Best-of-N in a line: one sample, then each scorer at each N, with the paired gain over one sample."""
+    a = r["after"]
+    ns = sorted({int(k.split("@")[1]) for k in a if "@" in k})
+    cells = ["{} problems × {} samples; one sample {:.3f} ± {:.3f}".format(a["problems"], a["samples"], *a["sample_accuracy"])]
+    for key in [k for k in ("orm", "prm_min", "prm_product", "pass") if f"{k}@{ns[0]}" in a]:
+        cells.append(f"{key}: " + ", ".join("@{} {:.3f} ({:+.3f}, SE {:.3f})".format(n, a[f"{key}@{n}"]["mean_se"][0], *a[f"{key}@{n}"]["over_one_sample"])
+                                          for n in ns))  # fmt: skip
+    return "; ".join(cells)
 
 
 def start_dir(name: str, threads: int) -> tuple[str, dict]:
@@ -301,7 +374,10 @@ def validate(name: str, seed: int, threads: int) -> dict:
     wall, rss = run(with_start + ["--output-dir", out, "--overwrite"], out + ".log", threads)
     result = {"name": tag, "what": what, "start": start, "start_command": start_info["command"],
               "command": command(args, start), "seed": seed, "threads": threads}  # fmt: skip
-    if script[0] == "rm.py":  # a reward model: its own evaluation, no policy accuracy to compare with the start's
+    if "--best-of-n" in script:  # no training: the samples and the verifiers' picks
+        result["after"] = evaluate_bon(out, [int(n) for n in script[script.index("--best-of-n") + 1 : script.index("--policy")]])
+        summary = bon_cell(result)
+    elif script[0] == "rm.py":  # a reward model: its own evaluation, no policy accuracy to compare with the start's
         result["kind"] = "prm" if "prm" in script else "orm"
         result["after"] = evaluate_rm(out, result["kind"])
         summary = rm_cell(result)
@@ -367,6 +443,8 @@ def rm_cell(r: dict) -> str:
     """A reward model's held-out result: ORM pairwise accuracy; PRM step and solution accuracy against
     the every-step-right scorer, with the difference's paired SE."""
     a = r["after"]
+    if "samples" in a:  # best-of-N with the verifiers
+        return bon_cell(r)
     if r["kind"] == "orm":
         return f"pairwise accuracy {a['pairwise_accuracy']:.3f} ± {a['pairwise_accuracy_se']:.3f} (chance 0.5)"
     return "; ".join(f"{what} {a[k]:.3f} ± {a[k + '_se']:.3f} (every step right: {a[k + '_baseline']:.3f}; "
@@ -375,7 +453,7 @@ def rm_cell(r: dict) -> str:
 
 
 def rm_table(results: list[dict]) -> str:
-    lines = ["| run | command (on the start) | held-out result (256 problems) | run wall (m:ss) | peak RSS (GB) |", "|---|---|---|---|---|"]
+    lines = ["| run | command (on the start) | held-out result (reported problems) | run wall (m:ss) | peak RSS (GB) |", "|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['name']} | `{r['command']}` | {rm_cell(r)} | {int(r['run_wall_s'] // 60)}:{int(r['run_wall_s'] % 60):02d} "
                      f"| {r['peak_rss_gb']:.1f} |")  # fmt: skip
