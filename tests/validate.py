@@ -57,8 +57,8 @@ STARTS = {
 # the validated configurations (the rest: attempts and ablations); the 8x15 ones are grpo.py's and rloo_remax.py's defaults
 HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo-8x15", "remax-8x15", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
-BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6"), "validate:cai": ("cai",),
-          "validate:distill": ("rft", "kd-token", "kd-sft", "kd-then-token", "kd-then-onpolicy"), "validate:rm": ("orm", "prm", "prm-2000", "bon")}
+BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6", "dpo-online-160"), "validate:cai": ("cai",),
+          "validate:distill": ("rft", "kd-token", "kd-sft", "kd-then-token", "kd-then-onpolicy"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "bon")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
@@ -94,6 +94,10 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "dpo-sft-lr2e-6": ("sft5", ["dpo.py", "--beta", "0.1", "--lr", "2e-6"], "offline DPO from the SFT start, lr 2e-6"),
     "dpo-online-lr2e-6": ("sft5", ["dpo.py", "--beta", "0.1", "--online", "--online-prompts", "80", "--lr", "2e-6"],
                           "online DPO, lr 2e-6, 80 prompts a round"),
+    # dpo-online-lr2e-6 drew 19-29 pairs a round (its online/pairs) for 5 steps of 8: pairs were reused. Twice the prompts,
+    # about 48 pairs a round: every step fresh
+    "dpo-online-160": ("sft5", ["dpo.py", "--beta", "0.1", "--online", "--online-prompts", "160", "--lr", "2e-6"],
+                       "online DPO at lr 2e-6, 160 prompts a round (enough pairs that none is reused)"),
     # grpo.py's newer loss options, each next to the default on the same start and budget
     # GSPO's and CISPO's ratios act from the second update on a rollout (at μ = 1 they take GRPO's step:
     # test_on_policy_gspo_and_cispo_take_grpos_step_so_they_differ_only_from_the_second_update), so at μ = 2,
@@ -109,6 +113,7 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "orm": ("sft5", ["rm.py"], "outcome RM, Bradley-Terry on the built-in pairs"),
     "prm": ("sft5", ["rm.py", "--kind", "prm"], "process RM, per-step BCE on the built-in solutions"),
     # the default PRM (480 solutions, 3.6 minutes) scored below calling every step right: four times the solutions
+    "prm-lr1e-4": ("sft5", ["rm.py", "--kind", "prm", "--lr", "1e-4"], "process RM at 3× rm.py's learning rate"),
     "prm-2000": ("sft5", ["rm.py", "--kind", "prm", "--num-train", "2000", "--max-steps", "250"], "process RM, 2000 solutions, one epoch (250 steps of 8)"),
     # Constitutional AI's supervised stage, the model its own critic; must not collapse the start
     "cai": ("sft5", ["cai.py"], "CAI, self-critique and revision, SFT on the kept revisions"),
