@@ -50,6 +50,9 @@ STARTS = {
     "sft5": ["sft.py", "--max-steps", "5", "--warmup-steps", "1"],
     # the distillation teacher: the rft configuration's run, self-RFT on the RL start (0.211 → 0.453)
     "rft": ["distill.py", "--mode", "rft", "--teacher", "<start:sft5>", "--student", "<start:sft5>", "--lr", "1e-5"],
+    # a teacher beyond what SFT reaches: the kd-sft configuration's run (SFT on the data, 0.484), then self-RFT on it
+    "sft45": ["sft.py", "--lr", "1e-5", "--model", "<start:sft5>"],
+    "rft-sft45": ["distill.py", "--mode", "rft", "--teacher", "<start:sft45>", "--student", "<start:sft45>", "--lr", "1e-5"],
     # the warm student: the kd-token configuration's run, the RL start after 40 steps of token-level KD from it
     "kd": ["distill.py", "--mode", "token", "--teacher", "<start:rft>", "--student", "<start:sft5>", "--lr", "1e-5"],
 }
@@ -58,7 +61,7 @@ STARTS = {
 HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo-8x15", "remax-8x15", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
 BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6", "dpo-online-160"), "validate:cai": ("cai",),
-          "validate:distill": ("rft", "kd-token", "kd-sft", "kd-then-token", "kd-then-onpolicy"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "bon")}
+          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "bon")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
@@ -124,6 +127,10 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     # (the cut-down students learn nothing in a CPU-sized run); lr 1e-5 as for rft, 40 steps of 8 (the defaults)
     "kd-token": ("sft5", ["distill.py", "--mode", "token", "--teacher", "<start:rft>", "--student", "<start>", "--lr", "1e-5"],
                  "token-level KD (forward KL) from the rft teacher on the data's answers"),
+    # kd-sft beat kd-token: KD cannot pass its teacher (0.453) and SFT on the data's right answers got further. So a
+    # teacher that is past SFT: SFT then self-RFT
+    "kd-token-strong": ("sft5", ["distill.py", "--mode", "token", "--teacher", "<start:rft-sft45>", "--student", "<start>", "--lr", "1e-5"],
+                        "token-level KD from the SFT + RFT teacher on the data's answers (kd-sft is its control too)"),
     "kd-sft": ("sft5", ["sft.py", "--lr", "1e-5"], "plain SFT of the same student on the same 320 answers in the same order (kd-token's control)"),
     # from the warm student (the kd start), 20 more steps each, a fresh data order (--seed 1)
     "kd-then-token": ("kd", ["distill.py", "--mode", "token", "--teacher", "<start:rft>", "--student", "<start>", "--lr", "1e-5",
