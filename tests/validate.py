@@ -411,8 +411,10 @@ def validate(name: str, seed: int, threads: int) -> dict:
             teacher = with_start[with_start.index("--teacher") + 1]
             result["kl"] = {"before": evaluate_kl(model, teacher), "after": evaluate_kl(out, teacher)}
             summary += ", reverse KL to the teacher {:.4f} → {:.4f}".format(*(result["kl"][k]["mean"] for k in ("before", "after")))
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f if line.strip()]
+    metrics = []  # best-of-N trains nothing and logs no metrics
+    if os.path.exists(os.path.join(out, "metrics.jsonl")):
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            metrics = [json.loads(line) for line in f if line.strip()]
     result |= {"run_wall_s": wall, "eval_wall_s": result["after"]["eval_s"], "peak_rss_gb": rss, "metrics": metrics, "commit": git_commit()}
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{tag}.json"), "w") as f:
