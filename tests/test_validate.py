@@ -185,5 +185,9 @@ def test_best_of_n_is_read_from_the_samples_problem_by_problem_with_what_each_sc
     picked = out["prefers"]["orm"]  # the longest of each problem's 4: samples 1 and 4
     assert picked["chars"] == (len(texts[1][0]) + len(texts[4][0])) / 2 and picked["format"] == 1.0 and picked["repeats"] == 0.5
     assert out["prefers"]["all samples"]["format"] == 6 / 8 and picked["right"] == 0.5
+    assert picked["steps"] == (2 + 2) / 2 and picked["false_step"] == 0.0 and out["prefers"]["all samples"]["false_step"] == 1 / 8
+    # right above wrong: problem 0, right {0, 2} against wrong {1, 3}: 27 > 33? no, 27 > 5 yes, 17 > 33 no, 17 > 5 yes;
+    # problem 1, right {4} against wrong {5, 6, 7}: a tie (half), 27 > 10 yes, 27 > 16 yes
+    assert picked["right_above_wrong"] == pytest.approx((2 + 2.5) / (4 + 3))
     line = validate.rm_cell({"after": out})
     assert line.startswith("2 problems × 4 samples; one sample 0.375") and "orm: @2 0.500 (+0.125, SE " in line

@@ -319,7 +319,10 @@ def evaluate_bon(run_dir: str, ns: list[int]) -> dict:
     each problem's share of right picks over its M // N disjoint groups (rm.best_of_n_accuracy), as mean ± SE,
     and paired against one sample (N = 1: the mean correctness of all M); "pass" is the oracle (any right
     answer in the group). What each scorer prefers, at the largest N: the picked answers' mean length
-    (characters), format rate and repetition rate (a sentence said twice) beside those of all samples."""
+    (characters), steps (rm.split_steps), format rate, share stating a false worked step ("18 - 8 = 5", as
+    cai.py checks) and repetition rate (a step said twice) beside those of all samples; and how often it
+    scores a right answer above a wrong one to the same problem (0.5: no better than chance)."""
+    import cai
     import rm
 
     with open(os.path.join(run_dir, "best_of_n_samples.jsonl")) as f:
@@ -336,14 +339,22 @@ def evaluate_bon(run_dir: str, ns: list[int]) -> dict:
             per = [rm.best_of_n_accuracy(scores[i : i + 1], correct[i : i + 1], n) for i in range(correct.shape[0])]
             out[f"{key}@{n}"] = {"mean_se": mean_se(per), "over_one_sample": paired(per, single), "per_problem": per}
     repeated = lambda t: len(set(ss := rm.split_steps(t))) < len(ss)  # noqa: E731
+    false_step = lambda t: any(not cai.step_holds(s) for s in cai.WORKED_STEP.finditer(t))  # noqa: E731
     traits = lambda picked: {"chars": sum(len(r["text"]) for r in picked) / len(picked),  # noqa: E731
+                             "steps": sum(len(rm.split_steps(r["text"])) for r in picked) / len(picked),
                              "format": sum(common.format_reward(r["text"]) for r in picked) / len(picked),
+                             "false_step": sum(false_step(r["text"]) for r in picked) / len(picked),
                              "repeats": sum(repeated(r["text"]) for r in picked) / len(picked),
                              "right": sum(r["correct"] for r in picked) / len(picked)}  # fmt: skip
     out["prefers"] = {"all samples": traits(rows)}
     for key in scorers:
         best = grid(key).argmax(1).tolist()  # the pick among all M
         out["prefers"][key] = traits([rows[i * m + j] for i, j in enumerate(best)])
+        sc, ok = grid(key), correct.bool()  # every (right, wrong) pair of answers to one problem; a tie counts half
+        wins = [((a > b).double() + 0.5 * (a == b).double()).sum()
+                for a, b in ((sc[i][ok[i]][:, None], sc[i][~ok[i]][None, :]) for i in range(len(sc)))]  # fmt: skip
+        pairs = int((ok.sum(1) * (~ok).sum(1)).sum())
+        out["prefers"][key]["right_above_wrong"] = float(sum(wins)) / pairs if pairs else None
     return out
 
 
