@@ -377,7 +377,7 @@ def start_dir(name: str, threads: int) -> tuple[str, dict]:
     model = out if args else common.DEFAULT_MODEL
     if not os.path.exists(os.path.join(out, "start.json")):
         wall, rss = run(args + ["--output-dir", out, "--overwrite"], out + ".log", threads) if args else (0.0, 0.0)
-        info = {"command": "python " + " ".join(args) if args else "none: the embedded model", "wall_s": wall,
+        info = {"command": f"python {shown(STARTS[name])}" if args else "none: the embedded model", "wall_s": wall,
                 "peak_rss_gb": rss, "eval": evaluate(model)}  # fmt: skip
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "start.json"), "w") as f:
@@ -388,8 +388,12 @@ def start_dir(name: str, threads: int) -> tuple[str, dict]:
 
 def command(args: list[str], start: str) -> str:
     """The run's command as the README shows it, the start named: `python grpo.py --model <sft5 start>`."""
-    shown = " ".join(f"<{start_of(a, start)} start>" if start_of(a, start) else a for a in args)
-    return f"python {shown}" + ("" if "<start>" in args else f" --model <{start} start>")
+    return f"python {shown(args, start)}" + ("" if "<start>" in args else f" --model <{start} start>")
+
+
+def shown(args: list[str], start: str = "") -> str:
+    """Arguments as the README shows them, each start named: "<sft5 start>"."""
+    return " ".join(f"<{start_of(a, start)} start>" if start_of(a, start) else a for a in args)
 
 
 def validate(name: str, seed: int, threads: int) -> dict:
@@ -560,7 +564,7 @@ def main(argv: list[str]) -> None:
     what = argv[0] if argv else "list"
     if what == "list":
         for name, (start, script, desc) in CONFIGS.items():
-            first = f"python {' '.join(f'<{start_of(a)} start>' if start_of(a) else a for a in STARTS[start])} then " if STARTS[start] else ""
+            first = f"python {shown(STARTS[start])} then " if STARTS[start] else ""
             print(f"{name:10s} {first}{command(script, start)}   # {desc}")
     elif what == "compare":  # python tests/validate.py compare A B
         a, b = (json.load(open(os.path.join(RESULTS, f"{n}.json"))) for n in argv[1:3])
