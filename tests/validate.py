@@ -489,8 +489,8 @@ def rm_cell(r: dict) -> str:
 def rm_table(results: list[dict]) -> str:
     lines = ["| run | command (on the start) | held-out result (reported problems) | run wall (m:ss) | peak RSS (GB) |", "|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['name']} | `{r['command']}` | {rm_cell(r)} | {int(r['run_wall_s'] // 60)}:{int(r['run_wall_s'] % 60):02d} "
-                     f"| {r['peak_rss_gb']:.1f} |")  # fmt: skip
+        rss = "n/a" if r["peak_rss_gb"] is None else f"{r['peak_rss_gb']:.1f}"  # not recorded (see the JSON's note)
+        lines.append(f"| {r['name']} | `{r['command']}` | {rm_cell(r)} | {int(r['run_wall_s'] // 60)}:{int(r['run_wall_s'] % 60):02d} | {rss} |")
     return "\n".join(lines)
 
 
