@@ -350,11 +350,11 @@ def evaluate_bon(run_dir: str, ns: list[int]) -> dict:
     for key in scorers:
         best = grid(key).argmax(1).tolist()  # the pick among all M
         out["prefers"][key] = traits([rows[i * m + j] for i, j in enumerate(best)])
-        sc, ok = grid(key), correct.bool()  # every (right, wrong) pair of answers to one problem; a tie counts half
-        wins = [((a > b).double() + 0.5 * (a == b).double()).sum()
-                for a, b in ((sc[i][ok[i]][:, None], sc[i][~ok[i]][None, :]) for i in range(len(sc)))]  # fmt: skip
-        pairs = int((ok.sum(1) * (~ok).sum(1)).sum())
-        out["prefers"][key]["right_above_wrong"] = float(sum(wins)) / pairs if pairs else None
+        wins = pairs = 0.0  # over every (right, wrong) pair of answers to one problem; a tie counts half
+        for s, ok in zip(grid(key), correct.bool()):
+            diff = s[ok][:, None] - s[~ok][None, :]
+            wins, pairs = wins + float((diff > 0).sum() + 0.5 * (diff == 0).sum()), pairs + diff.numel()
+        out["prefers"][key]["right_above_wrong"] = wins / pairs if pairs else None
     return out
 
 
