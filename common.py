@@ -466,7 +466,13 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         return explicit_attention(query, key, value, attention_mask, scaling, softcap, dropout), None
     if segments is not None:  # shared prefixes (collate_shared): each segment's queries see their prompt and themselves
-        out = torch.cat([segment_attention(query, key, value, s, scaling, sliding_window, softcap, dropout) for s in segments], 2)
+        # one split of the row into its segments (a slice per segment would cost a zero-filled row in backward)
+        qs, ks, vs = (x.split([q1 - q0 for q0, q1, _, _ in segments], 2) for x in (query, key, value))
+        at = {q0: i for i, (q0, *_) in enumerate(segments)}  # a prompt (p0, p1) is the segment whose queries are p0..p1
+        prompt = lambda x, p0, p1: x[at[p0]] if p1 > p0 else None  # noqa: E731
+        out = torch.cat([segment_attention(qs[i], ks[i], vs[i], prompt(ks, p0, p1), prompt(vs, p0, p1), scaling,
+                                           sliding_window, softcap, dropout)
+                         for i, (_, _, p0, p1) in enumerate(segments)], 2)  # fmt: skip
         return out.transpose(1, 2), None
     kernel = packed_kernel(query, softcap, dropout)
     if kernel != "per-document":
@@ -484,11 +490,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
             k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
         out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(left, 0), **gqa)
         return out.unsqueeze(0), None
-    bounds = cu.tolist()
-    out = torch.cat([
-        document_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scaling, sliding_window, softcap, dropout)
-        for a, b in zip(bounds[:-1], bounds[1:])
-    ], dim=2)  # fmt: skip
+    sizes = cu.diff().tolist()  # one split into documents: a slice each would cost a zero-filled row in backward
+    qs, ks, vs = (x.split(sizes, 2) for x in (query, key, value))
+    out = torch.cat([document_attention(q, k, v, scaling, sliding_window, softcap, dropout) for q, k, v in zip(qs, ks, vs)], 2)
     return out.transpose(1, 2), None  # (1, H, T, D) -> (1, T, H, D), as transformers expects
 
 
@@ -506,19 +510,18 @@ def document_attention(q, k, v, scaling, sliding_window=None, softcap=None, drop
     return explicit_attention(q, k, v, allowed, scaling, softcap, dropout).transpose(1, 2)
 
 
-def segment_attention(query, key, value, segment, scaling, sliding_window=None, softcap=None, dropout=0.0) -> Tensor:
-    """Attention of the queries q0..q1 of a shared-prefix row to their prompt's keys p0..p1 and, causally,
-    to their own: query i (position P + i, P = p1 − p0) sees every prompt key and own keys j ≤ i, within
-    the sliding window by position. With no prompt it is document_attention. (1, H, T, D) in, (1, H, q1 − q0, D) out.
+def segment_attention(q, k, v, prompt_k, prompt_v, scaling, sliding_window=None, softcap=None, dropout=0.0) -> Tensor:
+    """Attention of one segment of a shared-prefix row: its queries q (1, H, L, D) see every key of their
+    prompt, prompt_k/prompt_v (1, H_kv, P, D), and causally their own, k/v (1, H_kv, L, D); query i sits at
+    position P + i, and the sliding window counts positions. No prompt (None): document_attention.
     Exact on every device; on CUDA it is one SDPA call per segment, not a varlen kernel (a kernel with
-    separate query and key lengths could take them all at once: not done yet)."""
-    q0, q1, p0, p1 = segment
-    q = query[:, :, q0:q1]
-    k, v = (torch.cat([x[:, :, p0:p1], x[:, :, q0:q1]], 2) for x in (key, value))
-    if p1 == p0:
+    separate query and key lengths could take a row's segments at once: not done yet)."""
+    if prompt_k is None:
         return document_attention(q, k, v, scaling, sliding_window, softcap, dropout)
-    pos_q = torch.arange(p1 - p0, p1 - p0 + q1 - q0, device=q.device)
-    pos_k = torch.cat([torch.arange(p1 - p0, device=q.device), pos_q])
+    p, n = prompt_k.shape[2], q.shape[2]
+    k, v = torch.cat([prompt_k, k], 2), torch.cat([prompt_v, v], 2)
+    pos_q = torch.arange(p, p + n, device=q.device)
+    pos_k = torch.cat([torch.arange(p, device=q.device), pos_q])
     allowed = pos_k[None, :] <= pos_q[:, None]
     if sliding_window:
         allowed &= pos_q[:, None] - pos_k[None, :] < sliding_window
