@@ -153,7 +153,10 @@ def test_packed_logps_equal_each_document_run_alone(tiny, chatml):
     ids = torch.tensor([samples[0]["input_ids"]])
     with torch.no_grad():
         ref = torch.log_softmax(tiny(ids).logits[0, :-1].double(), -1).gather(1, ids[0, 1:, None]).squeeze(1)
-    torch.testing.assert_close(single[0, 1:].double(), ref, atol=1e-5, rtol=0)
+    labelled = torch.tensor(samples[0]["labels"][1:]) != common.IGNORE  # only these go through the output layer
+    assert labelled.any() and not labelled.all()
+    torch.testing.assert_close(single[0, 1:][labelled].double(), ref[labelled], atol=1e-5, rtol=0)
+    assert (single[0, 1:][~labelled] == 0).all()
 
 
 def test_packing_without_the_block_mask_would_differ(tiny, chatml):
@@ -179,9 +182,15 @@ def test_padded_batches_give_the_packed_logps(tiny, chatml, side):
     torch.testing.assert_close(b[padded["labels"] != -100], a[packed["labels"] != -100], atol=1e-5, rtol=0)
 
 
+def _every_token_labelled(tok) -> dict:
+    """A conversation whose every token is trained: token_logps then predicts all of them."""
+    ids = _samples(tok)[0]["input_ids"]
+    return {"input_ids": ids, "labels": ids}
+
+
 def test_token_logps_gradient_matches_plain_log_softmax(tiny, chatml):
     # the chunked, recomputed output layer must give the same gradient as the textbook version
-    sample = _samples(chatml)[0]
+    sample = _every_token_labelled(chatml)
     ids = torch.tensor([sample["input_ids"]])
     logp, _ = common.token_logps(tiny, common.collate_packed([sample]), chunk=16)
     assert _ is None  # no entropy unless asked
@@ -194,7 +203,7 @@ def test_token_logps_gradient_matches_plain_log_softmax(tiny, chatml):
 
 
 def test_entropy_matches_the_full_distribution(tiny, chatml):
-    sample = _samples(chatml)[0]
+    sample = _every_token_labelled(chatml)
     with torch.no_grad():
         _, ent = common.token_logps(tiny, common.collate_packed([sample]), entropy=True)
         p = torch.softmax(tiny(torch.tensor([sample["input_ids"]])).logits[0, :-1].double(), -1)
@@ -202,7 +211,7 @@ def test_entropy_matches_the_full_distribution(tiny, chatml):
 
 
 def test_entropy_gradient_matches_the_full_distribution(tiny, chatml):
-    sample = _samples(chatml)[0]
+    sample = _every_token_labelled(chatml)
     _, ent = common.token_logps(tiny, common.collate_packed([sample]), chunk=16, entropy=True)
     ent[0, 1:].sum().backward()
     g = {n: p.grad.clone() for n, p in tiny.named_parameters()}
