@@ -357,7 +357,7 @@ def main(args: Args) -> str:
             print(f"cai: {len(train)} of {len(rows)} revisions kept: {steps} steps (--max-epochs {args.max_epochs:g} over them) "
                   f"instead of --max-steps {args.max_steps}" + ("; the model is saved as it started" if not train else ""))  # fmt: skip
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     scheduler = common.cosine_schedule(optimizer, args.warmup_steps * steps // max(args.max_steps, 1), steps)
     first = common.load_checkpoint(out_dir, model, optimizer, scheduler)[0] if args.resume else 0
     log = common.MetricsLog(out_dir, steps, first, rank, keys=("loss",))

@@ -416,7 +416,8 @@ def main(args: Args) -> str:
     teacher_samples = common.cached_jsonl(os.path.join(out_dir, "eval_data.jsonl"), make_eval, rank, data_key)
     problems = common.builtin_task("test", args.num_eval, args.seed) if builtin else []
 
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                                  fused=not common.sharded(student))
     scheduler = common.cosine_schedule(optimizer, args.warmup_steps, args.max_steps)
     start = common.load_checkpoint(out_dir, student, optimizer, scheduler)[0] if args.resume else 0
 

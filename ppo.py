@@ -356,8 +356,8 @@ def main(args: Args) -> str:
 
     policy = common.shard_model(policy, args.fsdp)  # after the reference and the critic copied it whole
     policy.train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0, fused=not common.sharded(policy))
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0, fused=True)
     updates = args.ppo_epochs * args.num_minibatches
     scheduler = common.cosine_schedule(optimizer, args.warmup_steps * updates, args.max_steps * updates)
     critic_sched = common.cosine_schedule(critic_opt, args.warmup_steps * updates, args.max_steps * updates)

@@ -212,7 +212,7 @@ def main(args: Args) -> str:
 
     policy = common.shard_model(policy, args.fsdp)
     policy.train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0, fused=not common.sharded(policy))
     scheduler = common.cosine_schedule(optimizer, args.warmup_steps, args.max_steps)
     start = common.load_checkpoint(out_dir, policy, optimizer, scheduler)[0] if args.resume else 0
 

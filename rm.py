@@ -518,7 +518,7 @@ def main(args: Args) -> str:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = common.shard_model(model, args.fsdp)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=not common.sharded(model))
     scheduler = common.cosine_schedule(optimizer, args.warmup_steps, args.max_steps)
     start = common.load_checkpoint(out_dir, model, optimizer, scheduler)[0] if args.resume else 0
 

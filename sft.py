@@ -183,7 +183,7 @@ def main(args: Args) -> str:
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=not common.sharded(model))
     scheduler = common.cosine_schedule(optimizer, args.warmup_steps, args.max_steps)
     start = common.load_checkpoint(out_dir, model, optimizer, scheduler)[0] if args.resume else 0
 

@@ -10,7 +10,8 @@
 
 Every measurement runs in a subprocess of its own, so its peak RSS is its alone. Both sides use the
 same model (the embedded SmolLM2-135M-Instruct, fp32 on CPU), the same built-in data, the same
-tokens per step and the same optimizer (AdamW, β = (0.9, 0.95), constant lr, clip 1.0). Step times
+tokens per step and the same optimizer (fused AdamW, the transformers default; β as each script sets
+it: (0.9, 0.95) in sft.py, (0.9, 0.999) in dpo.py and grpo.py; clip 1.0). Step times
 are medians over the timed steps (the first step is warm-up and not counted).
 """
 
@@ -150,7 +151,7 @@ def worker_trl_sft(packing: str, recompute: str) -> dict:
     packed = packing == "packed"
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(), max_steps=SFT_STEPS, learning_rate=LR, lr_scheduler_type="constant",
-        warmup_steps=0, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+        warmup_steps=0, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused",
         per_device_train_batch_size=1 if packed else SFT_PADDED_BATCH, packing=packed,
         max_length=SFT_PACKED_TOKENS if packed else 2048, completion_only_loss=True, save_strategy="no",
         report_to=[], logging_steps=1, use_cpu=True, bf16=False, dataloader_num_workers=0,
@@ -210,7 +211,7 @@ def worker_trl_dpo(precompute: str) -> dict:
             for p in common.builtin_preferences("train", DPO_BATCH * DPO_STEPS)]  # fmt: skip
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(), max_steps=DPO_STEPS, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-        adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", per_device_train_batch_size=DPO_BATCH,
+        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused", per_device_train_batch_size=DPO_BATCH,
         beta=0.1, precompute_ref_log_probs=precompute == "precompute", save_strategy="no", report_to=[], logging_steps=1,
         use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0, gradient_checkpointing=False,  # as dpo.py
     )  # fmt: skip
@@ -271,7 +272,7 @@ def worker_trl_grpo(truncated: str) -> dict:
 
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(), max_steps=GRPO_STEPS, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-        adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", per_device_train_batch_size=GRPO_PROMPTS * GRPO_G,
+        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused", per_device_train_batch_size=GRPO_PROMPTS * GRPO_G,
         num_generations=GRPO_G, max_completion_length=GRPO_LEN, temperature=1.0, beta=0.04, epsilon=0.2, epsilon_high=0.28,
         loss_type="dapo", mask_truncated_completions=truncated == "mask", use_vllm=False, save_strategy="no", report_to=[], logging_steps=1,
         use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0, gradient_checkpointing=False,  # as grpo.py
