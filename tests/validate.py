@@ -61,7 +61,7 @@ STARTS = {
 HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo-8x15", "remax-8x15", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
 BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6", "dpo-online-160", "dpop-online-160"), "validate:cai": ("cai",),
-          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "bon")}
+          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "bon")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
@@ -149,6 +149,10 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
                                 "--seed", "1"], "the warm student, 40 more steps of token-level KD (off-policy)"),
     "kd-then-onpolicy-40": ("kd", ["distill.py", "--mode", "on-policy", "--teacher", "<start:rft>", "--student", "<start>", "--lr", "1e-5",
                                    "--seed", "1"], "the warm student, 40 steps of on-policy distillation"),
+    # the on-policy counterpart of kd-token from the same start (reverse KL 0.083 to the teacher, where kd-token's
+    # student ends at 0.006), run after the two pairs from the kd start came out at 2.5 and 1.3 SE
+    "onpolicy": ("sft5", ["distill.py", "--mode", "on-policy", "--teacher", "<start:rft>", "--student", "<start>", "--lr", "1e-5"],
+                 "on-policy distillation (reverse KL on its own samples) from the rft teacher, 40 steps (kd-token's counterpart)"),
     "gspo-token-mu1": ("sft5", ["grpo.py", "--importance-level", "sequence", "--loss-agg", "token", "--prompts-per-step", "4", "--max-steps", "20"],
                        "GSPO's ratio, token mean, μ = 1: GRPO's step exactly (the first gspo run)"),
 }
