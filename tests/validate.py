@@ -8,6 +8,7 @@ cores).
     python tests/validate.py all               # every configuration not yet in docs/validate/
     python tests/validate.py tables            # rewrite the README's table and plots from docs/validate/*.json
     python tests/validate.py compare A B       # A's accuracy minus B's, paired on the same problems
+    python tests/validate.py fit prm           # a reward model run on EVAL_N of its training problems (into its JSON)
 
 A configuration is a start (an sft.py run, cached under runs/validate/ and keyed by its own arguments,
 so configurations that share it train it once) and one script run on top of it with the script's
@@ -229,8 +230,9 @@ def evaluate(model_dir: str, seed: int = 0) -> dict:
 
 
 @torch.no_grad()
-def evaluate_rm(model_dir: str, kind: str) -> dict:
-    """A reward model on the built-in views of the same EVAL_N reported held-out problems. ORM: pairwise
+def evaluate_rm(model_dir: str, kind: str, split: str = "test") -> dict:
+    """A reward model on the built-in views of the same EVAL_N reported held-out problems (split "train":
+    on the first EVAL_N problems it was trained on instead, each seen once in a one-epoch run). ORM: pairwise
     accuracy, the chosen (right) solution scored above the rejected one (one arithmetic slip); chance is ½.
     PRM: on one solution per problem, half of them with a slip (every step from the slip on labelled
     wrong), step accuracy (σ(r_t) > ½ agrees with the label) and solution accuracy (min_t r_t > 0 exactly
@@ -243,14 +245,14 @@ def evaluate_rm(model_dir: str, kind: str) -> dict:
         sep = rm.step_separator(rm.Args(step_sep=json.load(f)["step_sep"]))
     t0 = time.time()
     if kind == "orm":
-        rows = common.builtin_preferences("test", 2 * EVAL_N, 0)[EVAL_N:]
+        rows = common.builtin_preferences("test", 2 * EVAL_N, 0)[EVAL_N:] if split == "test" else common.builtin_preferences("train", EVAL_N, 0)
         texts = [t for r in rows for t in (r["chosen"], r["rejected"])]
         scores = rm.score_responses(model, tok, "orm", [r["prompt"] for r in rows for _ in "wl"], texts, sep, 4096, torch.device("cpu"))
         right = [float(scores[2 * i][0] > scores[2 * i + 1][0]) for i in range(len(rows))]
         acc = mean_se(right)
         return {"pairwise_accuracy": acc[0], "pairwise_accuracy_se": acc[1], "right": right, "problems": len(rows),
                 "eval_s": time.time() - t0}  # fmt: skip
-    rows = common.builtin_prm("test", 2 * EVAL_N, 0)[EVAL_N:]
+    rows = common.builtin_prm("test", 2 * EVAL_N, 0)[EVAL_N:] if split == "test" else common.builtin_prm("train", EVAL_N, 0)
     texts = [" ".join(r["completions"]) for r in rows]  # rm.split_steps cuts them back into the same steps
     steps = rm.score_responses(model, tok, "prm", [r["prompt"] for r in rows], texts, sep, 4096, torch.device("cpu"))
     step_right, step_base, sol_right, sol_base = [], [], [], []
@@ -494,6 +496,9 @@ def rm_cell(r: dict) -> str:
     a = r["after"]
     if "samples" in a:  # best-of-N with the verifiers
         return bon_cell(r)
+    if "train_fit" in r:  # what `fit` measured: the same scorer on problems it was trained on
+        held_out = {k: v for k, v in r.items() if k != "train_fit"}
+        return f"{rm_cell(held_out)}; on {EVAL_N} of its training problems: {rm_cell(held_out | {'after': r['train_fit']})}"
     if r["kind"] == "orm":
         return f"pairwise accuracy {a['pairwise_accuracy']:.3f} ± {a['pairwise_accuracy_se']:.3f} (chance 0.5)"
     return "; ".join(f"{what} {a[k]:.3f} ± {a[k + '_se']:.3f} (every step right: {a[k + '_baseline']:.3f}; "
@@ -586,6 +591,14 @@ def main(argv: list[str]) -> None:
         print("{} − {}: accuracy {:+.3f} (paired SE {:.3f})".format(argv[1], argv[2], *paired_difference(a, b)))
         if "kl" in a and "kl" in b:
             print("reverse KL to the teacher {:+.4f} (paired SE {:.4f})".format(*paired(a["kl"]["after"]["per_problem"], b["kl"]["after"]["per_problem"])))
+    elif what == "fit":  # python tests/validate.py fit NAME: a reward model on problems it was trained on, beside held-out
+        path = os.path.join(RESULTS, f"{argv[1]}.json")
+        with open(path) as f:
+            result = json.load(f)
+        result["train_fit"] = evaluate_rm(os.path.join(RUNS, result["name"]), result["kind"], "train")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"{argv[1]}, held out; on {EVAL_N} of its training problems: {rm_cell(result)}")
     elif what == "tables":
         tables()
     elif what == "all":
@@ -596,7 +609,7 @@ def main(argv: list[str]) -> None:
     elif what in CONFIGS:
         validate(what, seed, threads)
     else:
-        sys.exit(f"unknown configuration {what!r}; one of: list, tables, all, {', '.join(CONFIGS)}")
+        sys.exit(f"unknown configuration {what!r}; one of: list, tables, all, compare A B, fit NAME, {', '.join(CONFIGS)}")
 
 
 if __name__ == "__main__":
