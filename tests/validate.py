@@ -464,6 +464,11 @@ def validate(name: str, seed: int, threads: int) -> dict:
 CURVES = [("reward/mean", "score", "reward"), ("eval/accuracy", None, "greedy accuracy (64 problems)"), ("kl", None, "KL to the reference\n(per token: GRPO; per answer: PPO, RLOO, ReMax)"),
           ("entropy", None, "entropy (nats/token)"), ("clip_frac_high", "clip_frac", "clip fraction"),
           ("zero_std_frac", None, "zero-std groups"), ("response_length", None, "response length")]  # fmt: skip
+# the reward models' and the distillation runs' curves (their scripts' own 64-problem evaluations)
+RM_CURVES = [("loss", None, "training loss\n(ORM: Bradley-Terry; PRM: BCE per step)"), ("accuracy", None, "training accuracy\n(each batch, before its update)"),
+             ("eval/accuracy", "eval/step_accuracy", "held-out accuracy (64 problems)\n(ORM: pairwise; PRM: per step)")]  # fmt: skip
+DISTILL_CURVES = [("loss", None, "training loss"), ("eval/kl_reverse", None, "reverse KL to the teacher\n(its samples, 64 problems)"),
+                  ("eval/accuracy", None, "greedy accuracy (64 problems)")]  # fmt: skip
 
 
 def load_results() -> list[dict]:
@@ -531,13 +536,14 @@ def fmt_gain(r: dict) -> str:
     return f" ({r['format_gain']:+.3f}, SE {r['format_gain_se_paired']:.3f})" if r.get("format_gain") is not None else ""
 
 
-def plot(results: list[dict], path: str) -> None:
+def plot(results: list[dict], path: str, curves: list[tuple] = CURVES) -> None:
     plt = common.pyplot("the validated runs' learning curves")
     if plt is None or not results:
         return
-    fig, axes = plt.subplots(2, 4, figsize=(18, 7))
+    rows = math.ceil((len(curves) + 1) / 4)  # a panel per curve, and one for the legend
+    fig, axes = plt.subplots(rows, 4, figsize=(18, 3.5 * rows), squeeze=False)
     lines = {}  # a run's first line, for the legend; its colour and dash are the same in every panel
-    for ax, (key, alt, title) in zip(axes.flat, CURVES):
+    for ax, (key, alt, title) in zip(axes.flat, curves):
         for i, r in enumerate(results):
             pts = [(m["step"], m.get(key, m.get(alt) if alt else None)) for m in r["metrics"]]
             pts = [(s, v) for s, v in pts if v is not None]
@@ -548,8 +554,9 @@ def plot(results: list[dict], path: str) -> None:
                 lines.setdefault(r["name"], ax.plot(*zip(*pts), **style)[0])
         ax.set_title(title if key.startswith("eval") else f"{title}, 5-step mean")
         ax.set_xlabel("step")
-    axes.flat[-1].axis("off")
-    axes.flat[-1].legend(lines.values(), lines.keys(), loc="center", fontsize=9)
+    for ax in axes.flat[len(curves) :]:
+        ax.axis("off")
+    axes.flat[len(curves)].legend(lines.values(), lines.keys(), loc="center", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     print(f"wrote {path}")
@@ -557,7 +564,7 @@ def plot(results: list[dict], path: str) -> None:
 
 def tables() -> None:
     """Rewrite the README's blocks between <!-- validate:rl --> and <!-- /validate:rl --> (and those of BLOCKS)
-    from the JSON, and the RL plots."""
+    from the JSON, and the plots: the RL runs', the reward models' and the distillation runs'."""
     results = load_results()
     block_of = lambda r: next((b for b, names in BLOCKS.items() if r["name"].split("-seed")[0] in names), "validate:rl")  # noqa: E731
     rl = [r for r in results if block_of(r) == "validate:rl"]
@@ -565,6 +572,8 @@ def tables() -> None:
     plot(headline, os.path.join(ROOT, "docs", "validate_rl.png"))
     plot([r for r in rl if r not in headline or r["name"] in ("rloo-8x15", "remax-8x15", "drgrpo-8x15")],
          os.path.join(ROOT, "docs", "validate_rl_attempts.png"))  # fmt: skip
+    plot([r for r in results if block_of(r) == "validate:rm" and "samples" not in r["after"]], os.path.join(ROOT, "docs", "validate_rm.png"), RM_CURVES)
+    plot([r for r in results if block_of(r) == "validate:distill"], os.path.join(ROOT, "docs", "validate_distill.png"), DISTILL_CURVES)
     readme = os.path.join(ROOT, "README.md")
     with open(readme) as f:
         text = f.read()
