@@ -59,13 +59,15 @@ STARTS = {
     # a smaller student: the rft-sft45 teacher with 24 of its 30 layers (distill.py's own way of making a student),
     # untrained (--max-steps 0 saves it as cut); per-token NLL on the data's answers 2.5 against the teacher's 0.03
     "cut24": ["distill.py", "--mode", "token", "--teacher", "<start:rft-sft45>", "--student-layers", "24", "--max-steps", "0"],
+    # the 24-layer student after token-level KD: the kd-cut24 configuration's run, as it is
+    "kdcut24": ["<run:kd-cut24>"],
 }
 
 # the validated configurations (the rest: attempts and ablations); the 8x15 ones are grpo.py's and rloo_remax.py's defaults
 HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo-8x15", "remax-8x15", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
 BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6", "dpo-online-160", "dpop-online-160", "dpo-online-160-lr2e-5"), "validate:cai": ("cai",),
-          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "bon")}
+          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "kdcut-then-token", "kdcut-then-onpolicy"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "bon")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
@@ -166,6 +168,12 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "kd-cut24": ("cut24", ["distill.py", "--mode", "token", "--teacher", "<start:rft-sft45>", "--student", "<start>"],
                  "token-level KD (forward KL) into the 24-layer student from its 30-layer teacher"),
     "sft-cut24": ("cut24", ["sft.py"], "plain SFT of the 24-layer student on the same answers (kd-cut24's control)"),
+    # on-policy against off-policy from a warm student that is still far from its teacher: the kdcut24 start, 20 more
+    # steps each at the same rate, a fresh data order (--seed 1), as kd-then-token / kd-then-onpolicy
+    "kdcut-then-token": ("kdcut24", ["distill.py", "--mode", "token", "--teacher", "<start:rft-sft45>", "--student", "<start>",
+                                     "--max-steps", "20", "--seed", "1"], "the warm 24-layer student, 20 more steps of token-level KD"),
+    "kdcut-then-onpolicy": ("kdcut24", ["distill.py", "--mode", "on-policy", "--teacher", "<start:rft-sft45>", "--student", "<start>",
+                                        "--max-steps", "20", "--seed", "1"], "the warm 24-layer student, 20 steps of on-policy distillation"),
     "gspo-token-mu1": ("sft5", ["grpo.py", "--importance-level", "sequence", "--loss-agg", "token", "--prompts-per-step", "4", "--max-steps", "20"],
                        "GSPO's ratio, token mean, μ = 1: GRPO's step exactly (the first gspo run)"),
 }
@@ -392,13 +400,20 @@ def bon_cell(r: dict) -> str:
 
 def start_dir(name: str, threads: int) -> tuple[str, dict]:
     """The start's model directory and its evaluation, both made once per start configuration ("base": the
-    embedded model, evaluated once), after the starts it is made from."""
-    args = with_starts(STARTS[name], "", threads)
-    out = os.path.join(RUNS, f"start-{name}-{common.cache_key(args)}")  # the arguments as run: a start's key holds its own starts' keys
-    model = out if args else common.DEFAULT_MODEL
+    embedded model, evaluated once; ["<run:NAME>"]: configuration NAME's run as it is, evaluated once per
+    run), after the starts it is made from."""
+    if STARTS[name][:1] and STARTS[name][0].startswith("<run:"):
+        model = with_starts(STARTS[name], "", threads)[0]
+        with open(os.path.join(model, "metrics.jsonl")) as f:
+            out, args = os.path.join(RUNS, f"start-{name}-{common.cache_key(f.read())}"), []
+    else:
+        args = with_starts(STARTS[name], "", threads)
+        out = os.path.join(RUNS, f"start-{name}-{common.cache_key(args)}")  # the arguments as run: a start's key holds its own starts' keys
+        model = out if args else common.DEFAULT_MODEL
     if not os.path.exists(os.path.join(out, "start.json")):
         wall, rss = run(args + ["--output-dir", out, "--overwrite"], out + ".log", threads) if args else (0.0, 0.0)
-        info = {"command": f"python {shown(STARTS[name])}" if args else "none: the embedded model", "wall_s": wall,
+        made = f"python {shown(STARTS[name])}" if args else f"the {STARTS[name][0][5:-1]} run" if STARTS[name] else "none: the embedded model"
+        info = {"command": made, "wall_s": wall,
                 "peak_rss_gb": rss, "eval": evaluate(model)}  # fmt: skip
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "start.json"), "w") as f:
@@ -597,7 +612,8 @@ def main(argv: list[str]) -> None:
     what = argv[0] if argv else "list"
     if what == "list":
         for name, (start, script, desc) in CONFIGS.items():
-            first = f"python {shown(STARTS[start])} then " if STARTS[start] else ""
+            made = STARTS[start][:1] and STARTS[start][0].startswith("<run:")
+            first = f"(the {STARTS[start][0][5:-1]} run) " if made else f"python {shown(STARTS[start])} then " if STARTS[start] else ""
             print(f"{name:10s} {first}{command(script, start)}   # {desc}")
     elif what == "compare":  # python tests/validate.py compare A B
         a, b = (json.load(open(os.path.join(RESULTS, f"{n}.json"))) for n in argv[1:3])
