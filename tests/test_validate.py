@@ -85,6 +85,13 @@ def test_reward_models_are_evaluated_on_the_reported_problems_against_their_base
     line = validate.rm_table([row]).splitlines()[2]
     assert f"step accuracy {ev['step_accuracy']:.3f}" in line and f"every step right: {ev['step_accuracy_baseline']:.3f}" in line
     assert "| 1:01 | 4.0 |" in line
+    fit = validate.evaluate_rm(prm, "prm", "train")  # the first EVAL_N problems it trained on, not the held-out ones
+    rows = common.builtin_prm("train", 6, 0)
+    assert fit["steps"] == sum(len(r["labels"]) for r in rows) and fit["step_accuracy_baseline"] == pytest.approx(
+        sum(y for r in rows for y in r["labels"]) / fit["steps"])  # fmt: skip
+    line = validate.rm_table([row | {"train_fit": fit}]).splitlines()[2]
+    held_out, trained = line.split("; on 6 of its training problems: ")
+    assert f"step accuracy {ev['step_accuracy']:.3f}" in held_out and f"step accuracy {fit['step_accuracy']:.3f}" in trained
 
 
 def test_a_run_is_written_as_one_json_with_its_paired_gain_or_its_reward_model_evaluation(tmp_path, monkeypatch):
@@ -145,6 +152,23 @@ def test_a_start_made_from_other_starts_and_a_students_reverse_kl_to_its_teacher
     path = validate.with_starts(["<reported:3>"], "sft5", 2)[0]
     assert common.read_prompts(path)[2]["answer"] == validate.reported_problems()[2]["answer"] and len(common.read_prompts(path)) == 3
     assert validate.command(args, "kd").startswith("python distill.py --mode on-policy --teacher <rft start> --student <kd start>")
+    monkeypatch.undo()
+
+    # a start that is a configuration's run: that run's directory, evaluated once per run (keyed by its metrics)
+    monkeypatch.setattr(validate, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setitem(validate.STARTS, "after-kd", ["<run:kd-token>"])
+    evaluated = []
+    monkeypatch.setattr(validate, "evaluate", lambda model: evaluated.append(model) or {"accuracy": 0.5})
+    run_dir = tmp_path / "runs" / "kd-token"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    model, info = validate.start_dir("after-kd", 2)
+    assert model == str(run_dir) and info["command"] == "the kd-token run" and info["eval"] == {"accuracy": 0.5}
+    assert validate.start_dir("after-kd", 2)[0] == str(run_dir) and evaluated == [str(run_dir)]  # cached
+    (run_dir / "metrics.jsonl").write_text('{"step": 2}\n')  # the run was made again: evaluated again
+    validate.start_dir("after-kd", 2)
+    assert evaluated == [str(run_dir)] * 2
     monkeypatch.undo()
 
     monkeypatch.setattr(validate, "EVAL_N", 3)  # problems 3..5 of the test split
