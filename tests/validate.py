@@ -9,6 +9,7 @@ cores).
     python tests/validate.py tables            # rewrite the README's table and plots from docs/validate/*.json
     python tests/validate.py compare A B       # A's accuracy minus B's, paired on the same problems
     python tests/validate.py fit prm           # a reward model run on EVAL_N of its training problems (into its JSON)
+    python tests/validate.py targets rft       # how soft a start's token distributions are on the answers KD trains on
 
 A configuration is a start (an sft.py run, cached under runs/validate/ and keyed by its own arguments,
 so configurations that share it train it once) and one script run on top of it with the script's
@@ -343,6 +344,31 @@ def evaluate_kl(student_dir: str, teacher_dir: str) -> dict:
     return {"mean": mean, "se": se, "per_problem": per, "eval_s": time.time() - t0}
 
 
+@torch.no_grad()
+def soft_targets(start: str, steps: int = 40, batch: int = 8) -> dict:
+    """How much a teacher's token-level targets hold beyond the data's own tokens, on the answers KD and SFT
+    train on (the first `steps` batches of distill.py's and sft.py's default order): per answer token, the
+    teacher's probability of the data's token, its NLL (the forward KL from the one-hot data label to the
+    teacher, i.e. what SFT's target and KD's differ by), its entropy, and how often the data's token has p > ½."""
+    model_dir = start_dir(start, 2)[0]
+    tok = common.load_tokenizer(model_dir)
+    model = common.load_model(model_dir, tok).eval()
+    convs = common.builtin_sft("train", 2000, 0)
+    seen = sorted({i for step in range(steps) for i in common.step_indices(len(convs), batch, step, 0)})
+    logps, entropies = [], []
+    for i in range(0, len(seen), 16):
+        rows = common.collate_packed([common.tokenize_conversation(tok, convs[j]) for j in seen[i : i + 16]])
+        logp, entropy = common.token_logps(model, rows, entropy=True)
+        at = rows["labels"] != common.IGNORE
+        logps.append(logp[at])
+        entropies.append(entropy[at])
+    logp, entropy = torch.cat(logps), torch.cat(entropies)
+    out = {"start": start, "answers": len(seen), "tokens": int(logp.numel()), "p_data_token": float(logp.exp().mean()),
+           "nll": float(-logp.mean()), "entropy": float(entropy.mean()), "p_over_half": float((logp > math.log(0.5)).float().mean())}  # fmt: skip
+    print(json.dumps(out))
+    return out
+
+
 def evaluate_bon(run_dir: str, ns: list[int]) -> dict:
     """Best-of-N from rm.py's best_of_n_samples.jsonl (M samples a problem, in problem order): per scorer and N,
     each problem's share of right picks over its M // N disjoint groups (rm.best_of_n_accuracy), as mean ± SE,
@@ -627,7 +653,11 @@ def main(argv: list[str]) -> None:
         result["train_fit"] = evaluate_rm(os.path.join(RUNS, result["name"]), result["kind"], "train")
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"{argv[1]}, held out; on {EVAL_N} of its training problems: {rm_cell(result)}")
+        print(f"{argv[1]}, held out: {rm_cell(result)}")
+    elif what == "targets":  # python tests/validate.py targets START: how soft a teacher's targets are on the data's answers
+        os.makedirs(os.path.join(RESULTS, "targets"), exist_ok=True)  # beside the runs' JSON, not among them
+        with open(os.path.join(RESULTS, "targets", f"{argv[1]}.json"), "w") as f:
+            json.dump(soft_targets(argv[1]), f, indent=1)
     elif what == "tables":
         tables()
     elif what == "all":
@@ -638,7 +668,7 @@ def main(argv: list[str]) -> None:
     elif what in CONFIGS:
         validate(what, seed, threads)
     else:
-        sys.exit(f"unknown configuration {what!r}; one of: list, tables, all, compare A B, fit NAME, {', '.join(CONFIGS)}")
+        sys.exit(f"unknown configuration {what!r}; one of: list, tables, all, compare A B, fit NAME, targets START, {', '.join(CONFIGS)}")
 
 
 if __name__ == "__main__":
