@@ -655,9 +655,10 @@ def main(argv: list[str]) -> None:
             json.dump(result, f, indent=1)
         print(f"{argv[1]}, held out: {rm_cell(result)}")
     elif what == "targets":  # python tests/validate.py targets START: how soft a teacher's targets are on the data's answers
+        found = soft_targets(argv[1])
         os.makedirs(os.path.join(RESULTS, "targets"), exist_ok=True)  # beside the runs' JSON, not among them
         with open(os.path.join(RESULTS, "targets", f"{argv[1]}.json"), "w") as f:
-            json.dump(soft_targets(argv[1]), f, indent=1)
+            json.dump(found, f, indent=1)
     elif what == "tables":
         tables()
     elif what == "all":
