@@ -68,7 +68,7 @@ STARTS = {
 HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo-8x15", "remax-8x15", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
 BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6", "dpo-online-160", "dpop-online-160", "dpo-online-160-lr2e-5"), "validate:cai": ("cai",),
-          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "kdcut-then-token", "kdcut-then-onpolicy"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "bon")}
+          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "bon")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
@@ -169,6 +169,10 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "kd-cut24": ("cut24", ["distill.py", "--mode", "token", "--teacher", "<start:rft-sft45>", "--student", "<start>"],
                  "token-level KD (forward KL) into the 24-layer student from its 30-layer teacher"),
     "sft-cut24": ("cut24", ["sft.py"], "plain SFT of the 24-layer student on the same answers (kd-cut24's control)"),
+    # the teacher's targets on the data's answers are nearly the data's own tokens (`targets`: p = 0.986 a token), so
+    # KD there is SFT; where it can add what SFT cannot is on answers with no data label, the student's own (GKD, λ = ½)
+    "gkd-cut24": ("cut24", ["distill.py", "--mode", "on-policy", "--on-policy-frac", "0.5", "--teacher", "<start:rft-sft45>", "--student", "<start>"],
+                  "GKD into the 24-layer student: half its own samples, half the data's answers, reverse KL to the teacher"),
     # on-policy against off-policy from a warm student that is still far from its teacher: the kdcut24 start, 20 more
     # steps each at the same rate, a fresh data order (--seed 1), as kd-then-token / kd-then-onpolicy
     "kdcut-then-token": ("kdcut24", ["distill.py", "--mode", "token", "--teacher", "<start:rft-sft45>", "--student", "<start>",
