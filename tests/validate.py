@@ -68,7 +68,7 @@ STARTS = {
 HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo-8x15", "remax-8x15", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
 BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6", "dpo-online-160", "dpop-online-160", "dpo-online-160-lr2e-5"), "validate:cai": ("cai",),
-          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "bon")}
+          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy", "kdcut-then-token-lr1e-5", "kdcut-then-onpolicy-lr1e-5"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "bon")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
@@ -179,6 +179,12 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
                                      "--max-steps", "20", "--seed", "1"], "the warm 24-layer student, 20 more steps of token-level KD"),
     "kdcut-then-onpolicy": ("kdcut24", ["distill.py", "--mode", "on-policy", "--teacher", "<start:rft-sft45>", "--student", "<start>",
                                         "--max-steps", "20", "--seed", "1"], "the warm 24-layer student, 20 steps of on-policy distillation"),
+    # the pair above at 1e-4 (distill.py's default, kd-cut24's rate): the on-policy loss rose from step 5 on and its
+    # reverse KL went up; the same pair at the kd-then pair's 1e-5
+    "kdcut-then-token-lr1e-5": ("kdcut24", ["distill.py", "--mode", "token", "--teacher", "<start:rft-sft45>", "--student", "<start>",
+                                            "--lr", "1e-5", "--max-steps", "20", "--seed", "1"], "the warm 24-layer student, 20 more steps of token-level KD at 1e-5"),
+    "kdcut-then-onpolicy-lr1e-5": ("kdcut24", ["distill.py", "--mode", "on-policy", "--teacher", "<start:rft-sft45>", "--student", "<start>",
+                                               "--lr", "1e-5", "--max-steps", "20", "--seed", "1"], "the warm 24-layer student, 20 steps of on-policy distillation at 1e-5"),
     "gspo-token-mu1": ("sft5", ["grpo.py", "--importance-level", "sequence", "--loss-agg", "token", "--prompts-per-step", "4", "--max-steps", "20"],
                        "GSPO's ratio, token mean, μ = 1: GRPO's step exactly (the first gspo run)"),
 }
