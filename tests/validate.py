@@ -587,7 +587,8 @@ def fmt_gain(r: dict) -> str:
     return f" ({r['format_gain']:+.3f}, SE {r['format_gain_se_paired']:.3f})" if r.get("format_gain") is not None else ""
 
 
-def plot(results: list[dict], path: str, curves: list[tuple] = CURVES) -> None:
+def plot(results: list[dict], path: str, curves: list[tuple] = CURVES, log: tuple[str, ...] = ()) -> None:
+    """A panel per (metric, fallback metric, title) of `curves`, every run a line; the metrics in `log` on a log scale."""
     plt = common.pyplot("the validated runs' learning curves")
     if plt is None or not results:
         return
@@ -605,6 +606,8 @@ def plot(results: list[dict], path: str, curves: list[tuple] = CURVES) -> None:
                 lines.setdefault(r["name"], ax.plot(*zip(*pts), **style)[0])
         ax.set_title(title if key.startswith("eval") else f"{title}, 5-step mean")
         ax.set_xlabel("step")
+        if key in log:
+            ax.set_yscale("log")
     for ax in axes.flat[len(curves) :]:
         ax.axis("off")
     axes.flat[len(curves)].legend(lines.values(), lines.keys(), loc="center", fontsize=9)
@@ -624,7 +627,8 @@ def tables() -> None:
     plot([r for r in rl if r not in headline or r["name"] in ("rloo-8x15", "remax-8x15", "drgrpo-8x15")],
          os.path.join(ROOT, "docs", "validate_rl_attempts.png"))  # fmt: skip
     plot([r for r in results if block_of(r) == "validate:rm" and "samples" not in r["after"]], os.path.join(ROOT, "docs", "validate_rm.png"), RM_CURVES)
-    plot([r for r in results if block_of(r) == "validate:distill"], os.path.join(ROOT, "docs", "validate_distill.png"), DISTILL_CURVES)
+    plot([r for r in results if block_of(r) == "validate:distill"], os.path.join(ROOT, "docs", "validate_distill.png"), DISTILL_CURVES,
+         log=("loss", "eval/kl_reverse"))  # fmt: skip
     readme = os.path.join(ROOT, "README.md")
     with open(readme) as f:
         text = f.read()
