@@ -358,8 +358,8 @@ def evaluate_kl(student_dir: str, teacher_dir: str) -> dict:
 def soft_targets(start: str, steps: int = 40, batch: int = 8) -> dict:
     """How much a teacher's token-level targets hold beyond the data's own tokens, on the answers KD and SFT
     train on (the first `steps` batches of distill.py's and sft.py's default order): per answer token, the
-    teacher's probability of the data's token, its NLL (the forward KL from the one-hot data label to the
-    teacher, i.e. what SFT's target and KD's differ by), its entropy, and how often the data's token has p > ½."""
+    teacher's probability p of the data's token (KD's gradient in the student's logits, p_S − p_T, differs from
+    SFT's, p_S − onehot, by 2(1 − p) in L1), its NLL, its entropy, and how often the data's token has p > ½."""
     model_dir = start_dir(start, 2)[0]
     tok = common.load_tokenizer(model_dir)
     model = common.load_model(model_dir, tok).eval()
@@ -434,11 +434,17 @@ def bon_cell(r: dict) -> str:
     return "; ".join(cells)
 
 
+def made_by_run(start: str) -> str:
+    """The configuration whose run a start is, as it is ("kd-cut24" for ["<run:kd-cut24>"]); "" for a start made by a command."""
+    args = STARTS[start]
+    return args[0][len("<run:") : -1] if args[:1] and args[0].startswith("<run:") else ""
+
+
 def start_dir(name: str, threads: int) -> tuple[str, dict]:
     """The start's model directory and its evaluation, both made once per start configuration ("base": the
     embedded model, evaluated once; ["<run:NAME>"]: configuration NAME's run as it is, evaluated once per
     run), after the starts it is made from."""
-    if STARTS[name][:1] and STARTS[name][0].startswith("<run:"):
+    if made_by_run(name):
         model = with_starts(STARTS[name], "", threads)[0]
         with open(os.path.join(model, "metrics.jsonl")) as f:
             out, args = os.path.join(RUNS, f"start-{name}-{common.cache_key(f.read())}"), []
@@ -448,7 +454,7 @@ def start_dir(name: str, threads: int) -> tuple[str, dict]:
         model = out if args else common.DEFAULT_MODEL
     if not os.path.exists(os.path.join(out, "start.json")):
         wall, rss = run(args + ["--output-dir", out, "--overwrite"], out + ".log", threads) if args else (0.0, 0.0)
-        made = f"python {shown(STARTS[name])}" if args else f"the {STARTS[name][0][5:-1]} run" if STARTS[name] else "none: the embedded model"
+        made = f"python {shown(STARTS[name])}" if args else f"the {made_by_run(name)} run" if made_by_run(name) else "none: the embedded model"
         info = {"command": made, "wall_s": wall,
                 "peak_rss_gb": rss, "eval": evaluate(model)}  # fmt: skip
         os.makedirs(out, exist_ok=True)
@@ -652,8 +658,7 @@ def main(argv: list[str]) -> None:
     what = argv[0] if argv else "list"
     if what == "list":
         for name, (start, script, desc) in CONFIGS.items():
-            made = STARTS[start][:1] and STARTS[start][0].startswith("<run:")
-            first = f"(the {STARTS[start][0][5:-1]} run) " if made else f"python {shown(STARTS[start])} then " if STARTS[start] else ""
+            first = f"(the {made_by_run(start)} run) " if made_by_run(start) else f"python {shown(STARTS[start])} then " if STARTS[start] else ""
             print(f"{name:10s} {first}{command(script, start)}   # {desc}")
     elif what == "compare":  # python tests/validate.py compare A B
         a, b = (json.load(open(os.path.join(RESULTS, f"{n}.json"))) for n in argv[1:3])
