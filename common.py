@@ -159,6 +159,14 @@ def sequence_logps(logp: Tensor, batch: dict) -> Tensor:
     return out.index_add(0, ids[mask], logp[mask])
 
 
+def mean_logps(model, batch: dict) -> Tensor:
+    """Each document's mean log-prob per answer token, (num_docs,) float32: (1/|y|) Σ_t log π(y_t | x, y_<t)
+    over its labelled tokens, the length-normalised likelihood of SimPO's reward (arXiv:2405.14734, eq. 4)."""
+    logp, _ = token_logps(model, batch)
+    counts = sequence_logps((batch["labels"] != IGNORE).float(), batch)
+    return sequence_logps(logp, batch) / counts.clamp(min=1)
+
+
 def last_token_hidden(model, batch: dict) -> Tensor:
     """Final hidden state at the last token of every document -> (num_docs, H)."""
     hidden = forward_hidden(model, batch)
@@ -926,9 +934,18 @@ def check_same_vocab(tokenizer, other, problem: str) -> None:
 
 def load_reward_model(path: str, kind: str = "orm"):
     """An rm.py output in eval mode with packed attention: a sequence classifier (kind="orm", one score
-    per answer, read at its last token) or a token classifier (kind="prm", a score per step end)."""
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+    per answer, read at its last token), a token classifier (kind="prm", a score per step end), or, for an
+    ORM trained with `rm.py --score likelihood`, the causal LM whose likelihood is the score (reward_scores).
+    A directory of another kind (a policy passed as a reward model) is an error, not a fresh random head."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
+    config = AutoConfig.from_pretrained(path)
+    if kind == "orm" and getattr(config, "reward_score", None) == "likelihood":
+        return load_model(path).eval()
+    want = "ForSequenceClassification" if kind == "orm" else "ForTokenClassification"
+    if not any(a.endswith(want) for a in config.architectures or []):
+        raise UserError(f"{path}: not an rm.py {'outcome' if kind == 'orm' else 'process'} reward model (a *{want} "
+                        f"model{' or a likelihood ORM' if kind == 'orm' else ''}); it holds {config.architectures}")  # fmt: skip
     register_attention()
     cls = AutoModelForSequenceClassification if kind == "orm" else AutoModelForTokenClassification
     model = cls.from_pretrained(path, dtype=torch.float32)
@@ -936,16 +953,25 @@ def load_reward_model(path: str, kind: str = "orm"):
     return model.eval()
 
 
+def reward_scores(rm, batch: dict) -> Tensor:
+    """An outcome reward model's score of every document of a batch, (num_docs,) float32: its scalar head
+    at the document's last token, or for a likelihood ORM (rm.py --score likelihood) β times the answer's
+    mean log-prob under the model, β from its config."""
+    if getattr(rm.config, "reward_score", None) == "likelihood":
+        return rm.config.reward_beta * mean_logps(rm, batch)
+    h = last_token_hidden(rm, batch)
+    return rm.score(h.to(rm.score.weight.dtype)).squeeze(-1).float()
+
+
 @torch.no_grad()
 def reward_model_scores(rm, tokenizer, prompts: list, texts: list[str], device, max_tokens: int = 4096) -> Tensor:
-    """(B,) an rm.py reward model's score of each (prompt, answer), read at the answer's last token; the
-    conversations go through packed micro-batches of at most `max_tokens` tokens."""
+    """(B,) an rm.py reward model's score of each (prompt, answer) (reward_scores); the conversations go
+    through packed micro-batches of at most `max_tokens` tokens."""
     docs = [tokenize_conversation(tokenizer, as_messages(p, t)) for p, t in zip(prompts, texts)]
     out = torch.empty(len(docs))
     for b in pack_bins([len(d["input_ids"]) for d in docs], max_tokens):
         with autocast(device):
-            h = last_token_hidden(rm, to_device(collate_packed([docs[i] for i in b]), device))
-        out[b] = rm.score(h.to(rm.score.weight.dtype)).squeeze(-1).float().cpu()
+            out[b] = reward_scores(rm, to_device(collate_packed([docs[i] for i in b]), device)).cpu()
     return out
 
 

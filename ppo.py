@@ -345,6 +345,8 @@ def main(args: Args) -> str:
                                 "({sizes}). Train the reward model from the policy's tokenizer (rm.py --model <the policy>).")  # fmt: skip
         reward_model = (common.load_reward_model(args.reward).requires_grad_(False).to(device), rm_tokenizer)
     critic = common.load_reward_model(args.reward).train() if args.critic_init == "reward" else value_model(policy, tokenizer)
+    if not hasattr(critic, "score"):
+        raise common.UserError(f"--critic-init reward: {args.reward} is a likelihood ORM, with no scalar head to start a critic from")
     critic = critic.to(device)
 
     builtin = args.data == "builtin"

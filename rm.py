@@ -7,6 +7,11 @@ the Bradley-Terry model P(y_w ≻ y_l | x) = σ(r(x, y_w) − r(x, y_l)), so the
 with m an optional per-pair margin from the data (a "margin" field: how much better y_w is; Llama 2,
 Touvron et al. 2023, arXiv:2307.09288) and an optional centering term η·(r_w + r_l)² that pins the
 free offset of r near 0 (Eisenstein et al. 2023, arXiv:2312.09244).
+With --score likelihood the score is not a new head but the backbone's own language model, read at
+every token of the answer: r(x, y) = β · (1/|y|) Σ_t log π(y_t | x, y_<t), SimPO's length-normalised
+reward (Meng et al. 2024, arXiv:2405.14734, eq. 4), fitted by the same loss. Where a mistake shows as one
+unlikely token (a wrong sum) this reads it where it is, instead of teaching a head at the last token to
+carry it there.
 
 PRM (Lightman et al. 2023, arXiv:2305.20050). The response is a list of steps, each
 followed by --step-sep; the head reads the hidden state at every separator token and is trained with
@@ -19,6 +24,7 @@ highest, or the one whose steps the PRM scores best by min_t r_t (Math-Shepherd)
 (Lightman et al.).
 
     torchrun --nproc_per_node 2 rm.py                                   # ORM on the built-in pairs
+    python rm.py --score likelihood                                     # ORM: the LM's own likelihood
     python rm.py --kind prm                                             # PRM on the built-in steps
     python rm.py --best-of-n 4 16 --policy runs/sft --orm runs/rm --prm runs/prm
 """
@@ -63,6 +69,11 @@ class Args:
     share_prompt: bool = True
     """orm: a pair's prompt once in the packed row, both answers attending to it (common.collate_shared): exact, fewer tokens"""
     # algorithm
+    score: Literal["head", "likelihood"] = "head"
+    """orm: head, a fresh scalar head at the answer's last token; likelihood, β × the answer's mean token
+    log-prob under the backbone's own language-model head (SimPO's reward), every token read"""
+    beta: float = 2.0
+    """--score likelihood: β of r = β · mean log π(y | x) (SimPO's range, arXiv:2405.14734, is 2 to 2.5)"""
     center_coef: float = 0.0
     """η of the reward-centering term η·(r_w + r_l)² (arXiv:2312.09244 uses 0.01); 0: off"""
     step_sep: str = "\\n"
@@ -173,13 +184,18 @@ def split_steps(text: str) -> list[str]:
 # ───────────── models ─────────────
 
 
-def reward_model(name: str, tokenizer, kind: str, seed: int, dropout: bool = False):
+def reward_model(name: str, tokenizer, kind: str, seed: int, dropout: bool = False, beta: float | None = None):
     """The backbone of `name` with a fresh scalar head (num_labels=1) in a standard transformers class:
     sequence classification for the ORM (transformers reads it at the last non-pad token, as here), token
-    classification for the PRM. The LM head is dropped; the new head starts near 0, N(0, 1/(H+1))."""
+    classification for the PRM. The LM head is dropped; the new head starts near 0, N(0, 1/(H+1)).
+    With `beta` (--score likelihood) the model is the causal LM itself, marked in its config as an ORM
+    whose score is β × the answer's mean log-prob (common.reward_scores reads the mark)."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     lm = common.load_model(name, tokenizer, seed=seed, dropout=dropout)
+    if beta is not None:
+        lm.config.reward_score, lm.config.reward_beta = "likelihood", beta
+        return lm
     config = lm.config
     config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
     cls = AutoModelForSequenceClassification if kind == "orm" else AutoModelForTokenClassification
@@ -217,9 +233,9 @@ def set_scoring_pad(tokenizer) -> None:
 
 def pair_rewards(model, batch: dict) -> tuple[Tensor, Tensor]:
     """r(x, y) of the chosen and rejected documents of a packed row (chosen_0, rejected_0, chosen_1, ...):
-    the head applied to the last token of each document. (n,), (n,) in float32."""
-    h = common.last_token_hidden(model, batch)  # (2n, H)
-    r = model.score(h).squeeze(-1).float().view(-1, 2)  # (2n,) -> (n, 2)
+    the head applied to the last token of each document, or β × its mean log-prob (--score likelihood).
+    (n,), (n,) in float32."""
+    r = common.reward_scores(model, batch).view(-1, 2)  # (2n,) -> (n, 2)
     return r[:, 0], r[:, 1]
 
 
@@ -374,7 +390,7 @@ def score_responses(
         batch = common.to_device(batch, device)
         with common.autocast(device):
             if kind == "orm":
-                scores = model.score(common.last_token_hidden(model, batch)).float().cpu()  # (n, 1)
+                scores = common.reward_scores(model, batch).cpu()[:, None]  # (n, 1)
                 for j, i in enumerate(b):
                     out[keys[i]] = scores[j]
                 continue
@@ -507,13 +523,16 @@ def main(args: Args) -> str:
         return out_dir
 
     tokenizer = common.load_tokenizer(args.model)
-    if args.kind == "orm":
+    if args.kind == "prm" and args.score == "likelihood":
+        raise common.UserError("--score likelihood is an outcome reward (--kind orm); a PRM scores its steps with a head")
+    if args.kind == "orm" and args.score == "head":
         set_scoring_pad(tokenizer)
     train = load_data(args, tokenizer, "train", rank, world, device, out_dir)
     held_out = load_data(args, tokenizer, "test", rank, world, device, out_dir)
     if not train:
         raise common.UserError(f"{args.data}: no usable training samples")
-    model = reward_model(args.model, tokenizer, args.kind, args.seed, args.dropout).to(device)
+    beta = args.beta if args.score == "likelihood" else None
+    model = reward_model(args.model, tokenizer, args.kind, args.seed, args.dropout, beta).to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = common.shard_model(model, args.fsdp)

@@ -178,6 +178,51 @@ def test_orm_learns_a_synthetic_preference_and_saves_a_transformers_model(tmp_pa
     assert not torch.allclose(loaded.model.embed_tokens.weight, start["model.embed_tokens.weight"])
 
 
+def test_likelihood_reward_is_beta_times_the_answers_mean_log_prob_in_packed_and_shared_rows(chatml):
+    model = rm.reward_model("tiny", chatml, "orm", seed=0, beta=2.5).eval()
+    pairs = [("q one", "yes, abcd", "no. ab"), ("what is q two?", "a", "The answer is 5.")]
+    docs = [common.tokenize_conversation(chatml, common.as_messages(p, a), 1) for p, *ab in pairs for a in ab]
+
+    def by_hand(d):  # a plain forward of the document alone: β · mean over its answer tokens of log softmax
+        ids = torch.tensor([d["input_ids"]])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+        answer = torch.tensor(d["labels"][1:]) != common.IGNORE
+        return 2.5 * logp[answer].mean().item()
+
+    want = [by_hand(d) for d in docs]
+    with torch.no_grad():
+        packed = common.reward_scores(model, common.collate_packed(docs))
+        shared = [rm.pair_rewards(model, b) for _, b in rm.micro_batches([{"chosen": docs[i], "rejected": docs[i + 1]}
+                                                                           for i in (0, 2)], "orm", 4096)]  # fmt: skip
+    assert packed.tolist() == pytest.approx(want, abs=1e-4)
+    assert [x for w, l in shared for pair in zip(w.tolist(), l.tolist()) for x in pair] == pytest.approx(want, abs=1e-4)
+
+
+def test_likelihood_orm_learns_saves_a_marked_causal_lm_and_ranks_answers_as_trained(tmp_path):
+    train, test = synthetic_preferences(tmp_path / "train.jsonl", 64, 0), synthetic_preferences(tmp_path / "test.jsonl", 32, 1)
+    out = rm.main(rm.Args(model="tiny", score="likelihood", data=train, eval_data=test, max_steps=30, batch_size=16, lr=3e-3,
+                          eval_every=0, save_every=0, output_dir=str(tmp_path / "orm")))  # fmt: skip
+    rows = metrics(out)
+    assert rows[-1]["eval/accuracy"] >= 0.9 and rows[-1]["eval/accuracy"] > rows[0]["eval/accuracy"]
+    loaded = common.load_reward_model(out)  # the causal LM, its config saying how it scores
+    assert (loaded.config.reward_score, loaded.config.reward_beta) == ("likelihood", 2.0)
+    tok = common.load_tokenizer(out)
+    scores = common.reward_model_scores(loaded, tok, ["say abcd"] * 2, ["yes, abcd", "no. abcd"], CPU)
+    assert scores[0] > scores[1]
+    assert rm.score_responses(loaded, tok, "orm", ["say abcd"], ["yes, abcd"], "\n", 4096, CPU)[0].item() == pytest.approx(
+        scores[0].item(), abs=1e-5)  # fmt: skip
+    with pytest.raises(common.UserError, match="--kind orm"):
+        rm.main(rm.Args(model="tiny", kind="prm", score="likelihood", output_dir=str(tmp_path / "prm")))
+
+
+def test_a_policy_passed_as_a_reward_model_is_an_error_not_a_random_head(tmp_path, chatml):
+    policy = str(tmp_path / "policy")
+    common.save_model(common.tiny_model(chatml), chatml, policy)
+    for kind in ("orm", "prm"):
+        with pytest.raises(common.UserError, match="not an rm.py"):
+            common.load_reward_model(policy, kind)
+
+
 def test_prm_learns_which_steps_are_wrong(tmp_path):
     from transformers import AutoModelForTokenClassification
 
@@ -199,8 +244,9 @@ def test_prm_learns_which_steps_are_wrong(tmp_path):
     assert AutoModelForTokenClassification.from_pretrained(out).config.num_labels == 1
 
 
-def test_best_of_n_end_to_end_counts_greedy_samples_and_scorers(tmp_path, monkeypatch):
-    orm = rm.main(rm.Args(model="tiny", num_train=8, num_eval=4, max_steps=1, save_every=0, output_dir=str(tmp_path / "orm")))
+@pytest.mark.parametrize("score", ["head", "likelihood"])
+def test_best_of_n_end_to_end_counts_greedy_samples_and_scorers(tmp_path, monkeypatch, score):
+    orm = rm.main(rm.Args(model="tiny", score=score, num_train=8, num_eval=4, max_steps=1, save_every=0, output_dir=str(tmp_path / "orm")))
     prm = rm.main(
         rm.Args(model="tiny", kind="prm", num_train=8, num_eval=4, max_steps=1, save_every=0, output_dir=str(tmp_path / "prm"))
     )

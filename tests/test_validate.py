@@ -94,6 +94,31 @@ def test_reward_models_are_evaluated_on_the_reported_problems_against_their_base
     assert f"step accuracy {ev['step_accuracy']:.3f}" in held_out and f"step accuracy {fit['step_accuracy']:.3f}" in trained
 
 
+def test_a_likelihood_orm_is_shown_against_its_start_scored_the_same_way_untrained(tmp_path, monkeypatch):
+    import common
+    import rm
+
+    monkeypatch.setattr(validate, "EVAL_N", 6)
+    tok = common.tiny_tokenizer()
+    start = str(tmp_path / "start")
+    common.save_model(common.tiny_model(tok), tok, start)
+    before = validate.evaluate_rm(start, "orm", untrained=True)
+    lm = common.load_model(start)
+    mean_logp = lambda p, a: common.mean_logps(lm, common.collate_packed([common.tokenize_conversation(  # noqa: E731
+        tok, common.as_messages(p, a), 1)])).item()
+    pairs = common.builtin_preferences("test", 12, 0)[6:]
+    assert before["right"] == [float(mean_logp(r["prompt"], r["chosen"]) > mean_logp(r["prompt"], r["rejected"])) for r in pairs]
+    orm = rm.main(rm.Args(model=start, score="likelihood", num_train=8, num_eval=4, max_steps=2, lr=1e-2, save_every=0,
+                          output_dir=str(tmp_path / "orm")))  # fmt: skip
+    after = validate.evaluate_rm(orm, "orm")
+    row = {"name": "orm-likelihood", "kind": "orm", "command": "python rm.py --score likelihood", "before": before, "after": after,
+           "run_wall_s": 5.0, "peak_rss_gb": 1.0}  # fmt: skip
+    line = validate.rm_table([row]).splitlines()[2]
+    gain, se = validate.paired(after["right"], before["right"])
+    assert f"{before['pairwise_accuracy']:.3f} ± {before['pairwise_accuracy_se']:.3f} → {after['pairwise_accuracy']:.3f}" in line
+    assert f"gain {gain:+.3f}, paired SE {se:.3f}" in line
+
+
 def test_a_run_is_written_as_one_json_with_its_paired_gain_or_its_reward_model_evaluation(tmp_path, monkeypatch):
     """validate() end to end with the subprocess and the evaluations stubbed: what lands in the JSON."""
     import json

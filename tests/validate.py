@@ -68,7 +68,7 @@ STARTS = {
 HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo-8x15", "remax-8x15", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
 BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6", "dpo-online-160", "dpop-online-160", "dpo-online-160-lr2e-5"), "validate:cai": ("cai",),
-          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy", "kdcut-then-token-lr1e-5", "kdcut-then-onpolicy-lr1e-5"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "bon")}
+          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy", "kdcut-then-token-lr1e-5", "kdcut-then-onpolicy-lr1e-5"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "orm-likelihood", "bon", "bon-likelihood")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
@@ -132,6 +132,9 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     # the default PRM (480 solutions, 3.6 minutes) scored below calling every step right: four times the solutions
     "prm-lr1e-4": ("sft5", ["rm.py", "--kind", "prm", "--lr", "1e-4"], "process RM at 3× rm.py's learning rate"),
     "prm-2000": ("sft5", ["rm.py", "--kind", "prm", "--num-train", "2000", "--max-steps", "250"], "process RM, 2000 solutions, one epoch (250 steps of 8)"),
+    # the head ORM stays at chance; the probe found the verdict in the model's own likelihood (0.844), not in the
+    # last token's state: an ORM whose score is that likelihood, read at every token, trained by the same loss
+    "orm-likelihood": ("sft5", ["rm.py", "--score", "likelihood"], "outcome RM scored by β × the answer's mean log-prob (SimPO's reward), Bradley-Terry on the built-in pairs"),
     # Constitutional AI's supervised stage, the model its own critic; must not collapse the start
     "cai": ("sft5", ["cai.py"], "CAI, self-critique and revision, SFT on the kept revisions"),
     # rejection-sampling fine-tuning on itself at the RL scripts' learning rate (distill.py's 1e-4 is sized for a cut-down student)
@@ -155,6 +158,8 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     # verifiers pick (run those two first); 128 problems, as 256 × 16 samples would take the better part of an hour
     "bon": ("sft5", ["rm.py", "--best-of-n", "4", "16", "--policy", "<start>", "--orm", "<run:orm>", "--prm", "<run:prm>",
                      "--data", "<reported:128>"], "best-of-N with the trained ORM and PRM on the RL start's samples"),
+    "bon-likelihood": ("sft5", ["rm.py", "--best-of-n", "4", "16", "--policy", "<start>", "--orm", "<run:orm-likelihood>",
+                                "--data", "<reported:128>"], "best-of-N with the likelihood ORM on the RL start's samples (the bon run's samples: same seed)"),
     # the same at distill.py's default 40 steps (run after the 20-step pair's difference came out at 2.5 SE)
     "kd-then-token-40": ("kd", ["distill.py", "--mode", "token", "--teacher", "<start:rft>", "--student", "<start>", "--lr", "1e-5",
                                 "--seed", "1"], "the warm student, 40 more steps of token-level KD (off-policy)"),
@@ -253,19 +258,24 @@ def evaluate(model_dir: str, seed: int = 0) -> dict:
 
 
 @torch.no_grad()
-def evaluate_rm(model_dir: str, kind: str, split: str = "test") -> dict:
+def evaluate_rm(model_dir: str, kind: str, split: str = "test", untrained: bool = False) -> dict:
     """A reward model on the built-in views of the same EVAL_N reported held-out problems (split "train":
     on the first EVAL_N problems it was trained on instead, each seen once in a one-epoch run). ORM: pairwise
     accuracy, the chosen (right) solution scored above the rejected one (one arithmetic slip); chance is ½.
     PRM: on one solution per problem, half of them with a slip (every step from the slip on labelled
     wrong), step accuracy (σ(r_t) > ½ agrees with the label) and solution accuracy (min_t r_t > 0 exactly
     when every step is right), each beside the trivial scorer that calls every step right, with the
-    paired standard error of the difference (same steps, same solutions)."""
+    paired standard error of the difference (same steps, same solutions). untrained: model_dir is a
+    language model (a likelihood ORM's start), scored by its own mean log-prob as it is."""
     import rm
 
-    tok, model = common.load_tokenizer(model_dir), common.load_reward_model(model_dir, kind)
-    with open(os.path.join(model_dir, "args.json")) as f:
-        sep = rm.step_separator(rm.Args(step_sep=json.load(f)["step_sep"]))
+    tok = common.load_tokenizer(model_dir)
+    if untrained:
+        model, sep = rm.reward_model(model_dir, tok, "orm", 0, beta=1.0).eval(), ""
+    else:
+        model = common.load_reward_model(model_dir, kind)
+        with open(os.path.join(model_dir, "args.json")) as f:
+            sep = rm.step_separator(rm.Args(step_sep=json.load(f)["step_sep"]))
     t0 = time.time()
     if kind == "orm":
         rows = common.builtin_preferences("test", 2 * EVAL_N, 0)[EVAL_N:] if split == "test" else common.builtin_preferences("train", EVAL_N, 0)
@@ -490,6 +500,8 @@ def validate(name: str, seed: int, threads: int) -> dict:
     elif script[0] == "rm.py":  # a reward model: its own evaluation, no policy accuracy to compare with the start's
         result["kind"] = "prm" if "prm" in script else "orm"
         result["after"] = evaluate_rm(out, result["kind"])
+        if "likelihood" in script:  # what the start's own likelihood scores before any training
+            result["before"] = evaluate_rm(model, "orm", untrained=True)
         summary = rm_cell(result)
     else:
         before, after = start_info["eval"], evaluate(out)
@@ -565,6 +577,11 @@ def rm_cell(r: dict) -> str:
     if "train_fit" in r:  # what `fit` measured: the same scorer on problems it was trained on
         held_out = {k: v for k, v in r.items() if k != "train_fit"}
         return f"{rm_cell(held_out)}; on {EVAL_N} of its training problems: {rm_cell(held_out | {'after': r['train_fit']})}"
+    if r["kind"] == "orm" and "before" in r:  # a likelihood ORM: its start scored the same way, untrained
+        b = r["before"]
+        return ("pairwise accuracy {:.3f} ± {:.3f} → {:.3f} ± {:.3f} (the start's own likelihood → trained; "
+                "gain {:+.3f}, paired SE {:.3f}; chance 0.5)").format(b["pairwise_accuracy"], b["pairwise_accuracy_se"],
+                a["pairwise_accuracy"], a["pairwise_accuracy_se"], *paired(a["right"], b["right"]))  # fmt: skip
     if r["kind"] == "orm":
         return f"pairwise accuracy {a['pairwise_accuracy']:.3f} ± {a['pairwise_accuracy_se']:.3f} (chance 0.5)"
     return "; ".join(f"{what} {a[k]:.3f} ± {a[k + '_se']:.3f} (every step right: {a[k + '_baseline']:.3f}; "
