@@ -934,13 +934,13 @@ def check_same_vocab(tokenizer, other, problem: str) -> None:
 
 def load_reward_model(path: str, kind: str = "orm"):
     """An rm.py output in eval mode with packed attention: a sequence classifier (kind="orm", one score
-    per answer, read at its last token), a token classifier (kind="prm", a score per step end), or, for an
-    ORM trained with `rm.py --score likelihood`, the causal LM whose likelihood is the score (reward_scores).
+    per answer, read at its last token), a token classifier (kind="prm", a score per step end), or, for a
+    reward model trained with `rm.py --score likelihood`, the causal LM whose likelihood is the score.
     A directory of another kind (a policy passed as a reward model) is an error, not a fresh random head."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     config = AutoConfig.from_pretrained(path)
-    if kind == "orm" and getattr(config, "reward_score", None) == "likelihood":
+    if getattr(config, "reward_score", None) == ("likelihood" if kind == "orm" else "likelihood_steps"):
         return load_model(path).eval()
     want = "ForSequenceClassification" if kind == "orm" else "ForTokenClassification"
     if not any(a.endswith(want) for a in config.architectures or []):

@@ -11,7 +11,9 @@ With --score likelihood the score is not a new head but the backbone's own langu
 every token of the answer: r(x, y) = β · (1/|y|) Σ_t log π(y_t | x, y_<t), SimPO's length-normalised
 reward (Meng et al. 2024, arXiv:2405.14734, eq. 4), fitted by the same loss. Where a mistake shows as one
 unlikely token (a wrong sum) this reads it where it is, instead of teaching a head at the last token to
-carry it there.
+carry it there. A PRM scored the same way (--kind prm --score likelihood) calls step t right while no
+answer token up to it was unlikely: r_t = β · (min_{i ≤ t} log π(y_i | x, y_<i) − log p₀), the minimum over
+the steps' own tokens (not the separators), trained by the same per-step cross-entropy.
 
 PRM (Lightman et al. 2023, arXiv:2305.20050). The response is a list of steps, each
 followed by --step-sep; the head reads the hidden state at every separator token and is trained with
@@ -70,10 +72,15 @@ class Args:
     """orm: a pair's prompt once in the packed row, both answers attending to it (common.collate_shared): exact, fewer tokens"""
     # algorithm
     score: Literal["head", "likelihood"] = "head"
-    """orm: head, a fresh scalar head at the answer's last token; likelihood, β × the answer's mean token
-    log-prob under the backbone's own language-model head (SimPO's reward), every token read"""
+    """head: a fresh scalar head (orm: at the answer's last token; prm: at each step end); likelihood: the
+    backbone's own language-model head, every token read (orm: β × the answer's mean log-prob, SimPO's
+    reward; prm: β × (the lowest token log-prob so far − log --min-prob))"""
     beta: float = 2.0
-    """--score likelihood: β of r = β · mean log π(y | x) (SimPO's range, arXiv:2405.14734, is 2 to 2.5)"""
+    """--score likelihood: β, the scale of the score (SimPO's range, arXiv:2405.14734, is 2 to 2.5)"""
+    min_prob: float = 0.05
+    """--kind prm --score likelihood: p₀, a step scores wrong once a token of it or of an earlier step had
+    probability under p₀ (0.05: the best of 0.5 ... 0.001 for the untrained 5-step SFT model on 256 built-in
+    training solutions)"""
     center_coef: float = 0.0
     """η of the reward-centering term η·(r_w + r_l)² (arXiv:2312.09244 uses 0.01); 0: off"""
     step_sep: str = "\\n"
@@ -184,17 +191,21 @@ def split_steps(text: str) -> list[str]:
 # ───────────── models ─────────────
 
 
-def reward_model(name: str, tokenizer, kind: str, seed: int, dropout: bool = False, beta: float | None = None):
+def reward_model(name: str, tokenizer, kind: str, seed: int, dropout: bool = False, beta: float | None = None,
+                 min_prob: float = 0.05):
     """The backbone of `name` with a fresh scalar head (num_labels=1) in a standard transformers class:
     sequence classification for the ORM (transformers reads it at the last non-pad token, as here), token
     classification for the PRM. The LM head is dropped; the new head starts near 0, N(0, 1/(H+1)).
     With `beta` (--score likelihood) the model is the causal LM itself, marked in its config as an ORM
-    whose score is β × the answer's mean log-prob (common.reward_scores reads the mark)."""
+    whose score is β × the answer's mean log-prob (common.reward_scores reads the mark) or a PRM whose
+    step scores are likelihood_step_logits."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     lm = common.load_model(name, tokenizer, seed=seed, dropout=dropout)
     if beta is not None:
-        lm.config.reward_score, lm.config.reward_beta = "likelihood", beta
+        lm.config.reward_score, lm.config.reward_beta = "likelihood" if kind == "orm" else "likelihood_steps", beta
+        if kind == "prm":
+            lm.config.reward_min_prob = min_prob
         return lm
     config = lm.config
     config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
@@ -239,10 +250,24 @@ def pair_rewards(model, batch: dict) -> tuple[Tensor, Tensor]:
     return r[:, 0], r[:, 1]
 
 
+def likelihood_step_logits(model, batch: dict) -> Tensor:
+    """A likelihood PRM's score at every position of a packed row, (1, T): β · (min over the answer's tokens
+    so far of log π(y_i | x, y_<i) − log p₀), each document on its own; separator tokens (step_labels ≥ 0)
+    are layout the policy may never write, so they do not count."""
+    logp, _ = common.token_logps(model, batch)  # (1, T)
+    counted = (batch["labels"] != common.IGNORE) & (batch["step_labels"] < 0)
+    logp = logp.masked_fill(~counted, 0.0)[0]  # log 1: leaves a minimum as it is
+    cu = batch["cu_seqlens"].tolist()
+    lowest = torch.cat([logp[a:b].cummin(0).values for a, b in zip(cu, cu[1:])])
+    return (model.config.reward_beta * (lowest - math.log(model.config.reward_min_prob)))[None]
+
+
 def step_logits(model, batch: dict) -> tuple[Tensor, Tensor]:
     """PRM logits and labels at every step end of the batch: (S,), (S,). step_labels is −1 elsewhere."""
-    hidden = common.forward_hidden(model, batch)  # (1, T, H)
     at = batch["step_labels"] >= 0
+    if getattr(model.config, "reward_score", None) == "likelihood_steps":
+        return likelihood_step_logits(model, batch)[at].float(), batch["step_labels"][at].float()
+    hidden = common.forward_hidden(model, batch)  # (1, T, H)
     return model.score(hidden[at]).squeeze(-1).float(), batch["step_labels"][at].float()
 
 
@@ -523,8 +548,6 @@ def main(args: Args) -> str:
         return out_dir
 
     tokenizer = common.load_tokenizer(args.model)
-    if args.kind == "prm" and args.score == "likelihood":
-        raise common.UserError("--score likelihood is an outcome reward (--kind orm); a PRM scores its steps with a head")
     if args.kind == "orm" and args.score == "head":
         set_scoring_pad(tokenizer)
     train = load_data(args, tokenizer, "train", rank, world, device, out_dir)
@@ -532,7 +555,7 @@ def main(args: Args) -> str:
     if not train:
         raise common.UserError(f"{args.data}: no usable training samples")
     beta = args.beta if args.score == "likelihood" else None
-    model = reward_model(args.model, tokenizer, args.kind, args.seed, args.dropout, beta).to(device)
+    model = reward_model(args.model, tokenizer, args.kind, args.seed, args.dropout, beta, args.min_prob).to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = common.shard_model(model, args.fsdp)

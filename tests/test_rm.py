@@ -211,8 +211,53 @@ def test_likelihood_orm_learns_saves_a_marked_causal_lm_and_ranks_answers_as_tra
     assert scores[0] > scores[1]
     assert rm.score_responses(loaded, tok, "orm", ["say abcd"], ["yes, abcd"], "\n", 4096, CPU)[0].item() == pytest.approx(
         scores[0].item(), abs=1e-5)  # fmt: skip
-    with pytest.raises(common.UserError, match="--kind orm"):
-        rm.main(rm.Args(model="tiny", kind="prm", score="likelihood", output_dir=str(tmp_path / "prm")))
+
+
+def test_likelihood_step_scores_are_the_lowest_answer_token_log_prob_so_far_each_solution_alone(chatml):
+    model = rm.reward_model("tiny", chatml, "prm", seed=0, beta=3.0, min_prob=0.2).eval()
+    rows = [("q one", ["a b.", "c d e.", "The answer is 5."]), ("what is q two?", ["x.", "y z."])]
+    samples = [rm.tokenize_steps(chatml, p, steps, [1.0] * len(steps), "\n") for p, steps in rows]
+
+    def by_hand(s):  # one solution alone, plain forward: the running minimum over answer tokens that are not separators
+        ids = torch.tensor([s["input_ids"]])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+        out, lowest = [], 0.0
+        for t in range(1, len(s["input_ids"])):
+            if s["labels"][t] != common.IGNORE and s["step_labels"][t] < 0:
+                lowest = min(lowest, logp[t - 1].item())
+            if s["step_labels"][t] >= 0:
+                out.append(3.0 * (lowest - math.log(0.2)))
+        return out
+
+    with torch.no_grad():
+        got, _ = rm.step_logits(model, common.collate_packed(samples, extra=("step_labels",)))
+    want = [x for s in samples for x in by_hand(s)]
+    assert len(want) == 5 and got.tolist() == pytest.approx(want, abs=1e-4)
+    assert all(a >= b for a, b in zip(want[:2], want[1:3]))  # a running minimum never rises within a solution
+
+
+def test_likelihood_prm_learns_which_steps_are_wrong_and_loads_as_a_prm(tmp_path):
+    rng = random.Random(0)
+
+    def write(path, n):  # a step is wrong exactly when it says "bad", and every step after it too
+        with open(path, "w") as f:
+            for _ in range(n):
+                slip = rng.choice([0, 1, 2, 3])  # 3: no slip
+                steps = [f"{'bad' if t == slip else 'good'} {rng.randint(0, 1)}." for t in range(3)]
+                f.write(json.dumps({"prompt": "go", "completions": steps, "labels": [t < slip for t in range(3)]}) + "\n")
+        return str(path)
+
+    out = rm.main(rm.Args(model="tiny", kind="prm", score="likelihood", min_prob=0.02, data=write(tmp_path / "a.jsonl", 64),
+                          eval_data=write(tmp_path / "b.jsonl", 32), max_steps=30, batch_size=16, lr=3e-3, eval_every=0,
+                          save_every=0, output_dir=str(tmp_path / "prm")))  # fmt: skip
+    rows = metrics(out)
+    assert rows[-1]["eval/step_accuracy"] >= 0.9 and rows[-1]["eval/step_accuracy"] > rows[0]["eval/step_accuracy"]
+    loaded = common.load_reward_model(out, "prm")
+    assert (loaded.config.reward_score, loaded.config.reward_min_prob) == ("likelihood_steps", 0.02)
+    scores = rm.score_responses(loaded, common.load_tokenizer(out), "prm", ["go"], ["good 1. bad 0. good 1."], "\n", 4096, CPU)[0]
+    assert scores[0] > 0 > scores[1] >= scores[2]
+    with pytest.raises(common.UserError, match="not an rm.py outcome"):
+        common.load_reward_model(out, "orm")
 
 
 def test_a_policy_passed_as_a_reward_model_is_an_error_not_a_random_head(tmp_path, chatml):

@@ -95,6 +95,8 @@ def test_reward_models_are_evaluated_on_the_reported_problems_against_their_base
 
 
 def test_a_likelihood_orm_is_shown_against_its_start_scored_the_same_way_untrained(tmp_path, monkeypatch):
+    import json
+
     import common
     import rm
 
@@ -102,21 +104,26 @@ def test_a_likelihood_orm_is_shown_against_its_start_scored_the_same_way_untrain
     tok = common.tiny_tokenizer()
     start = str(tmp_path / "start")
     common.save_model(common.tiny_model(tok), tok, start)
-    before = validate.evaluate_rm(start, "orm", untrained=True)
     lm = common.load_model(start)
     mean_logp = lambda p, a: common.mean_logps(lm, common.collate_packed([common.tokenize_conversation(  # noqa: E731
         tok, common.as_messages(p, a), 1)])).item()
     pairs = common.builtin_preferences("test", 12, 0)[6:]
-    assert before["right"] == [float(mean_logp(r["prompt"], r["chosen"]) > mean_logp(r["prompt"], r["rejected"])) for r in pairs]
     orm = rm.main(rm.Args(model=start, score="likelihood", num_train=8, num_eval=4, max_steps=2, lr=1e-2, save_every=0,
                           output_dir=str(tmp_path / "orm")))  # fmt: skip
-    after = validate.evaluate_rm(orm, "orm")
+    after, before = validate.evaluate_rm(orm, "orm"), validate.evaluate_rm(start, "orm", untrained_as=orm)
+    assert before["right"] == [float(mean_logp(r["prompt"], r["chosen"]) > mean_logp(r["prompt"], r["rejected"])) for r in pairs]
     row = {"name": "orm-likelihood", "kind": "orm", "command": "python rm.py --score likelihood", "before": before, "after": after,
            "run_wall_s": 5.0, "peak_rss_gb": 1.0}  # fmt: skip
     line = validate.rm_table([row]).splitlines()[2]
     gain, se = validate.paired(after["right"], before["right"])
     assert f"{before['pairwise_accuracy']:.3f} ± {before['pairwise_accuracy_se']:.3f} → {after['pairwise_accuracy']:.3f}" in line
     assert f"gain {gain:+.3f}, paired SE {se:.3f}" in line
+    samples = [{"prompt": r["prompt"], "text": t} for r in pairs[:2] for t in (r["chosen"], "")]
+    (tmp_path / "bon").mkdir()
+    (tmp_path / "bon" / "best_of_n_samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in samples))
+    got = validate.untrained_bon_scores(str(tmp_path / "bon"), start, orm)
+    beta = rm.Args().beta
+    assert got[0] == pytest.approx(beta * mean_logp(pairs[0]["prompt"], pairs[0]["chosen"]), abs=1e-4) and got[1] == float("-inf")
 
 
 def test_a_run_is_written_as_one_json_with_its_paired_gain_or_its_reward_model_evaluation(tmp_path, monkeypatch):
@@ -238,5 +245,7 @@ def test_best_of_n_is_read_from_the_samples_problem_by_problem_with_what_each_sc
     # right above wrong: problem 0, right {0, 2} against wrong {1, 3}: 27 > 33? no, 27 > 5 yes, 17 > 33 no, 17 > 5 yes;
     # problem 1, right {4} against wrong {5, 6, 7}: a tie (half), 27 > 10 yes, 27 > 16 yes
     assert picked["right_above_wrong"] == pytest.approx((2 + 2.5) / (4 + 3))
+    shortest = validate.evaluate_bon(str(tmp_path), [2, 4], {"orm_untrained": [-float(len(t)) for t, _ in texts]})
+    assert shortest["orm_untrained@4"]["per_problem"] == [0.0, 0.0] and shortest["orm@4"] == out["orm@4"]  # "Five.", "I think 4."
     line = validate.rm_cell({"after": out})
     assert line.startswith("2 problems × 4 samples; one sample 0.375") and "orm: @2 0.500 (+0.125, SE " in line

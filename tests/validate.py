@@ -68,7 +68,7 @@ STARTS = {
 HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo-8x15", "remax-8x15", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
 BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6", "dpo-online-160", "dpop-online-160", "dpo-online-160-lr2e-5"), "validate:cai": ("cai",),
-          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy", "kdcut-then-token-lr1e-5", "kdcut-then-onpolicy-lr1e-5"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "orm-likelihood", "bon", "bon-likelihood")}
+          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy", "kdcut-then-token-lr1e-5", "kdcut-then-onpolicy-lr1e-5"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "orm-likelihood", "prm-likelihood", "bon", "bon-likelihood")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
@@ -135,6 +135,8 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     # the head ORM stays at chance; the probe found the verdict in the model's own likelihood (0.844), not in the
     # last token's state: an ORM whose score is that likelihood, read at every token, trained by the same loss
     "orm-likelihood": ("sft5", ["rm.py", "--score", "likelihood"], "outcome RM scored by β × the answer's mean log-prob (SimPO's reward), Bradley-Terry on the built-in pairs"),
+    # p₀ = 0.05 (rm.py's default) chosen on 256 training solutions, untrained: step accuracy 0.878 against 0.686
+    "prm-likelihood": ("sft5", ["rm.py", "--kind", "prm", "--score", "likelihood"], "process RM: a step is right while no answer token so far is under p₀ = 0.05; per-step BCE"),
     # Constitutional AI's supervised stage, the model its own critic; must not collapse the start
     "cai": ("sft5", ["cai.py"], "CAI, self-critique and revision, SFT on the kept revisions"),
     # rejection-sampling fine-tuning on itself at the RL scripts' learning rate (distill.py's 1e-4 is sized for a cut-down student)
@@ -159,7 +161,8 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "bon": ("sft5", ["rm.py", "--best-of-n", "4", "16", "--policy", "<start>", "--orm", "<run:orm>", "--prm", "<run:prm>",
                      "--data", "<reported:128>"], "best-of-N with the trained ORM and PRM on the RL start's samples"),
     "bon-likelihood": ("sft5", ["rm.py", "--best-of-n", "4", "16", "--policy", "<start>", "--orm", "<run:orm-likelihood>",
-                                "--data", "<reported:128>"], "best-of-N with the likelihood ORM on the RL start's samples (the bon run's samples: same seed)"),
+                                "--prm", "<run:prm-likelihood>", "--data", "<reported:128>"],
+                       "best-of-N with the likelihood ORM and PRM on the RL start's samples (the bon run's samples: same seed)"),
     # the same at distill.py's default 40 steps (run after the 20-step pair's difference came out at 2.5 SE)
     "kd-then-token-40": ("kd", ["distill.py", "--mode", "token", "--teacher", "<start:rft>", "--student", "<start>", "--lr", "1e-5",
                                 "--seed", "1"], "the warm student, 40 more steps of token-level KD (off-policy)"),
@@ -258,24 +261,25 @@ def evaluate(model_dir: str, seed: int = 0) -> dict:
 
 
 @torch.no_grad()
-def evaluate_rm(model_dir: str, kind: str, split: str = "test", untrained: bool = False) -> dict:
+def evaluate_rm(model_dir: str, kind: str, split: str = "test", untrained_as: str = "") -> dict:
     """A reward model on the built-in views of the same EVAL_N reported held-out problems (split "train":
     on the first EVAL_N problems it was trained on instead, each seen once in a one-epoch run). ORM: pairwise
     accuracy, the chosen (right) solution scored above the rejected one (one arithmetic slip); chance is ½.
     PRM: on one solution per problem, half of them with a slip (every step from the slip on labelled
     wrong), step accuracy (σ(r_t) > ½ agrees with the label) and solution accuracy (min_t r_t > 0 exactly
     when every step is right), each beside the trivial scorer that calls every step right, with the
-    paired standard error of the difference (same steps, same solutions). untrained: model_dir is a
-    language model (a likelihood ORM's start), scored by its own mean log-prob as it is."""
+    paired standard error of the difference (same steps, same solutions). untrained_as: a likelihood
+    reward model's run directory; model_dir is its start, a language model scored as that run scores, untrained."""
     import rm
 
     tok = common.load_tokenizer(model_dir)
-    if untrained:
-        model, sep = rm.reward_model(model_dir, tok, "orm", 0, beta=1.0).eval(), ""
+    with open(os.path.join(untrained_as or model_dir, "args.json")) as f:
+        run_args = json.load(f)
+    sep = rm.step_separator(rm.Args(step_sep=run_args["step_sep"]))
+    if untrained_as:
+        model = rm.reward_model(model_dir, tok, kind, 0, beta=run_args["beta"], min_prob=run_args.get("min_prob", rm.Args().min_prob)).eval()
     else:
         model = common.load_reward_model(model_dir, kind)
-        with open(os.path.join(model_dir, "args.json")) as f:
-            sep = rm.step_separator(rm.Args(step_sep=json.load(f)["step_sep"]))
     t0 = time.time()
     if kind == "orm":
         rows = common.builtin_preferences("test", 2 * EVAL_N, 0)[EVAL_N:] if split == "test" else common.builtin_preferences("train", EVAL_N, 0)
@@ -389,21 +393,29 @@ def soft_targets(start: str, steps: int = 40, batch: int = 8) -> dict:
     return out
 
 
-def evaluate_bon(run_dir: str, ns: list[int]) -> dict:
+BON_SCORERS = ("orm", "orm_untrained", "prm_min", "prm_product")  # rm.py's scorers, then validate's own
+
+
+def evaluate_bon(run_dir: str, ns: list[int], extra: dict[str, list[float]] | None = None) -> dict:
     """Best-of-N from rm.py's best_of_n_samples.jsonl (M samples a problem, in problem order): per scorer and N,
     each problem's share of right picks over its M // N disjoint groups (rm.best_of_n_accuracy), as mean ± SE,
     and paired against one sample (N = 1: the mean correctness of all M); "pass" is the oracle (any right
     answer in the group). What each scorer prefers, at the largest N: the picked answers' mean length
     (characters), steps (rm.split_steps), format rate, share stating a false worked step ("18 - 8 = 5", as
     cai.py checks) and repetition rate (a step said twice) beside those of all samples; and how often it
-    scores a right answer above a wrong one to the same problem (0.5: no better than chance)."""
+    scores a right answer above a wrong one to the same problem (0.5: no better than chance). extra: more
+    scorers' scores of the same samples, in file order (orm_untrained: untrained_bon_scores)."""
     import cai
     import rm
 
+    t0 = time.time()
     with open(os.path.join(run_dir, "best_of_n_samples.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    for key, scores in (extra or {}).items():
+        for row, x in zip(rows, scores, strict=True):
+            row[key] = x
     m = max(ns)
-    scorers = [k for k in ("orm", "prm_min", "prm_product") if k in rows[0]]
+    scorers = [k for k in BON_SCORERS if k in rows[0]]
     grid = lambda key: torch.tensor([r[key] for r in rows], dtype=torch.float64).view(-1, m)  # noqa: E731
     correct = grid("correct")
     single = correct.mean(1).tolist()
@@ -430,7 +442,23 @@ def evaluate_bon(run_dir: str, ns: list[int]) -> dict:
             diff = s[ok][:, None] - s[~ok][None, :]
             wins, pairs = wins + float((diff > 0).sum() + 0.5 * (diff == 0).sum()), pairs + diff.numel()
         out["prefers"][key]["right_above_wrong"] = wins / pairs if pairs else None
+    out["eval_s"] = time.time() - t0
     return out
+
+
+def untrained_bon_scores(run_dir: str, start: str, orm: str) -> list[float]:
+    """A best-of-N run's samples scored by its policy's start as the likelihood ORM `orm` scores them, untrained:
+    what training the verifier added over the policy's own likelihood."""
+    import rm
+
+    with open(os.path.join(run_dir, "best_of_n_samples.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(orm, "args.json")) as f:
+        beta = json.load(f)["beta"]
+    tok = common.load_tokenizer(start)
+    model = rm.reward_model(start, tok, "orm", 0, beta=beta).eval()
+    scores = rm.score_responses(model, tok, "orm", [r["prompt"] for r in rows], [r["text"] for r in rows], "", 4096, torch.device("cpu"))
+    return [s[0].item() if s.numel() else float("-inf") for s in scores]
 
 
 def bon_cell(r: dict) -> str:
@@ -438,7 +466,7 @@ def bon_cell(r: dict) -> str:
     a = r["after"]
     ns = sorted({int(k.split("@")[1]) for k in a if "@" in k})
     cells = ["{} problems × {} samples; one sample {:.3f} ± {:.3f}".format(a["problems"], a["samples"], *a["sample_accuracy"])]
-    for key in [k for k in ("orm", "prm_min", "prm_product", "pass") if f"{k}@{ns[0]}" in a]:
+    for key in [k for k in (*BON_SCORERS, "pass") if f"{k}@{ns[0]}" in a]:
         cells.append(f"{key}: " + ", ".join("@{} {:.3f} ({:+.3f}, SE {:.3f})".format(n, a[f"{key}@{n}"]["mean_se"][0], *a[f"{key}@{n}"]["over_one_sample"])
                                           for n in ns))  # fmt: skip
     return "; ".join(cells)
@@ -495,13 +523,17 @@ def validate(name: str, seed: int, threads: int) -> dict:
     result = {"name": tag, "what": what, "start": start, "start_command": start_info["command"],
               "command": command(args, start), "seed": seed, "threads": threads}  # fmt: skip
     if "--best-of-n" in script:  # no training: the samples and the verifiers' picks
-        result["after"] = evaluate_bon(out, [int(n) for n in script[script.index("--best-of-n") + 1 : script.index("--policy")]])
+        orm = with_start[with_start.index("--orm") + 1] if "--orm" in with_start else ""
+        with open(os.path.join(orm or out, "args.json")) as f:
+            likelihood = orm and json.load(f).get("score") == "likelihood"
+        extra = {"orm_untrained": untrained_bon_scores(out, model, orm)} if likelihood else None
+        result["after"] = evaluate_bon(out, [int(n) for n in script[script.index("--best-of-n") + 1 : script.index("--policy")]], extra)
         summary = bon_cell(result)
     elif script[0] == "rm.py":  # a reward model: its own evaluation, no policy accuracy to compare with the start's
         result["kind"] = "prm" if "prm" in script else "orm"
         result["after"] = evaluate_rm(out, result["kind"])
         if "likelihood" in script:  # what the start's own likelihood scores before any training
-            result["before"] = evaluate_rm(model, "orm", untrained=True)
+            result["before"] = evaluate_rm(model, result["kind"], untrained_as=out)
         summary = rm_cell(result)
     else:
         before, after = start_info["eval"], evaluate(out)
@@ -577,7 +609,10 @@ def rm_cell(r: dict) -> str:
     if "train_fit" in r:  # what `fit` measured: the same scorer on problems it was trained on
         held_out = {k: v for k, v in r.items() if k != "train_fit"}
         return f"{rm_cell(held_out)}; on {EVAL_N} of its training problems: {rm_cell(held_out | {'after': r['train_fit']})}"
-    if r["kind"] == "orm" and "before" in r:  # a likelihood ORM: its start scored the same way, untrained
+    if r["kind"] == "prm" and r.get("before"):  # a likelihood PRM: its start scored the same way, untrained
+        trained = rm_cell({k: v for k, v in r.items() if k != "before"})
+        return f"trained: {trained}; the start's own likelihood, untrained: {rm_cell(r | {'after': r['before'], 'before': None})}"
+    if r["kind"] == "orm" and r.get("before"):  # a likelihood ORM: its start scored the same way, untrained
         b = r["before"]
         return ("pairwise accuracy {:.3f} ± {:.3f} → {:.3f} ± {:.3f} (the start's own likelihood → trained; "
                 "gain {:+.3f}, paired SE {:.3f}; chance 0.5)").format(b["pairwise_accuracy"], b["pairwise_accuracy_se"],
