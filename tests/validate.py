@@ -68,7 +68,7 @@ STARTS = {
 HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo-8x15", "remax-8x15", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
 BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6", "dpo-online-160", "dpop-online-160", "dpo-online-160-lr2e-5"), "validate:cai": ("cai",),
-          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy", "kdcut-then-token-lr1e-5", "kdcut-then-onpolicy-lr1e-5"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "orm-likelihood", "orm-likelihood-lr1e-5", "orm-likelihood-lr3e-6", "prm-likelihood", "bon", "bon-likelihood")}
+          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "kd-cut24-t2", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy", "kdcut-then-token-lr1e-5", "kdcut-then-onpolicy-lr1e-5"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "orm-likelihood", "orm-likelihood-lr1e-5", "orm-likelihood-lr3e-6", "prm-likelihood", "bon", "bon-likelihood")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
@@ -181,6 +181,10 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "kd-cut24": ("cut24", ["distill.py", "--mode", "token", "--teacher", "<start:rft-sft45>", "--student", "<start>"],
                  "token-level KD (forward KL) into the 24-layer student from its 30-layer teacher"),
     "sft-cut24": ("cut24", ["sft.py"], "plain SFT of the 24-layer student on the same answers (kd-cut24's control)"),
+    # at τ = 1 the teacher's targets are the data's tokens (p = 0.986), so KD is SFT; at τ = 2 (Hinton et al., arXiv:1503.02531)
+    # both distributions are softened and the targets carry the teacher's ranking of the other tokens, which SFT never sees
+    "kd-cut24-t2": ("cut24", ["distill.py", "--mode", "token", "--teacher", "<start:rft-sft45>", "--student", "<start>", "--temperature", "2"],
+                    "token-level KD into the 24-layer student at τ = 2 (kd-cut24 at Hinton's softened targets)"),
     # the teacher's targets on the data's answers are nearly the data's own tokens (`targets`: p = 0.986 a token), so
     # KD there is SFT; where it can add what SFT cannot is on answers with no data label, the student's own (GKD, λ = ½)
     "gkd-cut24": ("cut24", ["distill.py", "--mode", "on-policy", "--on-policy-frac", "0.5", "--teacher", "<start:rft-sft45>", "--student", "<start>"],
