@@ -293,7 +293,7 @@ def test_prm_learns_which_steps_are_wrong(tmp_path):
 def test_best_of_n_end_to_end_counts_greedy_samples_and_scorers(tmp_path, monkeypatch, score):
     orm = rm.main(rm.Args(model="tiny", score=score, num_train=8, num_eval=4, max_steps=1, save_every=0, output_dir=str(tmp_path / "orm")))
     prm = rm.main(
-        rm.Args(model="tiny", kind="prm", num_train=8, num_eval=4, max_steps=1, save_every=0, output_dir=str(tmp_path / "prm"))
+        rm.Args(model="tiny", kind="prm", score=score, num_train=8, num_eval=4, max_steps=1, save_every=0, output_dir=str(tmp_path / "prm"))
     )
     problems = common.builtin_prompts("test", 4)
 
@@ -326,8 +326,9 @@ def test_best_of_n_end_to_end_counts_greedy_samples_and_scorers(tmp_path, monkey
 CLI = ["--model", "tiny", "--num-train", "32", "--num-eval", "4", "--batch-size", "8", "--lr", "2e-3", "--warmup-steps", "1"]
 
 
-def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path):
-    check_two_processes_match_one("rm.py", CLI + ["--max-steps", "3", "--max-tokens", "600"], tmp_path, lr=2e-3)
+@pytest.mark.parametrize("score", ["head", "likelihood"])
+def test_two_gloo_processes_give_the_weights_of_one_process(tmp_path, score):
+    check_two_processes_match_one("rm.py", CLI + ["--max-steps", "3", "--max-tokens", "600", "--score", score], tmp_path, lr=2e-3)
 
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
