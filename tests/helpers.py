@@ -65,7 +65,7 @@ def check_two_processes_match_one(script: str, args: list[str], tmp_path, lr: fl
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     for out, n in ((one, 1), (two, 2)):
         r = run_script(script, args + ["--output-dir", out], nproc=n)
-        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.returncode == 0, r.stderr[-8000:]  # room for a failing rank's own lines above torchrun's summary
     assert_same_weights(one, two, atol=0.05 * lr, mean_atol=1e-7)
 
 
