@@ -273,6 +273,12 @@ def evaluate(model_dir: str, seed: int = 0) -> dict:
     }  # fmt: skip
 
 
+def run_args(run_dir: str) -> dict:
+    """The arguments a script's run was made with (its args.json)."""
+    with open(os.path.join(run_dir, "args.json")) as f:
+        return json.load(f)
+
+
 @torch.no_grad()
 def evaluate_rm(model_dir: str, kind: str, split: str = "test", untrained_as: str = "") -> dict:
     """A reward model on the built-in views of the same EVAL_N reported held-out problems (split "train":
@@ -286,11 +292,10 @@ def evaluate_rm(model_dir: str, kind: str, split: str = "test", untrained_as: st
     import rm
 
     tok = common.load_tokenizer(model_dir)
-    with open(os.path.join(untrained_as or model_dir, "args.json")) as f:
-        run_args = json.load(f)
-    sep = rm.step_separator(rm.Args(step_sep=run_args["step_sep"]))
+    args = run_args(untrained_as or model_dir)
+    sep = rm.step_separator(rm.Args(step_sep=args["step_sep"]))
     if untrained_as:
-        model = rm.reward_model(model_dir, tok, kind, 0, beta=run_args["beta"], min_prob=run_args.get("min_prob", rm.Args().min_prob)).eval()
+        model = rm.reward_model(model_dir, tok, kind, 0, beta=args["beta"], min_prob=args.get("min_prob", rm.Args().min_prob)).eval()
     else:
         model = common.load_reward_model(model_dir, kind)
     t0 = time.time()
@@ -466,10 +471,8 @@ def untrained_bon_scores(run_dir: str, start: str, orm: str) -> list[float]:
 
     with open(os.path.join(run_dir, "best_of_n_samples.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    with open(os.path.join(orm, "args.json")) as f:
-        beta = json.load(f)["beta"]
     tok = common.load_tokenizer(start)
-    model = rm.reward_model(start, tok, "orm", 0, beta=beta).eval()
+    model = rm.reward_model(start, tok, "orm", 0, beta=run_args(orm)["beta"]).eval()
     scores = rm.score_responses(model, tok, "orm", [r["prompt"] for r in rows], [r["text"] for r in rows], "", 4096, torch.device("cpu"))
     return [s[0].item() if s.numel() else float("-inf") for s in scores]
 
@@ -537,9 +540,9 @@ def validate(name: str, seed: int, threads: int) -> dict:
               "command": command(args, start), "seed": seed, "threads": threads}  # fmt: skip
     if "--best-of-n" in script:  # no training: the samples and the verifiers' picks
         orm = with_start[with_start.index("--orm") + 1] if "--orm" in with_start else ""
-        with open(os.path.join(orm or out, "args.json")) as f:
-            likelihood = orm and json.load(f).get("score") == "likelihood"
-        extra = {"orm_untrained": untrained_bon_scores(out, model, orm)} if likelihood else None
+        extra = None
+        if orm and run_args(orm).get("score") == "likelihood":  # its untrained control
+            extra = {"orm_untrained": untrained_bon_scores(out, model, orm)}
         result["after"] = evaluate_bon(out, [int(n) for n in script[script.index("--best-of-n") + 1 : script.index("--policy")]], extra)
         summary = bon_cell(result)
     elif script[0] == "rm.py":  # a reward model: its own evaluation, no policy accuracy to compare with the start's
