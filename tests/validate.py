@@ -414,6 +414,12 @@ def soft_targets(start: str, steps: int = 40, batch: int = 8) -> dict:
 BON_SCORERS = ("orm", "orm_untrained", "prm_min", "prm_product")  # rm.py's scorers, then validate's own
 
 
+def bon_samples(run_dir: str) -> list[dict]:
+    """A best-of-N run's samples, in file order (M a problem, problems in order), from rm.py's best_of_n_samples.jsonl."""
+    with open(os.path.join(run_dir, "best_of_n_samples.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def evaluate_bon(run_dir: str, ns: list[int], extra: dict[str, list[float]] | None = None) -> dict:
     """Best-of-N from rm.py's best_of_n_samples.jsonl (M samples a problem, in problem order): per scorer and N,
     each problem's share of right picks over its M // N disjoint groups (rm.best_of_n_accuracy), as mean ± SE,
@@ -427,8 +433,7 @@ def evaluate_bon(run_dir: str, ns: list[int], extra: dict[str, list[float]] | No
     import rm
 
     t0 = time.time()
-    with open(os.path.join(run_dir, "best_of_n_samples.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = bon_samples(run_dir)
     for key, scores in (extra or {}).items():
         for row, x in zip(rows, scores, strict=True):
             row[key] = x
@@ -469,8 +474,7 @@ def untrained_bon_scores(run_dir: str, start: str, orm: str) -> list[float]:
     what training the verifier added over the policy's own likelihood."""
     import rm
 
-    with open(os.path.join(run_dir, "best_of_n_samples.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = bon_samples(run_dir)
     tok = common.load_tokenizer(start)
     model = rm.reward_model(start, tok, "orm", 0, beta=run_args(orm)["beta"]).eval()
     scores = rm.score_responses(model, tok, "orm", [r["prompt"] for r in rows], [r["text"] for r in rows], "", 4096, torch.device("cpu"))
