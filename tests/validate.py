@@ -172,6 +172,13 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "bon-likelihood-lr1e-5": ("sft5", ["rm.py", "--best-of-n", "4", "16", "--policy", "<start>", "--orm", "<run:orm-likelihood-lr1e-5>",
                                        "--prm", "<run:prm-likelihood>", "--data", "<reported:128>"],
                               "best-of-N with the likelihood ORM trained at 1e-5 and the likelihood PRM (the bon run's samples)"),
+    # Item 4's rise from N = 4 to 16, second attempt, fixed on 2026-11-27 before computing any vote on these samples:
+    # best-of-N *weighted* (Snell et al., arXiv:2408.03314; Uesato et al.'s RM-weighted decoding, arXiv:2211.14275): the
+    # verifier's weights are summed over the samples that state the same answer and the answer with the largest sum is
+    # kept, instead of the single top-scoring sample. Primary: bon-likelihood-lr1e-5's samples, the 1e-5 likelihood ORM,
+    # weights exp(r) (its Bradley-Terry strengths), the claim its @16 − @4 and @N − one sample, paired. Also shown, not
+    # claimed: majority vote (weights 1, no verifier: the control), the likelihood PRM with weights σ(min step logit) (its
+    # probability that the weakest step is right), the start's untrained likelihood with exp(r). No other weighting is tried.
     # the same at distill.py's default 40 steps (run after the 20-step pair's difference came out at 2.5 SE)
     "kd-then-token-40": ("kd", ["distill.py", "--mode", "token", "--teacher", "<start:rft>", "--student", "<start>", "--lr", "1e-5",
                                 "--seed", "1"], "the warm student, 40 more steps of token-level KD (off-policy)"),
