@@ -2072,15 +2072,21 @@ def builtin_prompts(split: str, n: int, seed: int = 0) -> list[dict]:
 _ANSWER = re.compile(r"The answer is (-?\d+)")
 
 
+def stated_answer(completion: str) -> int | None:
+    """The N of the completion's first "The answer is N"; None when it states no answer in that format."""
+    m = _ANSWER.search(completion)
+    return None if m is None else int(m.group(1))
+
+
 def rule_reward(completion: str, answer) -> float:
     """1.0 when the completion's first "The answer is N" states the right N, else 0.0."""
-    m = _ANSWER.search(completion)
-    return float(m is not None and int(m.group(1)) == int(answer))
+    stated = stated_answer(completion)
+    return float(stated is not None and stated == int(answer))
 
 
 def format_reward(completion: str) -> float:
     """1.0 when the completion states an answer in the task's format "The answer is N", right or wrong."""
-    return float(_ANSWER.search(completion) is not None)
+    return float(stated_answer(completion) is not None)
 
 
 @torch.no_grad()

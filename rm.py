@@ -180,6 +180,46 @@ def best_of_n_accuracy(scores: Tensor, correct: Tensor, n: int) -> float:
     return float(correct[:, : g * n].reshape(p, g, n).float().gather(-1, pick).mean())
 
 
+NO_ANSWER = torch.iinfo(torch.int64).min  # in weighted_vote_pick's answers: the sample states no answer
+
+
+def weighted_vote_pick(weights: Tensor, answers: Tensor, n: int) -> Tensor:
+    """Best-of-N weighted (Snell et al., arXiv:2408.03314; Uesato et al.'s RM-weighted decoding, arXiv:2211.14275).
+    weights (P, M) ≥ 0, answers (P, M) each sample's stated answer (common.stated_answer), NO_ANSWER where it states
+    none. The M samples form M // n disjoint groups of n; in each group the weights are summed over the samples that
+    state the same answer, and the answer with the largest sum is kept:
+        â = argmax_a  Σ_{i : a_i = a} w_i
+    Weights 1 give majority vote (self-consistency, Wang et al., arXiv:2203.11171). A sample with no answer is never
+    kept while another in its group states one. Returns (P, M // n, 1): in each group, the index of the first sample
+    stating the kept answer (the answer stated first wins a tie)."""
+    p, m = weights.shape
+    w, a = (x[:, : m // n * n].reshape(p, m // n, n) for x in (weights, answers))
+    same = a[..., :, None] == a[..., None, :]  # (P, g, n, n): sample j states the answer of sample i
+    total = (same * w[..., None, :]).sum(-1).masked_fill(a == NO_ANSWER, float("-inf"))  # (P, g, n): its answer's sum
+    return total.argmax(-1, keepdim=True)  # the first of the maximal ones
+
+
+def weighted_vote_accuracy(weights: Tensor, answers: Tensor, correct: Tensor, n: int) -> float:
+    """The mean correctness of the answers weighted_vote_pick keeps, over problems and groups (as best_of_n_accuracy)."""
+    p, m = correct.shape
+    kept = correct[:, : m // n * n].reshape(p, m // n, n).float().gather(-1, weighted_vote_pick(weights, answers, n))
+    return float(kept.mean())
+
+
+def vote_weights(scores: dict[str, Tensor], shape: torch.Size) -> dict[str, Tensor]:
+    """The weights weighted_vote_pick sums, (P, M) each: "vote" all 1 (majority vote); for each ORM ("orm...") among
+    the scorers, "<key>_vote" its Bradley-Terry strengths exp(r); for the PRM's min aggregate, "prm_vote" its
+    probability σ(min_t r_t) that the weakest step is right. exp(r) is taken as a softmax over a problem's samples:
+    that scales all of them by one factor, so every vote is the same, and exp cannot overflow."""
+    weights = {"vote": torch.ones(shape)}
+    for key, s in scores.items():
+        if key.startswith("orm"):
+            weights[f"{key}_vote"] = s.softmax(-1)
+    if "prm_min" in scores:
+        weights["prm_vote"] = scores["prm_min"].sigmoid()
+    return weights
+
+
 _STEP_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -462,6 +502,8 @@ def run_best_of_n(args: Args, out_dir: str, rank: int, world: int, device) -> di
                 (s[0] if s.numel() else torch.tensor(float("-inf"))) if kind == "orm" else aggregate_steps(s, how) for s in per
             ]
             scores[kind if kind == "orm" else f"prm_{how}"] = torch.stack(agg).float().view(-1, m)
+    answers = torch.tensor([NO_ANSWER if (a := common.stated_answer(t)) is None else a for t in texts]).view(-1, m)
+    weights = vote_weights(scores, answers.shape)
     n_local = float(len(mine))
     local = {
         "greedy": sum(common.rule_reward(g["text"], p["answer"]) for g, p in zip(greedy, mine)),
@@ -471,6 +513,8 @@ def run_best_of_n(args: Args, out_dir: str, rank: int, world: int, device) -> di
         local[f"pass@{n}"] = n_local * best_of_n_accuracy(correct.float(), correct, n) if mine else 0.0  # an oracle scorer
         for key, sc in scores.items():
             local[f"{key}@{n}"] = n_local * best_of_n_accuracy(sc, correct, n) if mine else 0.0
+        for key, w in weights.items():
+            local[f"{key}@{n}"] = n_local * weighted_vote_accuracy(w, answers, correct, n) if mine else 0.0
     keys = sorted(local)
     total = common.all_reduce_sum(torch.tensor([local[k] for k in keys], dtype=torch.float64)) / len(problems)
     result = {f"bon/{k}": v for k, v in zip(keys, total.tolist())}

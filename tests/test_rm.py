@@ -82,6 +82,54 @@ def test_best_of_n_keeps_the_top_scored_answer_of_each_disjoint_group():
     assert rm.best_of_n_accuracy(scores, correct, 1) == pytest.approx(3 / 8)  # N = 1: every sample counts
 
 
+def test_weighted_vote_keeps_the_answer_with_the_largest_summed_weight():
+    x = rm.NO_ANSWER
+    answers = torch.tensor([[5, 7, 7, x], [x, x, 3, 3]])
+    correct = torch.tensor([[1, 0, 0, 0], [0, 0, 1, 1]])
+    ones = torch.ones(2, 4)
+    # majority vote, N = 4: 7 (two votes) over 5; 3 over nothing. N = 2: {5, 7} tie -> 5, the first; {7, x} -> 7;
+    # {x, x} -> no answer anywhere, the first sample, wrong; {3, 3} -> 3
+    assert rm.weighted_vote_pick(ones, answers, 4).flatten().tolist() == [1, 2]
+    assert rm.weighted_vote_accuracy(ones, answers, correct, 4) == pytest.approx(0.5)
+    assert rm.weighted_vote_pick(ones, answers, 2).flatten().tolist() == [0, 0, 0, 0]
+    assert rm.weighted_vote_accuracy(ones, answers, correct, 2) == pytest.approx(0.5)
+    # weights: 5 (0.7) beats 7 (0.2 + 0.4); a heavy sample with no answer is still never kept
+    w = torch.tensor([[0.7, 0.2, 0.4, 9.0], [9.0, 9.0, 0.0, 0.0]])
+    assert rm.weighted_vote_pick(w, answers, 4).flatten().tolist() == [0, 2]
+    assert rm.weighted_vote_accuracy(w, answers, correct, 4) == pytest.approx(1.0)
+    # N = 1: every sample is its own group, the vote keeps it: the mean correctness
+    assert rm.weighted_vote_accuracy(w, answers, correct, 1) == pytest.approx(3 / 8)
+
+
+def test_vote_weights_are_ones_bradley_terry_strengths_and_step_probabilities():
+    orm, prm = torch.tensor([[0.0, math.log(3.0), float("-inf")]]), torch.tensor([[0.0, 2.0, -1.0]])
+    w = rm.vote_weights({"orm": orm, "orm_untrained": orm, "prm_min": prm, "prm_product": prm}, orm.shape)
+    assert set(w) == {"vote", "orm_vote", "orm_untrained_vote", "prm_vote"} and w["vote"].tolist() == [[1.0] * 3]
+    assert w["orm_vote"][0].tolist() == pytest.approx([1 / 4, 3 / 4, 0.0])  # exp(r), scaled to sum 1
+    assert w["prm_vote"][0].tolist() == pytest.approx([0.5, 1 / (1 + math.exp(-2)), 1 / (1 + math.e)])
+
+
+def test_weighted_vote_matches_counting_by_hand_on_random_groups():
+    g = torch.Generator().manual_seed(0)
+    answers = torch.randint(0, 4, (50, 12), generator=g)
+    answers[torch.rand(50, 12, generator=g) < 0.2] = rm.NO_ANSWER
+    weights = torch.rand(50, 12, generator=g)
+    correct = (answers == 2).long()
+    for n in (3, 4, 12):
+        picks = rm.weighted_vote_pick(weights, answers, n)
+        for p in range(50):
+            for k in range(12 // n):
+                group = list(range(k * n, (k + 1) * n))
+                sums = {}
+                for i in group:
+                    if answers[p, i] != rm.NO_ANSWER:
+                        sums[int(answers[p, i])] = sums.get(int(answers[p, i]), 0.0) + float(weights[p, i])
+                if sums:  # the largest sum; on a tie the answer stated first
+                    best = max(sums.values())
+                    first = next(i for i in group if int(answers[p, i]) in sums and sums[int(answers[p, i])] == best)
+                    assert int(answers[p, k * n + int(picks[p, k])]) == int(answers[p, first])
+
+
 def test_split_steps_cuts_at_sentence_ends_and_line_breaks():
     assert rm.split_steps("Ava has 3.5 pens. 3 + 4 = 7.\nThe answer is 7.") == [
         "Ava has 3.5 pens.",
@@ -313,9 +361,11 @@ def test_best_of_n_end_to_end_counts_greedy_samples_and_scorers(tmp_path, monkey
     # of each problem's 4 samples only the first is right (and the last is empty)
     assert r["bon/greedy"] == 0.25 and r["bon/sample"] == 0.25
     assert r["bon/pass@2"] == 0.5 and r["bon/pass@4"] == 1.0
-    for key in ("orm", "prm_min", "prm_product"):
+    for key in ("orm", "prm_min", "prm_product", "orm_vote", "prm_vote"):
         for n in (2, 4):
             assert 0.0 <= r[f"bon/{key}@{n}"] <= r[f"bon/pass@{n}"]
+    # majority vote: of 4, the wrong answer stated twice wins; of 2, the right first sample ties one wrong and wins
+    assert r["bon/vote@4"] == 0.0 and r["bon/vote@2"] == 0.5
     with open(os.path.join(out, "best_of_n_samples.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == 16 and sum(x["correct"] for x in rows) == 4 and {"orm", "prm_min", "prm_product"} <= rows[0].keys()

@@ -245,7 +245,14 @@ def test_best_of_n_is_read_from_the_samples_problem_by_problem_with_what_each_sc
     # right above wrong: problem 0, right {0, 2} against wrong {1, 3}: 27 > 33? no, 27 > 5 yes, 17 > 33 no, 17 > 5 yes;
     # problem 1, right {4} against wrong {5, 6, 7}: a tie (half), 27 > 10 yes, 27 > 16 yes
     assert picked["right_above_wrong"] == pytest.approx((2 + 2.5) / (4 + 3))
+    # weighted best-of-N. Stated answers: problem 0 (5, 6, 5, none), problem 1 (4, 5, none, 9). Majority vote of 4: 5
+    # twice (right); one each, the first: 4 (right). Of 2: 5 over 6 on the tie, 5 over none; 4 over 5, then 9 (wrong)
+    assert out["vote@4"]["per_problem"] == [1.0, 1.0] and out["vote@2"]["per_problem"] == [1.0, 0.5]
+    # the ORM's weights exp(length): 6 (e^33) outweighs 5 (e^27 + e^17); 4 and 5 tie at e^27, the first
+    assert out["orm_vote@4"]["per_problem"] == [0.0, 1.0]
+    assert out["prefers"]["vote"]["right"] == 1.0 and out["prefers"]["orm_vote"]["chars"] == picked["chars"]
     shortest = validate.evaluate_bon(str(tmp_path), [2, 4], {"orm_untrained": [-float(len(t)) for t, _ in texts]})
+    assert "orm_untrained_vote@4" in shortest and "prm_vote@4" not in shortest
     assert shortest["orm_untrained@4"]["per_problem"] == [0.0, 0.0] and shortest["orm@4"] == out["orm@4"]  # "Five.", "I think 4."
     line = validate.rm_cell({"after": out})
     assert line.startswith("2 problems × 4 samples; one sample 0.375") and "orm: @2 0.500 (+0.125, SE " in line

@@ -419,6 +419,7 @@ def soft_targets(start: str, steps: int = 40, batch: int = 8) -> dict:
 
 
 BON_SCORERS = ("orm", "orm_untrained", "prm_min", "prm_product")  # rm.py's scorers, then validate's own
+BON_VOTES = ("vote", "orm_vote", "orm_untrained_vote", "prm_vote")  # best-of-N weighted by them (rm.vote_weights)
 
 
 def bon_samples(run_dir: str) -> list[dict]:
@@ -455,6 +456,12 @@ def evaluate_bon(run_dir: str, ns: list[int], extra: dict[str, list[float]] | No
         for n in ns:
             per = [rm.best_of_n_accuracy(scores[i : i + 1], correct[i : i + 1], n) for i in range(correct.shape[0])]
             out[f"{key}@{n}"] = {"mean_se": mean_se(per), "over_one_sample": paired(per, single), "per_problem": per}
+    answers = torch.tensor([rm.NO_ANSWER if (a := common.stated_answer(r["text"])) is None else a for r in rows]).view(-1, m)
+    weights = rm.vote_weights({key: grid(key) for key in scorers}, correct.shape)
+    for key, w in weights.items():
+        for n in ns:
+            per = [rm.weighted_vote_accuracy(w[i : i + 1], answers[i : i + 1], correct[i : i + 1], n) for i in range(correct.shape[0])]
+            out[f"{key}@{n}"] = {"mean_se": mean_se(per), "over_one_sample": paired(per, single), "per_problem": per}
     repeated = lambda t: len(set(ss := rm.split_steps(t))) < len(ss)  # noqa: E731
     false_step = lambda t: any(not cai.step_holds(s) for s in cai.WORKED_STEP.finditer(t))  # noqa: E731
     traits = lambda picked: {"chars": sum(len(r["text"]) for r in picked) / len(picked),  # noqa: E731
@@ -472,6 +479,9 @@ def evaluate_bon(run_dir: str, ns: list[int], extra: dict[str, list[float]] | No
             diff = s[ok][:, None] - s[~ok][None, :]
             wins, pairs = wins + float((diff > 0).sum() + 0.5 * (diff == 0).sum()), pairs + diff.numel()
         out["prefers"][key]["right_above_wrong"] = wins / pairs if pairs else None
+    for key, w in weights.items():
+        kept = rm.weighted_vote_pick(w, answers, m).flatten().tolist()  # the sample of the kept answer, among all M
+        out["prefers"][key] = traits([rows[i * m + j] for i, j in enumerate(kept)])
     out["eval_s"] = time.time() - t0
     return out
 
@@ -493,7 +503,7 @@ def bon_cell(r: dict) -> str:
     a = r["after"]
     ns = sorted({int(k.split("@")[1]) for k in a if "@" in k})
     cells = ["{} problems × {} samples; one sample {:.3f} ± {:.3f}".format(a["problems"], a["samples"], *a["sample_accuracy"])]
-    for key in [k for k in (*BON_SCORERS, "pass") if f"{k}@{ns[0]}" in a]:
+    for key in [k for k in (*BON_SCORERS, *BON_VOTES, "pass") if f"{k}@{ns[0]}" in a]:
         cells.append(f"{key}: " + ", ".join("@{} {:.3f} ({:+.3f}, SE {:.3f})".format(n, a[f"{key}@{n}"]["mean_se"][0], *a[f"{key}@{n}"]["over_one_sample"])
                                           for n in ns))  # fmt: skip
     return "; ".join(cells)
@@ -539,6 +549,31 @@ def shown(args: list[str], start: str = "") -> str:
     return " ".join(f"<{start_of(a, start)} start>" if start_of(a, start) else a for a in args)
 
 
+def bon_after(out: str, script: list[str], with_start: list[str], start_model: str) -> dict:
+    """A best-of-N run's evaluation (evaluate_bon), with the untrained control when its ORM is a likelihood ORM."""
+    orm = with_start[with_start.index("--orm") + 1] if "--orm" in with_start else ""
+    extra = None
+    if orm and run_args(orm).get("score") == "likelihood":  # its untrained control
+        extra = {"orm_untrained": untrained_bon_scores(out, start_model, orm)}
+    return evaluate_bon(out, [int(n) for n in script[script.index("--best-of-n") + 1 : script.index("--policy")]], extra)
+
+
+def rescore(tag: str, threads: int) -> dict:
+    """A best-of-N result evaluated again from the samples its run left (run_wall_s and the run's commit stay; the
+    evaluation's own commit is added): for a scorer added after the run, without sampling again."""
+    path = os.path.join(RESULTS, f"{tag}.json")
+    with open(path) as f:
+        result = json.load(f)
+    start, script, _ = CONFIGS[tag.split("-seed")[0]]
+    model, _ = start_dir(start, threads)
+    result["after"] = bon_after(os.path.join(RUNS, tag), script, with_starts(script, start, threads), model)
+    result |= {"eval_wall_s": result["after"]["eval_s"], "rescored_commit": git_commit()}
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{tag}: {bon_cell(result)}")
+    return result
+
+
 def validate(name: str, seed: int, threads: int) -> dict:
     start, script, what = CONFIGS[name]
     model, start_info = start_dir(start, threads)
@@ -550,11 +585,7 @@ def validate(name: str, seed: int, threads: int) -> dict:
     result = {"name": tag, "what": what, "start": start, "start_command": start_info["command"],
               "command": command(args, start), "seed": seed, "threads": threads}  # fmt: skip
     if "--best-of-n" in script:  # no training: the samples and the verifiers' picks
-        orm = with_start[with_start.index("--orm") + 1] if "--orm" in with_start else ""
-        extra = None
-        if orm and run_args(orm).get("score") == "likelihood":  # its untrained control
-            extra = {"orm_untrained": untrained_bon_scores(out, model, orm)}
-        result["after"] = evaluate_bon(out, [int(n) for n in script[script.index("--best-of-n") + 1 : script.index("--policy")]], extra)
+        result["after"] = bon_after(out, script, with_start, model)
         summary = bon_cell(result)
     elif script[0] == "rm.py":  # a reward model: its own evaluation, no policy accuracy to compare with the start's
         result["kind"] = "prm" if "prm" in script else "orm"
@@ -757,6 +788,8 @@ def main(argv: list[str]) -> None:
         os.makedirs(os.path.join(RESULTS, "targets"), exist_ok=True)  # beside the runs' JSON, not among them
         with open(os.path.join(RESULTS, "targets", f"{argv[1]}.json"), "w") as f:
             json.dump(found, f, indent=1)
+    elif what == "rescore":  # python tests/validate.py rescore NAME: a best-of-N run evaluated again from its samples
+        rescore(argv[1], threads)
     elif what == "tables":
         tables()
     elif what == "all":
@@ -767,7 +800,7 @@ def main(argv: list[str]) -> None:
     elif what in CONFIGS:
         validate(what, seed, threads)
     else:
-        sys.exit(f"unknown configuration {what!r}; one of: list, tables, all, compare A B, fit NAME, targets START, {', '.join(CONFIGS)}")
+        sys.exit(f"unknown configuration {what!r}; one of: list, tables, all, compare A B, fit NAME, rescore NAME, targets START, {', '.join(CONFIGS)}")
 
 
 if __name__ == "__main__":
