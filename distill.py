@@ -79,6 +79,10 @@ class Args:
     """β of the generalized JSD, strictly between 0 and 1"""
     temperature: float = 1.0
     """τ of the divergence: both models' logits are divided by it"""
+    tokens: Literal["answer", "all"] = "answer"
+    """token: the tokens the divergence is summed over: the answers' (word-level KD), or every token of the
+    conversation, the prompt's and the template's too, as when a pruned model is distilled back on whole text
+    (Minitron, arXiv:2407.14679): the teacher's distributions there are far less certain than on the answers"""
     teacher_top_k: int = 0
     """forward KL on the teacher's k most likely tokens only (renormalised): what you would store when the
     teacher's outputs are precomputed offline, k numbers per token instead of V; 0: the full vocabulary"""
@@ -370,6 +374,8 @@ def main(args: Args) -> str:
     common.seed_everything(args.seed)
     out_dir = common.start_run(args, f"distill-{args.mode}", rank)
     kind = args.divergence if args.divergence != "auto" else ("forward" if args.mode == "token" else "reverse")
+    if args.tokens == "all" and args.mode != "token":
+        raise common.UserError(f"--tokens all is for --mode token; {args.mode} trains on answers only")
 
     tokenizer = common.load_tokenizer(args.teacher)
     teacher = common.load_model(args.teacher, tokenizer, seed=args.seed, dropout=args.dropout).to(device).requires_grad_(False).eval()
@@ -403,6 +409,8 @@ def main(args: Args) -> str:
         rows, eval_prompts, eval_convs = held_out(args, rows)
         convs = [r["messages"] for r in rows]
         samples = [common.tokenize_conversation(tokenizer, r["messages"], where=r.get("_where")) for r in rows]
+        if args.tokens == "all":  # every token has a target, the first excepted (nothing predicts it)
+            samples = [s | {"labels": [common.IGNORE, *s["input_ids"][1:]]} for s in samples]
         samples, overlong, untrainable = common.fit_length(samples, args.max_tokens, "drop")
         if rank == 0 and (overlong or untrainable):
             print(f"skipped {overlong} samples over {args.max_tokens} tokens and {untrainable} without an answer token")

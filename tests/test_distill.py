@@ -167,6 +167,29 @@ def test_each_mode_lowers_the_held_out_teacher_student_kl(tmp_path, teacher, mod
     assert "teacher/accuracy" in before
 
 
+def test_tokens_all_fits_the_teacher_on_the_prompts_which_answer_only_kd_leaves_alone(tmp_path, teacher):
+    tok = common.load_tokenizer(teacher)
+    held = [common.tokenize_conversation(tok, c) for c in common.builtin_sft("test", 8)]
+    prompts_only = common.collate_packed([h | {"labels": [t if l == common.IGNORE else common.IGNORE for t, l in
+                                                          zip(h["input_ids"], h["labels"])]} for h in held])  # fmt: skip
+    prompts_only["labels"][:, 0] = common.IGNORE
+    t_model = common.load_model(teacher, tok).eval()
+
+    def prompt_kl(student_dir):
+        with torch.no_grad():
+            total, n = distill.answer_divergence(common.load_model(student_dir, tok).eval(), t_model, prompts_only, ("forward",),
+                                                 tiny_args(tmp_path, teacher))  # fmt: skip
+        return float(total[0]) / n
+
+    answer = distill.main(tiny_args(tmp_path, teacher, mode="token", output_dir=str(tmp_path / "answer")))
+    every = distill.main(tiny_args(tmp_path, teacher, mode="token", tokens="all", output_dir=str(tmp_path / "all")))
+    assert prompt_kl(every) < 0.5 * prompt_kl(answer)
+    rows = read_metrics(every)  # and on the answers it still distils
+    assert rows[-1]["eval/kl_forward"] < 0.8 * rows[0]["eval/kl_forward"]
+    with pytest.raises(common.UserError, match="--tokens all is for --mode token"):
+        distill.main(tiny_args(tmp_path, teacher, mode="on-policy", tokens="all", output_dir=str(tmp_path / "x")))
+
+
 def test_rft_keeps_the_best_answers_and_lowers_the_kl(tmp_path, teacher, monkeypatch):
     """rft with a reward that prefers what the teacher would say (its mean log-prob of the answer): the
     kept answers are the teacher-like ones, so fine-tuning on them moves the student towards the teacher."""

@@ -51,6 +51,10 @@ def test_two_runs_are_compared_problem_by_problem():
     assert diff[0] == pytest.approx(0.25)
     with pytest.raises(SystemExit, match="b has no per-problem results"):
         validate.paired_difference(run("a", [1]), {"name": "b", "after": {}})
+    # seeds pooled: each problem's mean over the runs, then paired as one run
+    both = validate.pooled([run("a", [1, 1, 0, 1]), run("a-seed1", [0, 1, 0, 0])])
+    assert both["after"]["right"] == [0.5, 1.0, 0.0, 0.5] and both["name"] == "a+a-seed1"
+    assert validate.paired_difference(both, run("b", [0, 1, 0, 1]))[0] == pytest.approx((0.5 + 0 + 0 - 0.5) / 4)
 
 
 def test_reward_models_are_evaluated_on_the_reported_problems_against_their_baselines(tmp_path, monkeypatch):

@@ -68,7 +68,7 @@ STARTS = {
 HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo-8x15", "remax-8x15", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
 BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6", "dpo-online-160", "dpop-online-160", "dpo-online-160-lr2e-5"), "validate:cai": ("cai",),
-          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "kd-cut24-t2", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy", "kdcut-then-token-lr1e-5", "kdcut-then-onpolicy-lr1e-5"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "orm-likelihood", "orm-likelihood-lr1e-5", "orm-likelihood-lr3e-6", "prm-likelihood", "bon", "bon-likelihood", "bon-likelihood-lr1e-5")}
+          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "kd-cut24-t2", "kd-cut24-all", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy", "kdcut-then-token-lr1e-5", "kdcut-then-onpolicy-lr1e-5"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "orm-likelihood", "orm-likelihood-lr1e-5", "orm-likelihood-lr3e-6", "prm-likelihood", "bon", "bon-likelihood", "bon-likelihood-lr1e-5")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
@@ -197,6 +197,13 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     # both distributions are softened and the targets carry the teacher's ranking of the other tokens, which SFT never sees
     "kd-cut24-t2": ("cut24", ["distill.py", "--mode", "token", "--teacher", "<start:rft-sft45>", "--student", "<start>", "--temperature", "2"],
                     "token-level KD into the 24-layer student at τ = 2 (kd-cut24 at Hinton's softened targets)"),
+    # KD on every token of the conversation, the prompt's too (distill.py --tokens all), fixed on 2026-11-27 before
+    # running it: on the answers the teacher's targets are the data's tokens, so KD there is SFT (`targets`); on the
+    # prompts its distributions are uncertain, and they are what a layer-cut student has lost (Minitron, arXiv:2407.14679,
+    # distils its pruned models back on whole text). τ = 1. The claim: seeds 0 and 1 against sft-cut24's seeds 0 and 1,
+    # each problem averaged over the two seeds (`compare kd-cut24-all,kd-cut24-all-seed1 sft-cut24,sft-cut24-seed1`)
+    "kd-cut24-all": ("cut24", ["distill.py", "--mode", "token", "--tokens", "all", "--teacher", "<start:rft-sft45>", "--student", "<start>"],
+                     "token-level KD into the 24-layer student on every token, the prompts' too (kd-cut24 with --tokens all)"),
     # the teacher's targets on the data's answers are nearly the data's own tokens (`targets`: p = 0.986 a token), so
     # KD there is SFT; where it can add what SFT cannot is on answers with no data label, the student's own (GKD, λ = ½)
     "gkd-cut24": ("cut24", ["distill.py", "--mode", "on-policy", "--on-policy-frac", "0.5", "--teacher", "<start:rft-sft45>", "--student", "<start>"],
@@ -698,6 +705,15 @@ def paired_difference(a: dict, b: dict) -> tuple[float, float]:
     return paired(a["after"]["right"], b["after"]["right"])
 
 
+def pooled(runs: list[dict]) -> dict:
+    """Runs of one configuration (its seeds) as one: each problem's greedy result averaged over them."""
+    if len(runs) == 1:
+        return runs[0]
+    if any("right" not in r["after"] for r in runs):
+        sys.exit(f"{', '.join(r['name'] for r in runs)}: one has no per-problem results")
+    return {"name": "+".join(r["name"] for r in runs), "after": {"right": [sum(x) / len(x) for x in zip(*(r["after"]["right"] for r in runs), strict=True)]}}
+
+
 def fmt_gain(r: dict) -> str:
     """The format rate's paired change, where the start's evaluation kept its per-problem formats."""
     return f" ({r['format_gain']:+.3f}, SE {r['format_gain_se_paired']:.3f})" if r.get("format_gain") is not None else ""
@@ -770,8 +786,8 @@ def main(argv: list[str]) -> None:
         for name, (start, script, desc) in CONFIGS.items():
             first = f"(the {made_by_run(start)} run) " if made_by_run(start) else f"python {shown(STARTS[start])} then " if STARTS[start] else ""
             print(f"{name:10s} {first}{command(script, start)}   # {desc}")
-    elif what == "compare":  # python tests/validate.py compare A B
-        a, b = (json.load(open(os.path.join(RESULTS, f"{n}.json"))) for n in argv[1:3])
+    elif what == "compare":  # python tests/validate.py compare A B; A,A-seed1 B,B-seed1: each problem's mean over the seeds
+        a, b = (pooled([json.load(open(os.path.join(RESULTS, f"{n}.json"))) for n in names.split(",")]) for names in argv[1:3])
         print("{} − {}: accuracy {:+.3f} (paired SE {:.3f})".format(argv[1], argv[2], *paired_difference(a, b)))
         if "kl" in a and "kl" in b:
             print("reverse KL to the teacher {:+.4f} (paired SE {:.4f})".format(*paired(a["kl"]["after"]["per_problem"], b["kl"]["after"]["per_problem"])))
