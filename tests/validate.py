@@ -68,7 +68,7 @@ STARTS = {
 HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo-8x15", "remax-8x15", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
 BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6", "dpo-online-160", "dpop-online-160", "dpo-online-160-lr2e-5"), "validate:cai": ("cai",),
-          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "kd-cut24-t2", "kd-cut24-all", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy", "kdcut-then-token-lr1e-5", "kdcut-then-onpolicy-lr1e-5"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "orm-likelihood", "orm-likelihood-lr1e-5", "orm-likelihood-lr3e-6", "prm-likelihood", "bon", "bon-likelihood", "bon-likelihood-lr1e-5")}
+          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "kd-cut24-t2", "kd-cut24-all", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy", "kdcut-then-token-lr1e-5", "kdcut-then-onpolicy-lr1e-5", "base-then-onpolicy", "base-then-token"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "orm-likelihood", "orm-likelihood-lr1e-5", "orm-likelihood-lr3e-6", "prm-likelihood", "bon", "bon-likelihood", "bon-likelihood-lr1e-5")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
@@ -220,6 +220,14 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
                                             "--lr", "1e-5", "--max-steps", "20", "--seed", "1"], "the warm 24-layer student, 20 more steps of token-level KD at 1e-5"),
     "kdcut-then-onpolicy-lr1e-5": ("kdcut24", ["distill.py", "--mode", "on-policy", "--teacher", "<start:rft-sft45>", "--student", "<start>",
                                                "--lr", "1e-5", "--max-steps", "20", "--seed", "1"], "the warm 24-layer student, 20 steps of on-policy distillation at 1e-5"),
+    # a sixth pair, fixed on 2026-11-27 before running it: a warm student whose own answers leave the data's
+    # distribution, the case GKD (arXiv:2306.13649) argues for: the embedded model itself, which never writes the
+    # task's answer line, from the rft-sft45 teacher, lr 1e-5, distill.py's 40 steps. The claim: on-policy's reverse
+    # KL on the student's own samples after, minus token-level KD's, below 0 by 3 paired SE
+    "base-then-onpolicy": ("base", ["distill.py", "--mode", "on-policy", "--teacher", "<start:rft-sft45>", "--student", "<start>", "--lr", "1e-5"],
+                           "on-policy distillation into the embedded model itself (its answers are not the data's)"),
+    "base-then-token": ("base", ["distill.py", "--mode", "token", "--teacher", "<start:rft-sft45>", "--student", "<start>", "--lr", "1e-5"],
+                        "token-level KD into the embedded model on the data's answers (base-then-onpolicy's off-policy pair)"),
     "gspo-token-mu1": ("sft5", ["grpo.py", "--importance-level", "sequence", "--loss-agg", "token", "--prompts-per-step", "4", "--max-steps", "20"],
                        "GSPO's ratio, token mean, μ = 1: GRPO's step exactly (the first gspo run)"),
 }
