@@ -183,9 +183,16 @@ def best_of_n_accuracy(scores: Tensor, correct: Tensor, n: int) -> float:
 NO_ANSWER = torch.iinfo(torch.int64).min  # in weighted_vote_pick's answers: the sample states no answer
 
 
+def stated_answer_ids(texts: list[str]) -> list[int]:
+    """Each text's stated answer (common.stated_answer) as a small id, equal ids for equal answers (any size of
+    number fits a tensor); NO_ANSWER where none is stated."""
+    ids: dict[int, int] = {}
+    return [NO_ANSWER if (a := common.stated_answer(t)) is None else ids.setdefault(a, len(ids)) for t in texts]
+
+
 def weighted_vote_pick(weights: Tensor, answers: Tensor, n: int) -> Tensor:
     """Best-of-N weighted (Snell et al., arXiv:2408.03314; Uesato et al.'s RM-weighted decoding, arXiv:2211.14275).
-    weights (P, M) ≥ 0, answers (P, M) each sample's stated answer (common.stated_answer), NO_ANSWER where it states
+    weights (P, M) ≥ 0, answers (P, M) each sample's stated answer (stated_answer_ids), NO_ANSWER where it states
     none. The M samples form M // n disjoint groups of n; in each group the weights are summed over the samples that
     state the same answer, and the answer with the largest sum is kept:
         â = argmax_a  Σ_{i : a_i = a} w_i
@@ -502,7 +509,7 @@ def run_best_of_n(args: Args, out_dir: str, rank: int, world: int, device) -> di
                 (s[0] if s.numel() else torch.tensor(float("-inf"))) if kind == "orm" else aggregate_steps(s, how) for s in per
             ]
             scores[kind if kind == "orm" else f"prm_{how}"] = torch.stack(agg).float().view(-1, m)
-    answers = torch.tensor([NO_ANSWER if (a := common.stated_answer(t)) is None else a for t in texts]).view(-1, m)
+    answers = torch.tensor(stated_answer_ids(texts), dtype=torch.long).view(-1, m)
     weights = vote_weights(scores, answers.shape)
     n_local = float(len(mine))
     local = {

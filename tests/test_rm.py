@@ -101,6 +101,12 @@ def test_weighted_vote_keeps_the_answer_with_the_largest_summed_weight():
     assert rm.weighted_vote_accuracy(w, answers, correct, 1) == pytest.approx(3 / 8)
 
 
+def test_stated_answers_become_small_ids_equal_for_equal_answers():
+    texts = ["The answer is 7.", "so The answer is -3", "no answer", "The answer is 7", "The answer is 123456789012345678901234567890."]
+    assert rm.stated_answer_ids(texts) == [0, 1, rm.NO_ANSWER, 0, 2]  # a number past int64 still gets an id
+    assert torch.tensor(rm.stated_answer_ids(texts)).dtype == torch.long
+
+
 def test_vote_weights_are_ones_bradley_terry_strengths_and_step_probabilities():
     orm, prm = torch.tensor([[0.0, math.log(3.0), float("-inf")]]), torch.tensor([[0.0, 2.0, -1.0]])
     w = rm.vote_weights({"orm": orm, "orm_untrained": orm, "prm_min": prm, "prm_product": prm}, orm.shape)

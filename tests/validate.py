@@ -471,7 +471,7 @@ def evaluate_bon(run_dir: str, ns: list[int], extra: dict[str, list[float]] | No
         for n in ns:
             per = [rm.best_of_n_accuracy(scores[i : i + 1], correct[i : i + 1], n) for i in range(correct.shape[0])]
             out[f"{key}@{n}"] = {"mean_se": mean_se(per), "over_one_sample": paired(per, single), "per_problem": per}
-    answers = torch.tensor([rm.NO_ANSWER if (a := common.stated_answer(r["text"])) is None else a for r in rows]).view(-1, m)
+    answers = torch.tensor(rm.stated_answer_ids([r["text"] for r in rows]), dtype=torch.long).view(-1, m)
     weights = rm.vote_weights({key: grid(key) for key in scorers}, correct.shape)
     for key, w in weights.items():
         for n in ns:
