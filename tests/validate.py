@@ -450,8 +450,9 @@ def evaluate_bon(run_dir: str, ns: list[int], extra: dict[str, list[float]] | No
     answer in the group). What each scorer prefers, at the largest N: the picked answers' mean length
     (characters), steps (rm.split_steps), format rate, share stating a false worked step ("18 - 8 = 5", as
     cai.py checks) and repetition rate (a step said twice) beside those of all samples; and how often it
-    scores a right answer above a wrong one to the same problem (0.5: no better than chance). extra: more
-    scorers' scores of the same samples, in file order (orm_untrained: untrained_bon_scores)."""
+    scores a right answer above a wrong one to the same problem (0.5: no better than chance). The same for
+    best-of-N weighted (rm.weighted_vote_pick) with each scorer's weights (rm.vote_weights) and with none
+    ("vote"). extra: more scorers' scores of the same samples, in file order (orm_untrained: untrained_bon_scores)."""
     import cai
     import rm
 
@@ -466,16 +467,17 @@ def evaluate_bon(run_dir: str, ns: list[int], extra: dict[str, list[float]] | No
     correct = grid("correct")
     single = correct.mean(1).tolist()
     out = {"problems": correct.shape[0], "samples": m, "sample_accuracy": mean_se(single)}
-    for key in ["pass", *scorers]:
-        scores = correct if key == "pass" else grid(key)
-        for n in ns:
-            per = [rm.best_of_n_accuracy(scores[i : i + 1], correct[i : i + 1], n) for i in range(correct.shape[0])]
-            out[f"{key}@{n}"] = {"mean_se": mean_se(per), "over_one_sample": paired(per, single), "per_problem": per}
     answers = torch.tensor(rm.stated_answer_ids([r["text"] for r in rows]), dtype=torch.long).view(-1, m)
     weights = rm.vote_weights({key: grid(key) for key in scorers}, correct.shape)
-    for key, w in weights.items():
+
+    def per_problem(accuracy, *grids):  # n -> [accuracy(that problem's rows of the grids, its correct, n) per problem]
+        return lambda n: [accuracy(*(g[i : i + 1] for g in grids), correct[i : i + 1], n) for i in range(correct.shape[0])]
+
+    pickers = {key: per_problem(rm.best_of_n_accuracy, correct if key == "pass" else grid(key)) for key in ["pass", *scorers]}
+    pickers |= {key: per_problem(rm.weighted_vote_accuracy, w, answers) for key, w in weights.items()}  # best-of-N weighted
+    for key, per_n in pickers.items():
         for n in ns:
-            per = [rm.weighted_vote_accuracy(w[i : i + 1], answers[i : i + 1], correct[i : i + 1], n) for i in range(correct.shape[0])]
+            per = per_n(n)
             out[f"{key}@{n}"] = {"mean_se": mean_se(per), "over_one_sample": paired(per, single), "per_problem": per}
     repeated = lambda t: len(set(ss := rm.split_steps(t))) < len(ss)  # noqa: E731
     false_step = lambda t: any(not cai.step_holds(s) for s in cai.WORKED_STEP.finditer(t))  # noqa: E731
