@@ -23,7 +23,9 @@ binary cross-entropy against that step's label (labels nowhere else). Labels com
 
 Best-of-N (--best-of-n 4 16): sample N answers per held-out problem, keep the one the ORM scores
 highest, or the one whose steps the PRM scores best by min_t r_t (Math-Shepherd) or by Π_t σ(r_t)
-(Lightman et al.).
+(Lightman et al.). Best-of-N weighted (Snell et al. 2024, arXiv:2408.03314): the answer whose samples'
+weights sum highest, â = argmax_a Σ_{i: a_i = a} w_i, with w = 1 (majority vote), the ORM's exp(r) or the
+PRM's σ(min_t r_t).
 
     torchrun --nproc_per_node 2 rm.py                                   # ORM on the built-in pairs
     python rm.py --score likelihood                                     # ORM: the LM's own likelihood
