@@ -38,7 +38,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -76,8 +76,8 @@ class Args:
     score: Literal["head", "likelihood"] = "head"
     """head: a fresh scalar head (orm: at the answer's last token; prm: at each step end); likelihood: the
     backbone's own language-model head, every token read (orm: β × the answer's mean log-prob, SimPO's
-    reward; prm: β × (the lowest token log-prob so far − log --min-prob)). A likelihood ORM wants a gentler
-    --lr than a fresh head: on the built-in task 1e-5 raised it, 3e-5 lowered it"""
+    reward; prm: β × (the lowest token log-prob so far − log --min-prob)). A likelihood ORM trains at a gentler
+    --lr than a fresh head (its default)"""
     beta: float = 2.0
     """--score likelihood: β, the scale of the score (SimPO's range, arXiv:2405.14734, is 2 to 2.5)"""
     min_prob: float = 0.05
@@ -107,8 +107,10 @@ class Args:
     max_new_tokens: int = 64
     """generation budget of the policy"""
     # optimisation
-    lr: float = 3e-5
-    """peak AdamW learning rate"""
+    lr: float | None = None
+    """peak AdamW learning rate; default 3e-5, and 1e-5 for a likelihood ORM (--score likelihood, --kind orm),
+    which moves a trained language model rather than a fresh head: on the built-in task 3e-5 lowered its held-out
+    pairwise accuracy from its untrained 0.848 to 0.793, 1e-5 raised it to 0.902"""
     batch_size: int = 8
     """pairs (orm) or solutions (prm) per optimizer step, summed over ranks and micro-batches"""
     max_steps: int = 60
@@ -596,6 +598,8 @@ def step_separator(args: Args) -> str:
 def main(args: Args) -> str:
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)
+    if args.lr is None:  # args.json shows the rate used
+        args = replace(args, lr=1e-5 if args.kind == "orm" and args.score == "likelihood" else 3e-5)
     out_dir = common.start_run(args, "rm", rank)
     if args.best_of_n:
         run_best_of_n(args, out_dir, rank, world, device)

@@ -343,6 +343,15 @@ def test_prm_learns_which_steps_are_wrong(tmp_path):
     assert AutoModelForTokenClassification.from_pretrained(out).config.num_labels == 1
 
 
+@pytest.mark.parametrize(("kind", "score", "lr", "used"), [("orm", "head", None, 3e-5), ("orm", "likelihood", None, 1e-5),
+                                                         ("prm", "likelihood", None, 3e-5), ("orm", "likelihood", 2e-4, 2e-4)])  # fmt: skip
+def test_the_default_rate_is_gentler_for_a_likelihood_orm_and_args_json_shows_it(tmp_path, kind, score, lr, used):
+    out = rm.main(rm.Args(model="tiny", kind=kind, score=score, lr=lr, num_train=8, num_eval=4, max_steps=1, save_every=0,
+                          output_dir=str(tmp_path / "rm")))  # fmt: skip
+    with open(os.path.join(out, "args.json")) as f:
+        assert json.load(f)["lr"] == used
+
+
 @pytest.mark.parametrize("score", ["head", "likelihood"])
 def test_best_of_n_end_to_end_counts_greedy_samples_and_scorers(tmp_path, monkeypatch, score):
     orm = rm.main(rm.Args(model="tiny", score=score, num_train=8, num_eval=4, max_steps=1, save_every=0, output_dir=str(tmp_path / "orm")))

@@ -137,11 +137,11 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "prm-2000": ("sft5", ["rm.py", "--kind", "prm", "--num-train", "2000", "--max-steps", "250"], "process RM, 2000 solutions, one epoch (250 steps of 8)"),
     # the head ORM stays at chance; the probe found the verdict in the model's own likelihood (0.844), not in the
     # last token's state: an ORM whose score is that likelihood, read at every token, trained by the same loss
-    "orm-likelihood": ("sft5", ["rm.py", "--score", "likelihood"], "outcome RM scored by β × the answer's mean log-prob (SimPO's reward), Bradley-Terry on the built-in pairs"),
+    "orm-likelihood": ("sft5", ["rm.py", "--score", "likelihood", "--lr", "3e-5"], "outcome RM scored by β × the answer's mean log-prob (SimPO's reward), Bradley-Terry on the built-in pairs"),
     # orm-likelihood's training lowered its script's own held-out accuracy (problems 0-63: 0.828 at the start, 0.797
     # after): the same at a third and a tenth of the rate, the better one by that set, not by the reported problems
-    "orm-likelihood-lr1e-5": ("sft5", ["rm.py", "--score", "likelihood", "--lr", "1e-5"], "the likelihood ORM at a third of rm.py's rate"),
-    "orm-likelihood-lr3e-6": ("sft5", ["rm.py", "--score", "likelihood", "--lr", "3e-6"], "the likelihood ORM at a tenth of rm.py's rate"),
+    "orm-likelihood-lr1e-5": ("sft5", ["rm.py", "--score", "likelihood", "--lr", "1e-5"], "the likelihood ORM at a third of orm-likelihood's rate"),
+    "orm-likelihood-lr3e-6": ("sft5", ["rm.py", "--score", "likelihood", "--lr", "3e-6"], "the likelihood ORM at a tenth of orm-likelihood's rate"),
     # p₀ = 0.05 (rm.py's default) chosen on 256 training solutions, untrained: step accuracy 0.878 against 0.686
     "prm-likelihood": ("sft5", ["rm.py", "--kind", "prm", "--score", "likelihood"], "process RM: a step is right while no answer token so far is under p₀ = 0.05; per-step BCE"),
     # Constitutional AI's supervised stage, the model its own critic; must not collapse the start
