@@ -174,14 +174,18 @@ def aggregate_steps(step_scores: Tensor, how: Literal["min", "product"]) -> Tens
     return F.logsigmoid(step_scores.double()).sum().to(step_scores.dtype)
 
 
+def groups_of(x: Tensor, n: int) -> Tensor:
+    """(P, M) -> (P, M // n, n): each problem's M samples as disjoint groups of n (a remainder is left out)."""
+    p, m = x.shape
+    return x[:, : m // n * n].reshape(p, m // n, n)
+
+
 def best_of_n_accuracy(scores: Tensor, correct: Tensor, n: int) -> float:
     """scores, correct: (P, M) for M samples per problem. The M samples form M // n disjoint groups of n;
     in each group the highest-scoring sample is kept (the first on ties). Returns the mean correctness
     of the kept samples over problems and groups."""
-    p, m = scores.shape
-    g = m // n
-    pick = scores[:, : g * n].reshape(p, g, n).argmax(-1, keepdim=True)  # (P, M) -> (P, g, n) -> (P, g, 1)
-    return float(correct[:, : g * n].reshape(p, g, n).float().gather(-1, pick).mean())
+    pick = groups_of(scores, n).argmax(-1, keepdim=True)  # (P, g, 1)
+    return float(groups_of(correct, n).float().gather(-1, pick).mean())
 
 
 NO_ANSWER = torch.iinfo(torch.int64).min  # in weighted_vote_pick's answers: the sample states no answer
@@ -203,8 +207,7 @@ def weighted_vote_pick(weights: Tensor, answers: Tensor, n: int) -> Tensor:
     Weights 1 give majority vote (self-consistency, Wang et al., arXiv:2203.11171). A sample with no answer is never
     kept while another in its group states one. Returns (P, M // n, 1): in each group, the index of the first sample
     stating the kept answer (the answer stated first wins a tie)."""
-    p, m = weights.shape
-    w, a = (x[:, : m // n * n].reshape(p, m // n, n) for x in (weights, answers))
+    w, a = groups_of(weights, n), groups_of(answers, n)
     same = a[..., :, None] == a[..., None, :]  # (P, g, n, n): sample j states the answer of sample i
     total = (same * w[..., None, :]).sum(-1).masked_fill(a == NO_ANSWER, float("-inf"))  # (P, g, n): its answer's sum
     return total.argmax(-1, keepdim=True)  # the first of the maximal ones
@@ -212,9 +215,7 @@ def weighted_vote_pick(weights: Tensor, answers: Tensor, n: int) -> Tensor:
 
 def weighted_vote_accuracy(weights: Tensor, answers: Tensor, correct: Tensor, n: int) -> float:
     """The mean correctness of the answers weighted_vote_pick keeps, over problems and groups (as best_of_n_accuracy)."""
-    p, m = correct.shape
-    kept = correct[:, : m // n * n].reshape(p, m // n, n).float().gather(-1, weighted_vote_pick(weights, answers, n))
-    return float(kept.mean())
+    return float(groups_of(correct, n).float().gather(-1, weighted_vote_pick(weights, answers, n)).mean())
 
 
 def vote_weights(scores: dict[str, Tensor], shape: torch.Size) -> dict[str, Tensor]:

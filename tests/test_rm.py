@@ -120,7 +120,6 @@ def test_weighted_vote_matches_counting_by_hand_on_random_groups():
     answers = torch.randint(0, 4, (50, 12), generator=g)
     answers[torch.rand(50, 12, generator=g) < 0.2] = rm.NO_ANSWER
     weights = torch.rand(50, 12, generator=g)
-    correct = (answers == 2).long()
     for n in (3, 4, 12):
         picks = rm.weighted_vote_pick(weights, answers, n)
         for p in range(50):
