@@ -6,7 +6,9 @@ the Bradley-Terry model P(y_w ≻ y_l | x) = σ(r(x, y_w) − r(x, y_l)), so the
     L = −log σ(r_w − r_l − m)
 with m an optional per-pair margin from the data (a "margin" field: how much better y_w is; Llama 2,
 Touvron et al. 2023, arXiv:2307.09288) and an optional centering term η·(r_w + r_l)² that pins the
-free offset of r near 0 (Eisenstein et al. 2023, arXiv:2312.09244).
+free offset of r near 0 (Eisenstein et al. 2023, arXiv:2312.09244). The pairs come from the data, or
+(--orm-pairs policy) from the policy's own answers to the training prompts, a right one preferred to a
+wrong one: Cobbe et al.'s verifier data (2021, arXiv:2110.14168), which holds the mistakes this policy makes.
 With --score likelihood the score is not a new head but the backbone's own language model, read at
 every token of the answer: r(x, y) = β · (1/|y|) Σ_t log π(y_t | x, y_<t), SimPO's length-normalised
 reward (Meng et al. 2024, arXiv:2405.14734, eq. 4), fitted by the same loss. Where a mistake shows as one
@@ -29,6 +31,7 @@ PRM's σ(min_t r_t).
 
     torchrun --nproc_per_node 2 rm.py                                   # ORM on the built-in pairs
     python rm.py --score likelihood                                     # ORM: the LM's own likelihood
+    python rm.py --score likelihood --orm-pairs policy --policy runs/sft  # ORM on the policy's own answers
     python rm.py --kind prm                                             # PRM on the built-in steps
     python rm.py --best-of-n 4 16 --policy runs/sft --orm runs/rm --prm runs/prm
 """
@@ -48,6 +51,8 @@ from torch import Tensor
 
 import common
 
+ANSWERED_PROMPT = {"prompt": (str, list), "answer": (str, int, float)}  # a prompt file's fields (best-of-N, --orm-pairs policy)
+
 
 @dataclass
 class Args:
@@ -65,7 +70,7 @@ class Args:
     eval_data: str = ""
     """held-out JSONL in the same format (the built-in task brings its own test split)"""
     num_train: int = 480
-    """built-in training pairs / solutions (one epoch of the default run)"""
+    """built-in training pairs / solutions (one epoch of the default run) / prompts (--orm-pairs policy)"""
     num_eval: int = 64
     """built-in held-out pairs / solutions / problems"""
     max_tokens: int = 2048
@@ -89,6 +94,12 @@ class Args:
     step_sep: str = "\\n"
     """PRM: the text written after every step (\\n and \\t as typed: a line break, a tab); a step's score
     is read at its token"""
+    orm_pairs: Literal["data", "policy"] = "data"
+    """ORM pairs: the data's, or --policy's own answers to the training prompts (--policy-samples each), every
+    right one (rule reward) preferred to every wrong one of its prompt: a verifier trained on the mistakes the policy
+    makes, as Cobbe et al.'s is (arXiv:2110.14168, §4.2); a data file then needs "prompt" and "answer" """
+    policy_samples: int = 8
+    """answers sampled per training prompt for --orm-pairs policy"""
     prm_labels: Literal["data", "mc"] = "data"
     """PRM step labels: the data's, or Monte Carlo estimates from --policy rollouts (needs "answer")"""
     mc_samples: int = 4
@@ -490,7 +501,7 @@ def run_best_of_n(args: Args, out_dir: str, rank: int, world: int, device) -> di
     if args.data == "builtin":
         problems = common.builtin_prompts("test", args.num_eval, args.seed)
     else:
-        problems = common.read_jsonl(args.eval_data or args.data, {"prompt": (str, list), "answer": (str, int, float)})
+        problems = common.read_jsonl(args.eval_data or args.data, ANSWERED_PROMPT)
     mine, m = problems[rank::world], max(args.best_of_n)
     t0 = time.time()
     greedy = common.generate(policy, tokenizer, [p["prompt"] for p in mine], args.max_new_tokens, what="best-of-N: greedy")
@@ -553,7 +564,10 @@ def load_data(args: Args, tokenizer, split: str, rank: int, world: int, device, 
     n = args.num_train if split == "train" else args.num_eval
     if not builtin and not path:
         return []
-    if args.kind == "orm":
+    if args.kind == "orm" and split == "train" and args.orm_pairs == "policy":
+        prompts = common.builtin_prompts(split, n, args.seed) if builtin else common.read_jsonl(path, ANSWERED_PROMPT)
+        samples, skipped = tokenize_pairs(policy_pairs(prompts, args, rank, world, device, out_dir), tokenizer, args.max_tokens)
+    elif args.kind == "orm":
         rows = common.builtin_preferences(split, n, args.seed) if builtin else common.read_preferences(path)
         samples, skipped = tokenize_pairs(rows, tokenizer, args.max_tokens)
     else:
@@ -564,6 +578,43 @@ def load_data(args: Args, tokenizer, split: str, rank: int, world: int, device, 
     if rank == 0:
         print(f"{split}: {len(samples)} {'pairs' if args.kind == 'orm' else 'solutions'}; skipped: {skipped}")
     return samples
+
+
+@torch.no_grad()
+def policy_pairs(rows: list[dict], args: Args, rank: int, world: int, device, out_dir: str) -> list[dict]:
+    """Preference rows from --policy's own answers: K samples per prompt (each rank its share, kept in
+    out_dir/policy_samples.jsonl under the policy's weights, the prompts and the sampling arguments, so --resume
+    reuses them), labelled by the rule reward; each prompt gives every (right, wrong) pair of its samples, and a
+    prompt whose K answers are all right or all wrong gives none (counted)."""
+    name, k = args.policy or args.model, args.policy_samples
+    tokenizer = common.load_tokenizer(name)
+    policy = common.load_model(name, tokenizer, seed=args.seed).to(device)
+
+    def make():
+        mine = rows[rank::world]
+        gens = common.generate(policy, tokenizer, [r["prompt"] for r in mine for _ in range(k)], args.max_new_tokens,
+                               temperature=args.temperature, what=f"ORM pairs: {k} answers per prompt")  # fmt: skip
+        return common.gather_shares([{"texts": [g["text"] for g in gens[i * k : (i + 1) * k]]} for i in range(len(mine))],
+                                    len(rows), world)  # fmt: skip
+
+    key = common.cache_key(common.weights_fingerprint(policy), [r["prompt"] for r in rows], k, args.max_new_tokens,
+                           args.temperature, args.seed)  # fmt: skip
+    samples = common.cached_jsonl(os.path.join(out_dir, "policy_samples.jsonl"), make, rank, key)
+    del policy
+    pairs, counts = [], {"all_right": 0, "all_wrong": 0, "right_answers": 0}
+    for r, s in zip(rows, samples):
+        right = [t for t in s["texts"] if common.rule_reward(t, r["answer"])]
+        wrong = [t for t in s["texts"] if not common.rule_reward(t, r["answer"])]
+        counts["all_right"] += not wrong
+        counts["all_wrong"] += not right
+        counts["right_answers"] += len(right)
+        where = r.get("_where", "builtin")
+        pairs += [{"prompt": r["prompt"], "chosen": c, "rejected": w, "_where": where} for c in right for w in wrong]
+    if rank == 0:
+        print(f"ORM pairs from the policy: {len(pairs)} from {len(rows)} prompts × {k} answers "
+              f"({counts['right_answers'] / (len(rows) * k):.3f} right); prompts with no pair: {counts['all_right']} "
+              f"all right, {counts['all_wrong']} all wrong")  # fmt: skip
+    return pairs
 
 
 def mc_labelled(rows: list[dict], args: Args, rank: int, world: int, device, out_dir: str) -> list[dict]:
@@ -601,6 +652,8 @@ def main(args: Args) -> str:
     common.seed_everything(args.seed)
     if args.lr is None:  # args.json shows the rate used
         args = replace(args, lr=1e-5 if args.kind == "orm" and args.score == "likelihood" else 3e-5)
+    if args.orm_pairs == "policy" and (args.kind != "orm" or args.policy_samples < 2):
+        raise common.UserError("--orm-pairs policy trains an ORM (--kind orm) from at least 2 answers a prompt (--policy-samples)")
     out_dir = common.start_run(args, "rm", rank)
     if args.best_of_n:
         run_best_of_n(args, out_dir, rank, world, device)

@@ -208,6 +208,64 @@ def test_monte_carlo_labels_are_the_fraction_of_rollouts_that_reach_the_answer(c
     assert seen == ["2 + 2 = 4. "] * 2 + ["2 + 2 = 4. 4 - 1 = 3. "] * 2
 
 
+def test_policy_pairs_prefer_every_right_answer_to_every_wrong_one_of_its_prompt_and_are_kept(tmp_path, monkeypatch):
+    rows = [{"prompt": "p0", "answer": 3}, {"prompt": "p1", "answer": 5}, {"prompt": "p2", "answer": 7}]
+    said = {"p0": [3, 4, 3, 9], "p1": [5, 5, 5, 5], "p2": [1, 2, 1, 0]}  # p0: 2 right, 2 wrong; p1 all right; p2 all wrong
+    seen = []
+
+    def canned(model, tok, prompts, max_new_tokens, temperature=0.0, **kwargs):
+        seen.append((list(prompts), temperature))
+        count = {}
+        out = []
+        for p in prompts:
+            out.append({"text": f"The answer is {said[p][count.get(p, 0)]}."})
+            count[p] = count.get(p, 0) + 1
+        return out
+
+    monkeypatch.setattr(common, "generate", canned)
+    args = rm.Args(model="tiny", policy_samples=4, temperature=0.7)
+    pairs = rm.policy_pairs(rows, args, 0, 1, CPU, str(tmp_path))
+    assert seen == [(["p0"] * 4 + ["p1"] * 4 + ["p2"] * 4, 0.7)]
+    got = sorted((p["prompt"], p["chosen"], p["rejected"]) for p in pairs)
+    assert got == sorted(("p0", "The answer is 3.", f"The answer is {w}.") for _ in range(2) for w in (4, 9))
+    # kept: the same policy and prompts sample nothing again; other arguments sample anew
+    assert rm.policy_pairs(rows, args, 0, 1, CPU, str(tmp_path)) == pairs and len(seen) == 1
+    rm.policy_pairs(rows, rm.Args(model="tiny", policy_samples=4, temperature=1.0), 0, 1, CPU, str(tmp_path))
+    assert len(seen) == 2
+
+
+def test_an_orm_learns_from_the_policys_own_right_and_wrong_answers(tmp_path, monkeypatch):
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(4)) for _ in range(48)]
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": f"say {w}", "answer": i}) + "\n" for i, w in enumerate(words))
+
+    def canned(model, tok, prompts, max_new_tokens, temperature=0.0, **kwargs):  # right answers agree, wrong ones refuse
+        answer = {f"say {w}": i for i, w in enumerate(words)}
+        return [{"text": f"yes, {p[4:]}. The answer is {answer[p]}." if j % 2 else f"no. {p[4:]}. The answer is {answer[p] + 1}."}
+                for j, p in enumerate(prompts)]  # fmt: skip
+
+    monkeypatch.setattr(common, "generate", canned)
+    test = synthetic_preferences(tmp_path / "test.jsonl", 32, 1)
+    out = rm.main(rm.Args(model="tiny", orm_pairs="policy", policy_samples=2, data=str(tmp_path / "prompts.jsonl"), eval_data=test,
+                          max_steps=30, batch_size=16, lr=3e-3, eval_every=0, save_every=0, output_dir=str(tmp_path / "orm")))  # fmt: skip
+    rows = metrics(out)
+    assert rows[-1]["eval/accuracy"] >= 0.9 and rows[-1]["eval/accuracy"] > rows[0]["eval/accuracy"]
+    with open(os.path.join(out, "policy_samples.jsonl")) as f:
+        assert len(f.readlines()) == 48
+
+
+def test_policy_pairs_need_an_orm_answers_in_the_prompt_file_and_two_samples(tmp_path):
+    with pytest.raises(common.UserError, match="--orm-pairs policy"):
+        rm.main(rm.Args(model="tiny", kind="prm", orm_pairs="policy", output_dir=str(tmp_path / "a")))
+    with pytest.raises(common.UserError, match="--policy-samples"):
+        rm.main(rm.Args(model="tiny", orm_pairs="policy", policy_samples=1, output_dir=str(tmp_path / "b")))
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "p", "answer": 1}\n{"prompt": "q"}\n')
+    with pytest.raises(common.DataError, match="prompts.jsonl:2.*answer"):
+        rm.main(rm.Args(model="tiny", orm_pairs="policy", data=str(path), output_dir=str(tmp_path / "c")))
+
+
 # ───────────── training on the tiny model ─────────────
 
 

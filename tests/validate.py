@@ -187,6 +187,18 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     # weights exp(r) (its Bradley-Terry strengths), the claim its @16 − @4 and @N − one sample, paired. Also shown, not
     # claimed: majority vote (weights 1, no verifier: the control), the likelihood PRM with weights σ(min step logit) (its
     # probability that the weakest step is right), the start's untrained likelihood with exp(r). No other weighting is tried.
+    # Item 4's rise from N = 4 to 16, third attempt, fixed on 2026-11-27 before either run: the measured cause of the flat
+    # curve is that the verifiers share the policy's mistakes (they were trained on the task's pairs, whose wrong answers
+    # are not the policy's). Cobbe et al. (arXiv:2110.14168) train the verifier on the generator's own samples labelled
+    # by the final answer, and see its gain grow with N. So: the likelihood ORM at its 1e-5, trained on the RL start's own
+    # 8 answers to each of 256 *training* prompts, every right one preferred to every wrong one of its prompt (60 steps
+    # of 16 pairs), then best-of-N on the bon run's samples (same seed). The single claim: the ORM's top sample at
+    # N = 16 − N = 4, paired over the 128 reported problems, beyond 3 SE. Also shown, not claimed: each N against one
+    # sample, its weighted vote, the start's untrained likelihood on the same samples. No other setting is tried.
+    "orm-policy": ("sft5", ["rm.py", "--score", "likelihood", "--orm-pairs", "policy", "--num-train", "256", "--batch-size", "16",
+                            "--lr", "1e-5"], "likelihood ORM trained on the RL start's own answers to 256 training prompts, right over wrong"),
+    "bon-orm-policy": ("sft5", ["rm.py", "--best-of-n", "4", "16", "--policy", "<start>", "--orm", "<run:orm-policy>",
+                                "--data", "<reported:128>"], "best-of-N with the ORM trained on the policy's own answers (the bon run's samples)"),
     # the same at distill.py's default 40 steps (run after the 20-step pair's difference came out at 2.5 SE)
     "kd-then-token-40": ("kd", ["distill.py", "--mode", "token", "--teacher", "<start:rft>", "--student", "<start>", "--lr", "1e-5",
                                 "--seed", "1"], "the warm student, 40 more steps of token-level KD (off-policy)"),
