@@ -55,6 +55,10 @@ def test_two_runs_are_compared_problem_by_problem():
     both = validate.pooled([run("a", [1, 1, 0, 1]), run("a-seed1", [0, 1, 0, 0])])
     assert both["after"]["right"] == [0.5, 1.0, 0.0, 0.5] and both["name"] == "a+a-seed1"
     assert validate.paired_difference(both, run("b", [0, 1, 0, 1]))[0] == pytest.approx((0.5 + 0 + 0 - 0.5) / 4)
+    # and a student's per-problem reverse KL, where every seed has one
+    kl = lambda name, right, per: run(name, right) | {"kl": {"after": {"per_problem": per}}}  # noqa: E731
+    assert validate.pooled([kl("a", [1], [0.2]), kl("a-seed1", [0], [0.4])])["kl"]["after"]["per_problem"] == pytest.approx([0.3])
+    assert "kl" not in validate.pooled([kl("a", [1], [0.2]), run("a-seed1", [0])])
 
 
 def test_reward_models_are_evaluated_on_the_reported_problems_against_their_baselines(tmp_path, monkeypatch):
@@ -226,6 +230,19 @@ def test_a_start_made_from_other_starts_and_a_students_reverse_kl_to_its_teacher
     by_hand = (logp_s.exp() * (logp_s - logp_t)).sum(-1).mean()
     assert kl["per_problem"][0] == pytest.approx(float(by_hand), rel=1e-4) and kl["mean"] > 0
     assert distill.Args().temperature == 1.0  # the divergence the runner reads is at τ = 1
+
+    # K answers a problem: the first is the one-answer measurement's, and a problem's value is the mean over its K
+    three = validate.evaluate_kl(str(tmp_path / "student"), str(tmp_path / "teacher"), samples=3)
+    assert three["samples"] == 3 and len(three["per_problem"]) == 3
+    more = []
+    for k in (1, 2):
+        seed = common.hash_int(["reverse kl", 0, k])
+        text = common.generate(student, tok, [problem["prompt"]], 64, temperature=1.0, seeds=[seed])[0]["text"]
+        doc = common.collate_packed([common.tokenize_conversation(tok, common.as_messages(problem["prompt"], text))])
+        total, n = distill.answer_divergence(student, teacher, doc, ("reverse",), distill.Args())
+        more.append(float(total[0]) / n if n else 0.0)
+    assert three["per_problem"][0] == pytest.approx((kl["per_problem"][0] + sum(more)) / 3, rel=1e-4)
+    assert len(set(more + [kl["per_problem"][0]])) == 3  # three different answers
 
 
 def test_best_of_n_is_read_from_the_samples_problem_by_problem_with_what_each_scorer_prefers(tmp_path):
