@@ -163,13 +163,13 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     "kd-token-strong2": ("sft5", ["distill.py", "--mode", "token", "--teacher", "<start:rft2-sft45>", "--student", "<start>", "--lr", "1e-5"],
                          "token-level KD from a teacher past SFT twice over (SFT, then self-RFT twice) on the data's answers"),
     "kd-sft": ("sft5", ["sft.py", "--lr", "1e-5"], "plain SFT of the same student on the same 320 answers in the same order (kd-token's control)"),
-    # from the warm student (the kd start), 20 more steps each, a fresh data order (--seed 1)
     # Item 5's on-policy claim measured again, fixed on 2026-11-27 before any run or measurement it names: with one answer a
     # problem, most of a paired KL difference's variance is which answer was drawn. The pair first run for this claim,
     # kd-then-token / kd-then-onpolicy (20 steps, seed 1; −0.0010, 2.5 SE with one answer, seen before this was written),
     # is measured again with 4 answers a problem (`rekl NAME 4`) and run once more with seed 2 (`--seed 2`), measured the
     # same way. The single claim: pooled over seeds 1 and 2, on-policy's reverse KL to the teacher after 20 steps below
     # off-policy's, beyond 3 SE, paired over the 256 reported problems. Also shown, not claimed: each seed alone.
+    # from the warm student (the kd start), 20 more steps each, a fresh data order (--seed 1)
     "kd-then-token": ("kd", ["distill.py", "--mode", "token", "--teacher", "<start:rft>", "--student", "<start>", "--lr", "1e-5",
                              "--max-steps", "20", "--seed", "1"], "the warm student, 20 more steps of token-level KD (off-policy)"),
     "kd-then-onpolicy": ("kd", ["distill.py", "--mode", "on-policy", "--teacher", "<start:rft>", "--student", "<start>", "--lr", "1e-5",
