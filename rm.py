@@ -600,11 +600,10 @@ def policy_pairs(rows: list[dict], args: Args, rank: int, world: int, device, ou
     key = common.cache_key(common.weights_fingerprint(policy), [r["prompt"] for r in rows], k, args.max_new_tokens,
                            args.temperature, args.seed)  # fmt: skip
     samples = common.cached_jsonl(os.path.join(out_dir, "policy_samples.jsonl"), make, rank, key)
-    del policy
     pairs, counts = [], {"all_right": 0, "all_wrong": 0, "right_answers": 0}
     for r, s in zip(rows, samples):
-        right = [t for t in s["texts"] if common.rule_reward(t, r["answer"])]
-        wrong = [t for t in s["texts"] if not common.rule_reward(t, r["answer"])]
+        ok = [common.rule_reward(t, r["answer"]) > 0 for t in s["texts"]]
+        right, wrong = [t for t, y in zip(s["texts"], ok) if y], [t for t, y in zip(s["texts"], ok) if not y]
         counts["all_right"] += not wrong
         counts["all_wrong"] += not right
         counts["right_answers"] += len(right)

@@ -1,6 +1,7 @@
 """The validated-runs runner's pure parts: pass@k, standard errors, the README table."""
 
 import itertools
+import json
 import math
 
 import pytest
@@ -243,6 +244,21 @@ def test_a_start_made_from_other_starts_and_a_students_reverse_kl_to_its_teacher
         more.append(float(total[0]) / n if n else 0.0)
     assert three["per_problem"][0] == pytest.approx((kl["per_problem"][0] + sum(more)) / 3, rel=1e-4)
     assert len(set(more + [kl["per_problem"][0]])) == 3  # three different answers
+
+
+def test_a_students_reverse_kl_is_measured_again_with_more_answers_keeping_the_first_measurement(tmp_path, monkeypatch):
+    monkeypatch.setattr(validate, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(validate, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(validate, "start_dir", lambda name, threads: (f"DIR-{name}", {}))
+    first = {"mean": 0.5, "se": 0.1, "per_problem": [0.5]}
+    (tmp_path / "kd-then-token-seed2.json").write_text(json.dumps({"name": "kd-then-token-seed2", "kl": {"before": first, "after": first}}))
+    calls = []
+    monkeypatch.setattr(validate, "evaluate_kl", lambda s, t, samples: calls.append((s, t, samples)) or {"mean": 0.4, "se": 0.05, "samples": samples})
+    validate.remeasure_kl("kd-then-token-seed2", 4)
+    validate.remeasure_kl("kd-then-token-seed2", 8)  # a second time: the one-answer measurement is still the first
+    kl = json.loads((tmp_path / "kd-then-token-seed2.json").read_text())["kl"]
+    assert calls == [(str(tmp_path / "runs" / "kd-then-token-seed2"), "DIR-rft", 4), (str(tmp_path / "runs" / "kd-then-token-seed2"), "DIR-rft", 8)]
+    assert kl["after_one_sample"] == first and kl["before"] == first and kl["after"]["samples"] == 8
 
 
 def test_best_of_n_is_read_from_the_samples_problem_by_problem_with_what_each_scorer_prefers(tmp_path):
