@@ -490,14 +490,19 @@ def score_responses(
     return out
 
 
+def load_policy(args: Args, device):
+    """The model that samples (best-of-N, Monte Carlo labels, --orm-pairs policy): --policy, else --model; and its tokenizer."""
+    name = args.policy or args.model
+    tokenizer = common.load_tokenizer(name)
+    return common.load_model(name, tokenizer, seed=args.seed).to(device), tokenizer
+
+
 def run_best_of_n(args: Args, out_dir: str, rank: int, world: int, device) -> dict:
     """Sample max(N) answers per held-out problem once; for each N, the accuracy of the answer each
     scorer keeps, averaged over the disjoint groups of N. Also: greedy, one sample (N = 1) and pass@N
     (some answer in the group is right: the ceiling of any scorer). Every sample, its correctness and
     its scores go to best_of_n_samples.jsonl, to see what a scorer prefers."""
-    name = args.policy or args.model
-    tokenizer = common.load_tokenizer(name)
-    policy = common.load_model(name, tokenizer, seed=args.seed).to(device)
+    policy, tokenizer = load_policy(args, device)
     if args.data == "builtin":
         problems = common.builtin_prompts("test", args.num_eval, args.seed)
     else:
@@ -586,9 +591,8 @@ def policy_pairs(rows: list[dict], args: Args, rank: int, world: int, device, ou
     out_dir/policy_samples.jsonl under the policy's weights, the prompts and the sampling arguments, so --resume
     reuses them), labelled by the rule reward; each prompt gives every (right, wrong) pair of its samples, and a
     prompt whose K answers are all right or all wrong gives none (counted)."""
-    name, k = args.policy or args.model, args.policy_samples
-    tokenizer = common.load_tokenizer(name)
-    policy = common.load_model(name, tokenizer, seed=args.seed).to(device)
+    policy, tokenizer = load_policy(args, device)
+    k = args.policy_samples
 
     def make():
         mine = rows[rank::world]
@@ -623,9 +627,7 @@ def mc_labelled(rows: list[dict], args: Args, rank: int, world: int, device, out
     for r in rows:
         if "answer" not in r:
             raise common.DataError(f"{r.get('_where', 'builtin')}: missing field 'answer' (needed by --prm-labels mc)")
-    name = args.policy or args.model
-    tokenizer = common.load_tokenizer(name)
-    policy = common.load_model(name, tokenizer, seed=args.seed).to(device)
+    policy, tokenizer = load_policy(args, device)
     key = common.cache_key(common.weights_fingerprint(policy), [{k: v for k, v in r.items() if k != "_where"} for r in rows],
                            common.training_args(args))  # the policy's weights, not its path  # fmt: skip
     if common.cached(path, key, "Monte Carlo step labels", rank):
