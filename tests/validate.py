@@ -71,7 +71,7 @@ STARTS = {
 HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo-8x15", "remax-8x15", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
 BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6", "dpo-online-160", "dpop-online-160", "dpo-online-160-lr2e-5"), "validate:cai": ("cai",),
-          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-token-strong2", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "kd-cut24-t2", "kd-cut24-all", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy", "kdcut-then-token-lr1e-5", "kdcut-then-onpolicy-lr1e-5", "base-then-onpolicy", "base-then-token"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "orm-likelihood", "orm-likelihood-lr1e-5", "orm-likelihood-lr3e-6", "prm-likelihood", "bon", "bon-likelihood", "bon-likelihood-lr1e-5", "orm-policy", "bon-orm-policy")}
+          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-token-strong2", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "kd-cut24-t2", "kd-cut24-all", "kd-cut24-all-t2", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy", "kdcut-then-token-lr1e-5", "kdcut-then-onpolicy-lr1e-5", "base-then-onpolicy", "base-then-token"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "orm-likelihood", "orm-likelihood-lr1e-5", "orm-likelihood-lr3e-6", "prm-likelihood", "bon", "bon-likelihood", "bon-likelihood-lr1e-5", "orm-policy", "bon-orm-policy")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
@@ -231,6 +231,16 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     # each problem averaged over the two seeds (`compare kd-cut24-all,kd-cut24-all-seed1 sft-cut24,sft-cut24-seed1`)
     "kd-cut24-all": ("cut24", ["distill.py", "--mode", "token", "--tokens", "all", "--teacher", "<start:rft-sft45>", "--student", "<start>"],
                      "token-level KD into the 24-layer student on every token, the prompts' too (kd-cut24 with --tokens all)"),
+    # τ = 2 and every token together, fixed on 2026-11-27 (fourteenth session) before running it, with two more seeds of
+    # kd-cut24-t2 and sft-cut24. Seen before this was written: τ = 2 alone +3.1 over SFT (SE 2.0, seeds 0 and 1), every
+    # token alone +2.1 (SE 2.0); each adds what SFT never sees (the ranking of the other tokens on the answers; the
+    # uncertain targets on the prompts), so together they may add up. Two claims, each over seeds 0-3, each problem
+    # averaged over the four seeds, paired against sft-cut24's seeds 0-3, beyond 3 SE:
+    #   compare kd-cut24-all-t2,kd-cut24-all-t2-seed1,kd-cut24-all-t2-seed2,kd-cut24-all-t2-seed3 sft-cut24,sft-cut24-seed1,sft-cut24-seed2,sft-cut24-seed3
+    #   compare kd-cut24-t2,kd-cut24-t2-seed1,kd-cut24-t2-seed2,kd-cut24-t2-seed3 sft-cut24,sft-cut24-seed1,sft-cut24-seed2,sft-cut24-seed3
+    # (the second adds two seeds to a comparison whose first two were seen: reported as such, whatever it gives)
+    "kd-cut24-all-t2": ("cut24", ["distill.py", "--mode", "token", "--tokens", "all", "--temperature", "2", "--teacher", "<start:rft-sft45>",
+                                  "--student", "<start>"], "token-level KD into the 24-layer student on every token at τ = 2"),
     # the teacher's targets on the data's answers are nearly the data's own tokens (`targets`: p = 0.986 a token), so
     # KD there is SFT; where it can add what SFT cannot is on answers with no data label, the student's own (GKD, λ = ½)
     "gkd-cut24": ("cut24", ["distill.py", "--mode", "on-policy", "--on-policy-frac", "0.5", "--teacher", "<start:rft-sft45>", "--student", "<start>"],
