@@ -242,10 +242,11 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     # Outcome: every token at τ = 2, seeds 0 and 1, +2.0 (SE 2.9) and +1.6 (SE 2.5), +1.8 (SE 2.1) together; its seeds 2
     # and 3 were stopped (seed 2 two minutes in) to give the time to the τ = 2 replication below. τ = 2 over seeds 0-3:
     # +4.3 (SE 1.6), 2.7 SE, every seed ahead (+5.5, +0.8, +7.0, +3.9); not shown.
-    # A replication fixed on 2026-11-27 at 19:07, before any of it ran: kd-cut24-t2 and sft-cut24 with fresh seeds 4-7,
+    # A replication fixed on 2026-11-27 (commit 45d41a7, 19:24), before any of it ran: kd-cut24-t2 and sft-cut24 with fresh seeds 4-7,
     # nothing else changed. The claim: pooled over seeds 4-7 alone (no seen seed in it), KD at τ = 2 minus SFT beyond 3 SE:
     #   compare kd-cut24-t2-seed4,kd-cut24-t2-seed5,kd-cut24-t2-seed6,kd-cut24-t2-seed7 sft-cut24-seed4,sft-cut24-seed5,sft-cut24-seed6,sft-cut24-seed7
     # Also reported, not claimed (half its seeds were seen): all eight seeds pooled.
+    # Outcome: seeds 4-7 +1.2, +3.1, +1.6, +2.0; pooled +2.0 (SE 1.6), 1.2 SE: the claim not shown. All eight: +3.1 (SE 1.3).
     "kd-cut24-all-t2": ("cut24", ["distill.py", "--mode", "token", "--tokens", "all", "--temperature", "2", "--teacher", "<start:rft-sft45>",
                                   "--student", "<start>"], "token-level KD into the 24-layer student on every token at τ = 2"),
     # the teacher's targets on the data's answers are nearly the data's own tokens (`targets`: p = 0.986 a token), so
