@@ -104,7 +104,6 @@ def test_reward_models_are_evaluated_on_the_reported_problems_against_their_base
 
 
 def test_a_likelihood_orm_is_shown_against_its_start_scored_the_same_way_untrained(tmp_path, monkeypatch):
-    import json
 
     import common
     import rm
@@ -137,7 +136,6 @@ def test_a_likelihood_orm_is_shown_against_its_start_scored_the_same_way_untrain
 
 def test_a_run_is_written_as_one_json_with_its_paired_gain_or_its_reward_model_evaluation(tmp_path, monkeypatch):
     """validate() end to end with the subprocess and the evaluations stubbed: what lands in the JSON."""
-    import json
     import os
 
     monkeypatch.setattr(validate, "RUNS", str(tmp_path / "runs"))
@@ -262,7 +260,6 @@ def test_a_students_reverse_kl_is_measured_again_with_more_answers_keeping_the_f
 
 
 def test_best_of_n_is_read_from_the_samples_problem_by_problem_with_what_each_scorer_prefers(tmp_path):
-    import json
 
     # 2 problems × 4 samples; the ORM prefers the longest answer, right or not
     texts = [("4 + 1 = 5. The answer is 5.", 1.0), ("The answer is 6. The answer is 6.", 0.0), ("The answer is 5.", 1.0), ("Five.", 0.0),
