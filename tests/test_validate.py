@@ -259,6 +259,47 @@ def test_a_students_reverse_kl_is_measured_again_with_more_answers_keeping_the_f
     assert kl["after_one_sample"] == first and kl["before"] == first and kl["after"]["samples"] == 8
 
 
+def test_runs_are_evaluated_again_on_the_rest_of_the_test_split_and_compared_there(tmp_path, monkeypatch, capsys):
+    import common
+
+    monkeypatch.setattr(validate, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(validate, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(validate, "git_commit", lambda: "abc1234")
+    monkeypatch.setattr(validate, "EVAL_N", 2)  # reported: test problems 2..3; wide: 4..6
+    monkeypatch.setattr(validate, "WIDE_N", 3)
+    tok = common.load_tokenizer("tiny")
+    common.tiny_model(tok, seed=0).save_pretrained(tmp_path / "runs" / "a")
+    tok.save_pretrained(tmp_path / "runs" / "a")
+    after = {"accuracy": 0.5, "right": [1.0, 0.0]}
+    (tmp_path / "a.json").write_text(json.dumps({"name": "a", "after": after}))
+    wide = validate.evaluate_wide("a")["wide"]
+    assert json.loads((tmp_path / "a.json").read_text()) == {"name": "a", "after": after, "wide": wide}  # the reported set's untouched
+    problems = common.builtin_task("test", 7, 0)[4:]
+    model = common.load_model(str(tmp_path / "runs" / "a"), tok).eval()
+    texts = [g["text"] for g in common.generate(model, tok, [p["prompt"] for p in problems], 64)]
+    assert wide["right"] == [common.rule_reward(t, p["answer"]) for t, p in zip(texts, problems)]
+    assert wide["formatted"] == [common.format_reward(t) for t in texts]
+    assert (wide["first"], wide["problems"], wide["commit"]) == (4, 3, "abc1234") and wide["accuracy"] == sum(wide["right"]) / 3
+
+    # compare --wide pairs the wide lists, pooled over the seeds and seed by seed; the reported lists without it
+    def result(name, right, wide_right):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"name": name, "after": {"right": right}, "wide": {"right": wide_right}}))
+
+    result("k", [1, 1], [1, 1, 0, 1])
+    result("k-seed1", [1, 0], [0, 1, 0, 1])
+    result("s", [0, 1], [0, 1, 0, 1])
+    result("s-seed1", [0, 0], [0, 1, 0, 0])
+    validate.compare("k,k-seed1", "s,s-seed1", wide=True)
+    out = capsys.readouterr().out
+    assert "on 4 problems from test problem 4: accuracy +0.250 (paired SE 0.144)" in out  # (0.5, 0, 0, 0.5) by problem
+    assert "seed by seed: +0.250, +0.250; their mean +0.250 (SE over the seeds 0.000)" in out
+    validate.compare("k,k-seed1", "s,s-seed1")
+    assert "on 2 problems: accuracy +0.500 (paired SE 0.500)" in capsys.readouterr().out  # (1, 0) by problem
+    (tmp_path / "n.json").write_text(json.dumps({"name": "n", "after": {"right": [1, 1]}}))
+    with pytest.raises(SystemExit, match="n has no evaluation on the wide problems"):
+        validate.compare("k", "n", wide=True)
+
+
 def test_best_of_n_is_read_from_the_samples_problem_by_problem_with_what_each_scorer_prefers(tmp_path):
 
     # 2 problems × 4 samples; the ORM prefers the longest answer, right or not
