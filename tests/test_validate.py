@@ -34,6 +34,11 @@ def test_table_row_shows_means_with_standard_errors_and_times():
     assert len(table) == 3 and table[0].count("|") == table[2].count("|")
     assert "0.200 ± 0.025 → 0.350 ± 0.030" in table[2] and "+0.150 (0.020)" in table[2]
     assert "| 25:01 | 12.3 |" in table[2]
+    # a run evaluated on the wide problems too: a column with its accuracy there, "–" for the others
+    wide = dict(row, name="kd", wide={"first": 512, "problems": 1012, "accuracy": 0.25, "accuracy_se": 0.014})
+    table = validate.table([row, wide]).splitlines()
+    assert "greedy accuracy after, test problems 512–1523 |" in table[0] and len({t.count("|") for t in table}) == 1
+    assert "| – | 25:01 |" in table[2] and "| 0.250 ± 0.014 | 25:01 |" in table[3]
 
 
 def test_table_row_shows_the_paired_format_change_where_the_start_kept_per_problem_formats():

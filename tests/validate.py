@@ -774,17 +774,21 @@ def load_results() -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    """A row per run; where some run was a student with a teacher, a column with its reverse KL to the teacher."""
+    """A row per run; where some run was a student with a teacher, a column with its reverse KL to the teacher, and where
+    some run was evaluated on the wide problems too (`wide`), a column with its greedy accuracy there."""
     pm = lambda d, k: f"{d[k]:.3f} ± {d[k + '_se']:.3f}"  # noqa: E731
     with_kl = any("kl" in r for r in results)
+    wide = next((r["wide"] for r in results if "wide" in r), None)
     lines = ["| run | command (on the start) | greedy accuracy, start → after | gain (paired SE) | format rate, start → after "
              f"| pass@{PASS_K}, start → after |" + (" reverse KL to the teacher, start → after |" if with_kl else "")
-             + " run wall (m:ss) | peak RSS (GB) |", "|---|---|---|---|---|---|" + ("---|" if with_kl else "") + "---|---|"]  # fmt: skip
+             + (f" greedy accuracy after, test problems {wide['first']}–{wide['first'] + wide['problems'] - 1} |" if wide else "")
+             + " run wall (m:ss) | peak RSS (GB) |", "|---|---|---|---|---|---|" + ("---|" if with_kl else "") + ("---|" if wide else "") + "---|---|"]  # fmt: skip
     for r in results:
         b, a = r["before"], r["after"]
         kl = (" {:.4f} → {:.4f} ± {:.4f}{} |".format(r["kl"]["before"]["mean"], r["kl"]["after"]["mean"], r["kl"]["after"]["se"],
                                                      f" ({r['kl']['after']['samples']} answers a problem)" if r["kl"]["after"].get("samples", 1) > 1 else "")
               if "kl" in r else " – |") if with_kl else ""  # fmt: skip
+        kl += (f" {pm(r['wide'], 'accuracy')} |" if "wide" in r else " – |") if wide else ""
         lines.append(
             f"| {r['name']} | `{r['command']}` | {pm(b, 'accuracy')} → {pm(a, 'accuracy')} | {r['gain']:+.3f} ({r['gain_se_paired']:.3f}) "
             f"| {b['format']:.3f} → {a['format']:.3f}{fmt_gain(r)} | {b[f'pass@{PASS_K}']:.3f} → {a[f'pass@{PASS_K}']:.3f} |{kl}"
