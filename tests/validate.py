@@ -73,7 +73,7 @@ STARTS = {
 HEADLINE = ("grpo-8x15", "drgrpo-8x15", "rloo-8x15", "remax-8x15", "ppo")
 # the README's tables other than the RL one (which has every configuration not named here)
 BLOCKS = {"validate:preference": ("dpo", "dpo-sft", "dpop-sft", "dpo-online", "dpo-sft-lr2e-6", "dpo-online-lr2e-6", "dpo-online-160", "dpop-online-160", "dpo-online-160-lr2e-5"), "validate:cai": ("cai",),
-          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-token-strong2", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "kd-cut24-t2", "kd-cut24-all", "kd-cut24-all-t2", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy", "kdcut-then-token-lr1e-5", "kdcut-then-onpolicy-lr1e-5", "base-then-onpolicy", "base-then-token"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "orm-likelihood", "orm-likelihood-lr1e-5", "orm-likelihood-lr3e-6", "prm-likelihood", "bon", "bon-likelihood", "bon-likelihood-lr1e-5", "orm-policy", "bon-orm-policy")}
+          "validate:distill": ("rft", "kd-token", "kd-token-strong", "kd-token-strong2", "kd-sft", "kd-then-token", "kd-then-onpolicy", "kd-then-token-40", "kd-then-onpolicy-40", "onpolicy", "kd-cut24", "sft-cut24", "kd-cut24-t2", "kd-cut24-all", "kd-cut24-all-t2", "seqkd-cut24", "gkd-cut24", "kdcut-then-token", "kdcut-then-onpolicy", "kdcut-then-token-lr1e-5", "kdcut-then-onpolicy-lr1e-5", "base-then-onpolicy", "base-then-token"), "validate:rm": ("orm", "prm", "prm-2000", "prm-lr1e-4", "orm-likelihood", "orm-likelihood-lr1e-5", "orm-likelihood-lr3e-6", "prm-likelihood", "bon", "bon-likelihood", "bon-likelihood-lr1e-5", "orm-policy", "bon-orm-policy")}
 CONFIGS = {  # name: (start, script and its arguments beyond --model and --output-dir, what it shows)
     "grpo": ("sft5", ["grpo.py", "--prompts-per-step", "4", "--max-steps", "20"], "GRPO, 4 prompts a step, 20 steps (the first defaults)"),
     "drgrpo": ("sft5", ["grpo.py", "--scale", "none", "--loss-agg", "constant", "--max-steps", "30", "--prompts-per-step", "4"], "Dr. GRPO, 30 steps"),
@@ -265,6 +265,18 @@ CONFIGS = {  # name: (start, script and its arguments beyond --model and --outpu
     # Outcome: 0.184 against 0.178, +0.7 (SE 0.6), 1.2 SE: not shown. Seed by seed +1.1, -0.2, +1.7, -0.1, -0.4, +1.0,
     # -0.5, +2.7 (mean +0.7, SE over the seeds 0.4). These problems are harder than the reported ones (drawn later
     # without replacement: mean a + b 26.0 against 22.7), which was not checked before the claim was fixed.
+    # SeqKD against SFT, fixed on 2026-11-27 (fifteenth session) before running it: the issue names sequence-level KD
+    # beside token-level, and no validated run had tried it on a student that learns. Kim & Rush (arXiv:1606.07947)
+    # train the student on the teacher's mode (beam search; greedy here, --teacher-temperature 0) instead of the data's
+    # answers, arguing that a small student fits the teacher's outputs more easily. Here the data's answers are all
+    # right and the teacher's greedy ones about 56% of the time (0.563 on the reported problems), so my prediction is
+    # that SeqKD loses. The teacher answers all 2000 training prompts (--num-generate 2000) so that the 40 steps of 8
+    # see the same prompts in the same order as sft-cut24's. The claim: seeds 0 and 1, each problem averaged over
+    # both, minus sft-cut24's seeds 0 and 1, beyond 3 paired SE on the wide problems:
+    #   wide seqkd-cut24 seqkd-cut24-seed1; compare seqkd-cut24,seqkd-cut24-seed1 sft-cut24,sft-cut24-seed1 --wide
+    "seqkd-cut24": ("cut24", ["distill.py", "--mode", "seqkd", "--teacher-temperature", "0", "--num-generate", "2000", "--teacher",
+                              "<start:rft-sft45>", "--student", "<start>"],
+                    "sequence-level KD into the 24-layer student: SFT on the teacher's greedy answers to sft-cut24's prompts"),
     "kd-cut24-all-t2": ("cut24", ["distill.py", "--mode", "token", "--tokens", "all", "--temperature", "2", "--teacher", "<start:rft-sft45>",
                                   "--student", "<start>"], "token-level KD into the 24-layer student on every token at τ = 2"),
     # the teacher's targets on the data's answers are nearly the data's own tokens (`targets`: p = 0.986 a token), so
