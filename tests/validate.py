@@ -374,7 +374,8 @@ def greedy(model, tok, problems: list[dict]) -> tuple[list[dict], list[float], l
     """Each problem's greedy answer (64 new tokens at most), whether it is right and whether it has the answer format:
     kept per problem, for paired differences."""
     gens = common.generate(model, tok, [p["prompt"] for p in problems], 64, what="greedy evaluation")
-    return gens, [common.rule_reward(g["text"], p["answer"]) for g, p in zip(gens, problems)], [common.format_reward(g["text"]) for g in gens]
+    right = [common.rule_reward(g["text"], p["answer"]) for g, p in zip(gens, problems)]
+    return gens, right, [common.format_reward(g["text"]) for g in gens]
 
 
 @torch.no_grad()
@@ -802,13 +803,13 @@ def table(results: list[dict]) -> str:
              + " run wall (m:ss) | peak RSS (GB) |", "|---|---|---|---|---|---|" + ("---|" if with_kl else "") + ("---|" if wide else "") + "---|---|"]  # fmt: skip
     for r in results:
         b, a = r["before"], r["after"]
-        kl = (" {:.4f} → {:.4f} ± {:.4f}{} |".format(r["kl"]["before"]["mean"], r["kl"]["after"]["mean"], r["kl"]["after"]["se"],
+        cells = (" {:.4f} → {:.4f} ± {:.4f}{} |".format(r["kl"]["before"]["mean"], r["kl"]["after"]["mean"], r["kl"]["after"]["se"],
                                                      f" ({r['kl']['after']['samples']} answers a problem)" if r["kl"]["after"].get("samples", 1) > 1 else "")
               if "kl" in r else " – |") if with_kl else ""  # fmt: skip
-        kl += (f" {pm(r['wide'], 'accuracy')} |" if "wide" in r else " – |") if wide else ""
+        cells += (f" {pm(r['wide'], 'accuracy')} |" if "wide" in r else " – |") if wide else ""
         lines.append(
             f"| {r['name']} | `{r['command']}` | {pm(b, 'accuracy')} → {pm(a, 'accuracy')} | {r['gain']:+.3f} ({r['gain_se_paired']:.3f}) "
-            f"| {b['format']:.3f} → {a['format']:.3f}{fmt_gain(r)} | {b[f'pass@{PASS_K}']:.3f} → {a[f'pass@{PASS_K}']:.3f} |{kl}"
+            f"| {b['format']:.3f} → {a['format']:.3f}{fmt_gain(r)} | {b[f'pass@{PASS_K}']:.3f} → {a[f'pass@{PASS_K}']:.3f} |{cells}"
             f" {int(r['run_wall_s'] // 60)}:{int(r['run_wall_s'] % 60):02d} | {r['peak_rss_gb']:.1f} |"
         )
     return "\n".join(lines)
