@@ -382,9 +382,7 @@ def greedy(model, tok, problems: list[dict]) -> tuple[list[dict], list[float], l
 def evaluate_wide(tag: str) -> dict:
     """A run's greedy accuracy and format rate on the WIDE_N problems after the reported ones (wide_problems), written
     into its JSON as "wide" beside the reported set's "after"; for a comparison 256 problems cannot resolve."""
-    path = os.path.join(RESULTS, f"{tag}.json")
-    with open(path) as f:
-        result = json.load(f)
+    result = read_result(tag)
     model_dir = os.path.join(RUNS, tag)
     tok = common.load_tokenizer(model_dir)
     model = common.load_model(model_dir, tok).eval()
@@ -395,11 +393,22 @@ def evaluate_wide(tag: str) -> dict:
     result["wide"] = {"first": 2 * EVAL_N, "problems": len(problems), "accuracy": acc, "accuracy_se": acc_se, "format": fmt_rate,
                       "format_se": fmt_se, "right": right, "formatted": fmt, "eval_s": time.time() - t0, "commit": git_commit(),
                       "examples": [g["text"] for g in gens[:3]]}  # fmt: skip
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(tag, result)
     print(f"{tag}: greedy accuracy on test problems {2 * EVAL_N}..{2 * EVAL_N + len(problems) - 1}: {acc:.3f} ± {acc_se:.3f}, "
           f"format {fmt_rate:.3f}, {result['wide']['eval_s'] / 60:.1f} min", flush=True)  # fmt: skip
     return result
+
+
+def read_result(tag: str) -> dict:
+    """A run's result JSON (docs/validate/TAG.json)."""
+    with open(os.path.join(RESULTS, f"{tag}.json")) as f:
+        return json.load(f)
+
+
+def write_result(tag: str, result: dict) -> None:
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"{tag}.json"), "w") as f:
+        json.dump(result, f, indent=1)
 
 
 def run_args(run_dir: str) -> dict:
@@ -527,17 +536,14 @@ def remeasure_kl(tag: str, samples: int) -> dict:
     """A distillation result's reverse KL after training measured again with `samples` answers a problem (the one-answer
     measurement stays beside it as after_one_sample): one answer a problem leaves most of a paired difference's
     variance to which answer was drawn."""
-    path = os.path.join(RESULTS, f"{tag}.json")
-    with open(path) as f:
-        result = json.load(f)
+    result = read_result(tag)
     start, script, _ = CONFIGS[tag.split("-seed")[0]]
     args = with_starts(script, start, 2)
     teacher = args[args.index("--teacher") + 1]
     kl = result["kl"]
     kl.setdefault("after_one_sample", kl["after"])
     kl["after"] = evaluate_kl(os.path.join(RUNS, tag), teacher, samples)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(tag, result)
     print(f"{tag}: reverse KL to the teacher {kl['after_one_sample']['mean']:.4f} ± {kl['after_one_sample']['se']:.4f} (one answer a "
           f"problem) → {kl['after']['mean']:.4f} ± {kl['after']['se']:.4f} ({samples} answers)")  # fmt: skip
     return result
@@ -713,15 +719,12 @@ def bon_after(out: str, script: list[str], with_start: list[str], start_model: s
 def rescore(tag: str, threads: int) -> dict:
     """A best-of-N result evaluated again from the samples its run left (run_wall_s and the run's commit stay; the
     evaluation's own commit is added): for a scorer added after the run, without sampling again."""
-    path = os.path.join(RESULTS, f"{tag}.json")
-    with open(path) as f:
-        result = json.load(f)
+    result = read_result(tag)
     start, script, _ = CONFIGS[tag.split("-seed")[0]]
     model, _ = start_dir(start, threads)
     result["after"] = bon_after(os.path.join(RUNS, tag), script, with_starts(script, start, threads), model)
     result |= {"eval_wall_s": result["after"]["eval_s"], "rescored_commit": git_commit()}
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(tag, result)
     print(f"{tag}: {bon_cell(result)}")
     return result
 
@@ -763,9 +766,7 @@ def validate(name: str, seed: int, threads: int) -> dict:
         with open(os.path.join(out, "metrics.jsonl")) as f:
             metrics = [json.loads(line) for line in f if line.strip()]
     result |= {"run_wall_s": wall, "eval_wall_s": result["after"]["eval_s"], "peak_rss_gb": rss, "metrics": metrics, "commit": git_commit()}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{tag}.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(tag, result)
     print(f"{tag}: {summary}, run {wall / 60:.1f} min, peak RSS {rss:.1f} GB")
     return result
 
@@ -786,7 +787,7 @@ def load_results() -> list[dict]:
     """Every result JSON, in the order of CONFIGS (a configuration's other seeds right after it)."""
     if not os.path.isdir(RESULTS):
         return []
-    results = [json.load(open(os.path.join(RESULTS, f))) for f in os.listdir(RESULTS) if f.endswith(".json")]
+    results = [read_result(f.removesuffix(".json")) for f in os.listdir(RESULTS) if f.endswith(".json")]
     order = {name: i for i, name in enumerate(CONFIGS)}
     return sorted(results, key=lambda r: (order.get(r["name"].split("-seed")[0], len(order)), r["name"]))
 
@@ -876,8 +877,7 @@ def compare(names_a: str, names_b: str, wide: bool = False) -> None:
     for names in (names_a, names_b):
         runs.append([])
         for n in names.split(","):
-            with open(os.path.join(RESULTS, f"{n}.json")) as f:
-                r = json.load(f)
+            r = read_result(n)
             if wide and "wide" not in r:
                 sys.exit(f"{n} has no evaluation on the wide problems: run `python tests/validate.py wide {n}` first")
             runs[-1].append({"name": n, "after": r["wide"]} if wide else r)
@@ -969,12 +969,9 @@ def main(argv: list[str]) -> None:
         for tag in argv[1:]:
             evaluate_wide(tag)
     elif what == "fit":  # python tests/validate.py fit NAME: a reward model on problems it was trained on, beside held-out
-        path = os.path.join(RESULTS, f"{argv[1]}.json")
-        with open(path) as f:
-            result = json.load(f)
+        result = read_result(argv[1])
         result["train_fit"] = evaluate_rm(os.path.join(RUNS, result["name"]), result["kind"], "train")
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        write_result(argv[1], result)
         print(f"{argv[1]}, held out: {rm_cell(result)}")
     elif what == "targets":  # python tests/validate.py targets START: how soft a teacher's targets are on the data's answers
         found = soft_targets(argv[1])
